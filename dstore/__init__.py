@@ -1,0 +1,3 @@
+"""dstore: a distributed, streaming object store."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""``python -m dstore``."""
+
+import sys
+
+from dstore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,203 @@
+"""Typed configuration for both roles: flag > ``DSTORE_<FLAG>`` env > TOML file > default,
+parsed and validated once at start-up. A bad value is a ``ConfigError`` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dstore.errors import ConfigError
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "ki": 1024,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ti": 1024**4,
+    "tib": 1024**4,
+    "p": 1000**5,
+    "pb": 1000**5,
+    "pi": 1024**5,
+    "pib": 1024**5,
+}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(value: object) -> int:
+    """``4MiB``, ``10GiB``, ``1.5G``, ``4096`` → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        result = value
+    else:
+        match = _SIZE.fullmatch(str(value))
+        if not match or (match.group(2) or "").lower() not in _UNITS:
+            raise ValueError(f"not a size: {value!r} (try 4MiB, 10GiB)")
+        result = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    if result < 0:
+        raise ValueError(f"size must not be negative: {value!r}")
+    return result
+
+
+def parse_duration(value: object) -> float:
+    """``10m``, ``30s``, ``1h30m``, ``250ms``, ``5`` (seconds) → seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        result = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            result = float(text)
+        except ValueError:
+            parts = _DURATION.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError(f"not a duration: {value!r} (try 10m, 30s)") from None
+            result = sum(float(n) * _SECONDS[u] for n, u in parts)
+    if result < 0:
+        raise ValueError(f"duration must not be negative: {value!r}")
+    return result
+
+
+def parse_hostport(value: object) -> tuple[str, int]:
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"not host:port: {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def parse_list(value: object) -> list[str]:
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _opt(default: Any, parse: Callable[[Any], Any], help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"parse": parse, "help": help, **kw})
+
+
+@dataclass
+class StorageConfig:
+    host: str = _opt("127.0.0.1", str, "address to listen on")
+    port: int = _opt(9000, int, "TCP port for the cluster protocol (0: any free port)")
+    data_dir: Path = _opt(Path("./data/storage"), Path, "where chunks are kept")
+    capacity: int | None = _opt(None, parse_size, "bytes this node may hold (default: free disk)")
+    zone: str = _opt("default", str, "failure domain of this node")
+    join: str | None = _opt(None, str, "gateway URL to register with at start")
+    cluster_secret: str = _opt("", str, "shared secret between gateway and nodes")
+    grace: float = _opt(10.0, parse_duration, "time to finish in-flight requests on SIGTERM")
+    io_timeout: float = _opt(30.0, parse_duration, "timeout on each network read or write")
+    max_chunk_size: int = _opt(256 << 20, parse_size, "largest chunk this node accepts")
+    log_format: str = _opt("auto", str, "auto, json or console")
+    log_level: str = _opt("info", str, "debug, info, warning, error")
+
+    def validate(self) -> None:
+        if not self.cluster_secret:
+            raise ConfigError(
+                "cluster secret missing: set --cluster-secret or DSTORE_CLUSTER_SECRET"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} out of range")
+        if self.capacity is not None and self.capacity <= 0:
+            raise ConfigError("capacity must be positive")
+
+
+T = TypeVar("T")
+
+
+def load(
+    cls: type[T],
+    flags: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+) -> T:
+    """Build a config from flags (None means not given), env and a TOML file."""
+    env = os.environ if env is None else env
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as fh:
+                file_values = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in file_values:
+        if key.replace("-", "_") not in known and not isinstance(file_values[key], dict):
+            raise ConfigError(f"unknown setting {key!r} in {config_file}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        parse = f.metadata["parse"]
+        raw: Any = flags.get(f.name)
+        source = f"--{f.name.replace('_', '-')}"
+        if raw is None:
+            env_name = "DSTORE_" + f.name.upper()
+            raw, source = env.get(env_name), env_name
+        if raw is None:
+            raw = file_values.get(f.name, file_values.get(f.name.replace("_", "-")))
+            source = f"{f.name} in {config_file}"
+        if raw is None:
+            continue
+        try:
+            if f.metadata.get("many"):
+                values[f.name] = (
+                    [parse(v) for v in parse_list(raw)]
+                    if not isinstance(raw, list)
+                    else [parse(v) for v in raw]
+                )
+            else:
+                values[f.name] = parse(raw)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"bad value for {source}: {exc}") from exc
+    config = cls(**values)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def file_section(config_file: str | os.PathLike[str] | None, name: str) -> Any:
+    """A nested table of the TOML file (e.g. ``auth``), or None."""
+    if config_file is None:
+        return None
+    with open(config_file, "rb") as fh:
+        return tomllib.load(fh).get(name)

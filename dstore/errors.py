@@ -1,0 +1,114 @@
+"""One flat hierarchy of dstore's errors; library exceptions are translated at module edges.
+
+Each error carries a stable snake_case ``code`` that travels in protocol error frames and
+HTTP error bodies.
+"""
+
+from __future__ import annotations
+
+
+class DstoreError(Exception):
+    """Base of every error dstore raises on purpose."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message or self.__class__.__name__)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(DstoreError):
+    code = "bad_config"
+
+
+class ProtocolError(DstoreError):
+    """The cluster protocol was violated."""
+
+    code = "protocol_error"
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow (garbage, bad lengths, bad order)."""
+
+
+class AuthenticationFailed(RemoteProtocolError):
+    code = "auth_failed"
+
+
+class NodeUnavailable(DstoreError):
+    """A storage node could not be reached or did not answer in time."""
+
+    code = "node_unavailable"
+
+
+class RemoteError(DstoreError):
+    """A storage node answered a request with an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message, code=code)
+
+
+class InvalidChunkId(DstoreError):
+    code = "invalid_chunk_id"
+
+
+class ChunkNotFound(DstoreError):
+    code = "chunk_not_found"
+
+
+class ChunkCorrupt(DstoreError):
+    code = "chunk_corrupt"
+
+
+class ChecksumMismatch(DstoreError):
+    code = "checksum_mismatch"
+
+
+class ChunkConflict(DstoreError):
+    """A chunk with this id exists with other content."""
+
+    code = "chunk_conflict"
+
+
+class OutOfSpace(DstoreError):
+    code = "out_of_space"
+
+
+class NotEnoughNodes(DstoreError):
+    code = "not_enough_nodes"
+
+
+class ShuttingDown(DstoreError):
+    code = "shutting_down"
+
+
+# Error codes that a node sends and the client turns back into the matching class.
+REMOTE_ERRORS: dict[str, type[DstoreError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidChunkId,
+        ChunkNotFound,
+        ChunkCorrupt,
+        ChecksumMismatch,
+        ChunkConflict,
+        OutOfSpace,
+        ShuttingDown,
+    )
+}
+
+
+def from_remote(code: str, message: str) -> DstoreError:
+    """Rebuild the error a node reported, keeping its code."""
+    cls = REMOTE_ERRORS.get(code)
+    if cls is None:
+        return RemoteError(code, message)
+    return cls(message)

@@ -1,0 +1,338 @@
+"""The sans-IO cluster protocol connection, after h11: bytes in, events out; events in,
+bytes out. No sockets, no event loop, no clock: every framing, ordering and handshake rule
+lives here and is tested one byte at a time.
+
+Incoming data is fed with ``receive_data`` (``b""`` means the peer closed) and consumed
+with ``next_event``, which returns a ``Message``, a ``Body`` piece, ``BodyEnd``, or one of
+the sentinels ``NEED_DATA`` / ``CLOSED``. Any violation by the peer raises
+``RemoteProtocolError`` and leaves the connection broken; the caller sends an ``Error``
+frame if it can and closes.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from dstore.errors import AuthenticationFailed, LocalProtocolError, RemoteProtocolError
+from dstore.protocol import handshake
+from dstore.protocol.codec import (
+    DEFAULT_MAX_FRAME,
+    FRAME_PREFIX,
+    PREFIX_SIZE,
+    decode_payload,
+    encode_frame,
+)
+from dstore.protocol.messages import (
+    NONCE_SIZE,
+    SUPPORTED_VERSIONS,
+    Auth,
+    Challenge,
+    Error,
+    Hello,
+    Message,
+    Reply,
+    Request,
+    Welcome,
+    from_header,
+    to_header,
+)
+
+DEFAULT_MAX_BODY: Final = 256 << 20
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    NODE = "node"
+
+
+class Phase(enum.Enum):
+    """Where the handshake stands, seen from this side."""
+
+    START = "start"
+    AWAIT_CHALLENGE = "await_challenge"  # client: Hello sent
+    AWAIT_HELLO = "await_hello"  # node
+    AWAIT_AUTH = "await_auth"  # node: Challenge sent
+    AWAIT_WELCOME = "await_welcome"  # client: Auth sent
+    READY = "ready"
+    BROKEN = "broken"
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    """A piece of a raw body; ``data`` may be a view into received bytes (no copy)."""
+
+    data: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class BodyEnd:
+    """The announced body has been received in full."""
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+NEED_DATA: Final = _Sentinel("NEED_DATA")
+CLOSED: Final = _Sentinel("CLOSED")
+
+Event = Message | Body | BodyEnd | _Sentinel
+
+
+class Connection:
+    """One side of one cluster protocol connection."""
+
+    def __init__(
+        self,
+        role: Role,
+        secret: bytes,
+        *,
+        node_id: str = "",
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_body: int = DEFAULT_MAX_BODY,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        if not secret:
+            raise ValueError("the cluster secret must not be empty")
+        self.role = role
+        self.max_frame = max_frame
+        self.max_body = max_body
+        self.version: int | None = None
+        self.peer_node_id = ""
+        self._secret = secret
+        self._node_id = node_id
+        self._random = random_bytes
+        self._phase = Phase.AWAIT_HELLO if role is Role.NODE else Phase.START
+        self._my_nonce = b""
+        self._peer_nonce = b""
+        # receive side
+        self._pieces: deque[memoryview] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._body_left: int | None = None  # None: expecting a frame
+        # send side
+        self._send_body_left = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Connection {self.role.value} {self._phase.value}, {self._buffered} bytes"
+            f" buffered, body_left={self._body_left}>"
+        )
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def ready(self) -> bool:
+        return self._phase is Phase.READY
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the peer; an empty value means the peer closed its side."""
+        if self._eof and data:
+            raise LocalProtocolError("data received after end of stream")
+        if not data:
+            self._eof = True
+            return
+        self._pieces.append(memoryview(data).cast("B"))
+        self._buffered += len(data)
+
+    def next_event(self) -> Event:
+        if self._phase is Phase.BROKEN:
+            raise RemoteProtocolError("connection is broken")
+        try:
+            return self._next_event()
+        except RemoteProtocolError:
+            self._phase = Phase.BROKEN
+            raise
+
+    def _next_event(self) -> Event:
+        if self._body_left is not None:
+            return self._next_body_event()
+        if self._buffered < PREFIX_SIZE:
+            return self._starved()
+        (size,) = FRAME_PREFIX.unpack(self._peek(PREFIX_SIZE))
+        if size == 0 or size > self.max_frame:
+            raise RemoteProtocolError(f"frame length {size} outside 1..{self.max_frame}")
+        if self._buffered < PREFIX_SIZE + size:
+            return self._starved()
+        self._take(PREFIX_SIZE)
+        message = from_header(decode_payload(self._take(size)))
+        length = message.body_length()
+        if length > self.max_body:
+            raise RemoteProtocolError(f"body length {length} exceeds limit {self.max_body}")
+        self._check_incoming(message)
+        if message.BODY_FIELD is not None:
+            self._body_left = length
+        return message
+
+    def _next_body_event(self) -> Event:
+        assert self._body_left is not None
+        if self._body_left == 0:
+            self._body_left = None
+            return BodyEnd()
+        if not self._buffered:
+            return self._starved()
+        first = self._pieces[0]
+        if len(first) <= self._body_left:
+            self._pieces.popleft()
+            piece = first
+        else:
+            piece = first[: self._body_left]
+            self._pieces[0] = first[self._body_left :]
+        self._buffered -= len(piece)
+        self._body_left -= len(piece)
+        return Body(piece)
+
+    def _starved(self) -> _Sentinel:
+        if not self._eof:
+            return NEED_DATA
+        if self._buffered or self._body_left is not None:
+            raise RemoteProtocolError("connection closed in the middle of a frame")
+        return CLOSED
+
+    def _peek(self, n: int) -> bytes:
+        out = bytearray()
+        for piece in self._pieces:
+            out += piece[: n - len(out)]
+            if len(out) == n:
+                break
+        return bytes(out)
+
+    def _take(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            piece = self._pieces[0]
+            need = n - len(out)
+            if len(piece) <= need:
+                out += piece
+                self._pieces.popleft()
+            else:
+                out += piece[:need]
+                self._pieces[0] = piece[need:]
+        self._buffered -= n
+        return bytes(out)
+
+    def _check_incoming(self, message: Message) -> None:
+        phase = self._phase
+        if isinstance(message, Error) and phase is not Phase.AWAIT_HELLO:
+            return  # a node may refuse at any point; a client never sends errors first
+        if self.role is Role.NODE:
+            if phase is Phase.AWAIT_HELLO and isinstance(message, Hello):
+                if len(message.nonce) != NONCE_SIZE:
+                    raise RemoteProtocolError("hello: bad nonce")
+                self._peer_nonce = message.nonce
+                return
+            if phase is Phase.AWAIT_AUTH and isinstance(message, Auth):
+                expected = handshake.client_proof(self._secret, self._peer_nonce, self._my_nonce)
+                if not handshake.verify(expected, message.proof):
+                    raise AuthenticationFailed("client failed to prove the cluster secret")
+                return
+            if phase is Phase.READY and isinstance(message, Request):
+                return
+            if phase is not Phase.READY:
+                raise AuthenticationFailed(f"{message.OP} before the handshake completed")
+        else:
+            if phase is Phase.AWAIT_CHALLENGE and isinstance(message, Challenge):
+                if message.version not in SUPPORTED_VERSIONS or len(message.nonce) != NONCE_SIZE:
+                    raise RemoteProtocolError("challenge: bad version or nonce")
+                expected = handshake.node_proof(self._secret, self._my_nonce, message.nonce)
+                if not handshake.verify(expected, message.proof):
+                    raise AuthenticationFailed("node failed to prove the cluster secret")
+                self._peer_nonce = message.nonce
+                self.version = message.version
+                return
+            if phase is Phase.AWAIT_WELCOME and isinstance(message, Welcome):
+                self.peer_node_id = message.node_id
+                self._phase = Phase.READY
+                return
+            if phase is Phase.READY and isinstance(message, Reply):
+                return
+        raise RemoteProtocolError(f"unexpected {message.OP!r} in phase {phase.value}")
+
+    # --- handshake helpers ----------------------------------------------------------------
+
+    def start_handshake(self) -> bytes:
+        """Client: the Hello that opens the connection."""
+        if self.role is not Role.CLIENT or self._phase is not Phase.START:
+            raise LocalProtocolError("start_handshake is the client's first step")
+        self._my_nonce = self._random(NONCE_SIZE)
+        self._phase = Phase.AWAIT_CHALLENGE
+        return self._encode(Hello(nonce=self._my_nonce))
+
+    def answer_hello(self, hello: Hello) -> bytes:
+        """Node: the Challenge answering a received Hello (or an Error if no version fits)."""
+        if self.role is not Role.NODE or self._phase is not Phase.AWAIT_HELLO:
+            raise LocalProtocolError("answer_hello is the node's first step")
+        common = set(hello.versions) & set(SUPPORTED_VERSIONS)
+        if not common:
+            self._phase = Phase.BROKEN
+            return self._encode(Error(code="unsupported_version", message="no common version"))
+        self.version = max(common)
+        self._my_nonce = self._random(NONCE_SIZE)
+        self._phase = Phase.AWAIT_AUTH
+        node_proof = handshake.node_proof(self._secret, self._peer_nonce, self._my_nonce)
+        return self._encode(Challenge(version=self.version, nonce=self._my_nonce, proof=node_proof))
+
+    def answer_challenge(self) -> bytes:
+        """Client: the Auth answering the verified Challenge."""
+        if self._phase is not Phase.AWAIT_CHALLENGE or not self._peer_nonce:
+            raise LocalProtocolError("no verified challenge to answer")
+        self._phase = Phase.AWAIT_WELCOME
+        return self._encode(
+            Auth(proof=handshake.client_proof(self._secret, self._my_nonce, self._peer_nonce))
+        )
+
+    def welcome(self) -> bytes:
+        """Node: the Welcome that completes the handshake after a verified Auth."""
+        if self.role is not Role.NODE or self._phase is not Phase.AWAIT_AUTH:
+            raise LocalProtocolError("welcome comes after a verified auth")
+        self._phase = Phase.READY
+        return self._encode(Welcome(node_id=self._node_id))
+
+    # --- sending --------------------------------------------------------------------------
+
+    def send(self, message: Message) -> bytes:
+        """The bytes of a request or reply; a body-bearing message must then have exactly
+        its announced length passed through ``send_body``."""
+        if self._send_body_left:
+            raise LocalProtocolError(f"{self._send_body_left} body bytes still owed")
+        if not isinstance(message, Error):
+            if self._phase is not Phase.READY:
+                raise LocalProtocolError(f"cannot send {message.OP!r} before the handshake")
+            wanted = Request if self.role is Role.CLIENT else Reply
+            if not isinstance(message, wanted):
+                raise LocalProtocolError(f"a {self.role.value} does not send {message.OP!r}")
+        length = message.body_length()
+        if length > self.max_body:
+            raise LocalProtocolError(f"body length {length} exceeds limit {self.max_body}")
+        data = self._encode(message)
+        self._send_body_left = length
+        return data
+
+    def send_body(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+        """Account for a piece of the body being sent; returns it unchanged (no copy)."""
+        if len(data) > self._send_body_left:
+            raise LocalProtocolError(
+                f"body piece of {len(data)} bytes, only {self._send_body_left} owed"
+            )
+        self._send_body_left -= len(data)
+        return data
+
+    @property
+    def body_owed(self) -> int:
+        return self._send_body_left
+
+    def _encode(self, message: Message) -> bytes:
+        return encode_frame(to_header(message), self.max_frame)

@@ -1,0 +1,15 @@
+"""Transport for the cluster protocol: the only code that touches asyncio streams."""
+
+from dstore.rpc.client import ChunkStream, NodeClient
+from dstore.rpc.server import BodyReader, RpcServer
+from dstore.rpc.transport import Connector, FramedStream, open_tcp
+
+__all__ = [
+    "BodyReader",
+    "ChunkStream",
+    "Connector",
+    "FramedStream",
+    "NodeClient",
+    "RpcServer",
+    "open_tcp",
+]

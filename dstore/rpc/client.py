@@ -1,0 +1,306 @@
+"""A client for one storage node: a bounded pool of authenticated connections, reconnects,
+and timeouts on connect, on every read and write, and on every request.
+
+Chunk bodies move in pieces both ways: a put takes bytes or an async iterable of pieces,
+a get can be consumed as a stream (``open_chunk``), so no chunk is ever held twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any
+
+from dstore.errors import (
+    AuthenticationFailed,
+    ChunkCorrupt,
+    DstoreError,
+    NodeUnavailable,
+    ProtocolError,
+    RemoteProtocolError,
+    from_remote,
+)
+from dstore.protocol import (
+    CLOSED,
+    Body,
+    BodyEnd,
+    Challenge,
+    ChunkData,
+    ChunkList,
+    Connection,
+    DeleteChunk,
+    Deleted,
+    Done,
+    Error,
+    Event,
+    GetChunk,
+    ListChunks,
+    Message,
+    Ping,
+    Pong,
+    PutChunk,
+    Request,
+    Role,
+    Stat,
+    StatReply,
+    Stored,
+    Welcome,
+)
+from dstore.rpc.transport import Connector, FramedStream, open_tcp
+
+BODY_PIECE = 1 << 20
+
+
+def _expect(event: Event, kind: type[Message]) -> Any:
+    if isinstance(event, Error):
+        raise from_remote(event.code, event.message)
+    if event is CLOSED:
+        raise NodeUnavailable("node closed the connection")
+    if not isinstance(event, kind):
+        raise RemoteProtocolError(f"expected {kind.OP!r}, got {event!r}")
+    return event
+
+
+class NodeClient:
+    """Talks to one storage node at ``host:port``."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        secret: bytes,
+        *,
+        max_connections: int = 8,
+        connect_timeout: float = 5.0,
+        io_timeout: float = 30.0,
+        request_timeout: float = 120.0,
+        connector: Connector = open_tcp,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.node_id = ""
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.io_timeout = io_timeout
+        self.request_timeout = request_timeout
+        self._secret = secret
+        self._connector = connector
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: deque[FramedStream] = deque()
+        self._busy = 0
+        self._rids = itertools.count(1)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<NodeClient {self.addr} {self._busy}/{self.max_connections} connections busy,"
+            f" {len(self._idle)} idle{', closed' if self._closed else ''}>"
+        )
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def __aenter__(self) -> NodeClient:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        while self._idle:
+            await self._idle.popleft().aclose()
+
+    # --- connections ----------------------------------------------------------------------
+
+    async def _connect(self) -> FramedStream:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await self._connector(self.host, self.port)
+        except TimeoutError as exc:
+            raise NodeUnavailable(f"connect to {self.addr} timed out") from exc
+        except OSError as exc:
+            raise NodeUnavailable(f"connect to {self.addr} failed: {exc}") from exc
+        stream = FramedStream(
+            reader, writer, Connection(Role.CLIENT, self._secret), io_timeout=self.io_timeout
+        )
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await stream.write(stream.conn.start_handshake())
+                _expect(await stream.next_event(), Challenge)
+                await stream.write(stream.conn.answer_challenge())
+                welcome: Welcome = _expect(await stream.next_event(), Welcome)
+        except TimeoutError as exc:
+            await stream.aclose()
+            raise NodeUnavailable(f"handshake with {self.addr} timed out") from exc
+        except BaseException:
+            await stream.aclose()
+            raise
+        self.node_id = welcome.node_id
+        return stream
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[FramedStream]:
+        """A ready connection for one request; it goes back to the pool only if the
+        request ended cleanly, otherwise it is closed."""
+        if self._closed:
+            raise NodeUnavailable(f"client for {self.addr} is closed")
+        async with self._slots:
+            stream = None
+            while self._idle and stream is None:
+                candidate = self._idle.popleft()
+                if candidate.closed:
+                    await candidate.aclose()
+                else:
+                    stream = candidate
+            if stream is None:
+                stream = await self._connect()
+            self._busy += 1
+            clean = False
+            try:
+                yield stream
+                clean = stream.conn.body_owed == 0
+            finally:
+                self._busy -= 1
+                if clean and not self._closed and not stream.closed:
+                    self._idle.append(stream)
+                else:
+                    await stream.aclose()
+
+    @asynccontextmanager
+    async def _request(self) -> AsyncIterator[FramedStream]:
+        try:
+            async with asyncio.timeout(self.request_timeout), self._connection() as stream:
+                yield stream
+        except TimeoutError as exc:
+            raise NodeUnavailable(f"request to {self.addr} timed out") from exc
+        except AuthenticationFailed:
+            raise  # a wrong cluster secret is a configuration error, not a flaky node
+        except ProtocolError as exc:
+            raise NodeUnavailable(f"protocol error with {self.addr}: {exc}") from exc
+
+    def _rid(self) -> int:
+        return next(self._rids)
+
+    async def _call(self, request: Request, reply: type[Message]) -> Any:
+        async with self._request() as stream:
+            await stream.send(request)
+            return _expect(await stream.next_event(), reply)
+
+    # --- operations -----------------------------------------------------------------------
+
+    async def put_chunk(
+        self,
+        chunk_id: str,
+        data: bytes | bytearray | memoryview | AsyncIterable[bytes | memoryview],
+        *,
+        length: int,
+        checksum: bytes,
+        trace: str = "",
+    ) -> bool:
+        """Store a chunk durably on the node; returns False if it was there already."""
+        request = PutChunk(
+            rid=self._rid(), trace=trace, chunk_id=chunk_id, length=length, checksum=checksum
+        )
+        async with self._request() as stream:
+            await stream.send(request, flush=False)
+            if isinstance(data, bytes | bytearray | memoryview):
+                view = memoryview(data)
+                for start in range(0, len(view), BODY_PIECE):
+                    await stream.send_body(view[start : start + BODY_PIECE])
+            else:
+                async for piece in data:
+                    await stream.send_body(piece)
+            if stream.conn.body_owed:
+                raise DstoreError(f"chunk body ended {stream.conn.body_owed} bytes short")
+            await stream.flush()
+            stored: Stored = _expect(await stream.next_event(), Stored)
+            return stored.created
+
+    @asynccontextmanager
+    async def open_chunk(
+        self, chunk_id: str, *, offset: int = 0, length: int | None = None, trace: str = ""
+    ) -> AsyncIterator[ChunkStream]:
+        """Stream (a range of) a chunk. Iterating yields pieces; the node's checksum verdict
+        arrives after the last piece, and a corrupt chunk raises ``ChunkCorrupt`` then."""
+        request = GetChunk(
+            rid=self._rid(), trace=trace, chunk_id=chunk_id, offset=offset, length=length
+        )
+        async with self._request() as stream:
+            await stream.send(request)
+            header: ChunkData = _expect(await stream.next_event(), ChunkData)
+            body = ChunkStream(stream, header)
+            yield body
+            if not body.finished:
+                await stream.aclose()  # abandoned mid-body: the connection cannot be reused
+
+    async def get_chunk(
+        self, chunk_id: str, *, offset: int = 0, length: int | None = None, trace: str = ""
+    ) -> bytes:
+        async with self.open_chunk(chunk_id, offset=offset, length=length, trace=trace) as body:
+            pieces = [piece async for piece in body]
+        return b"".join(pieces)
+
+    async def delete_chunk(self, chunk_id: str, *, trace: str = "") -> bool:
+        deleted: Deleted = await self._call(
+            DeleteChunk(rid=self._rid(), trace=trace, chunk_id=chunk_id), Deleted
+        )
+        return deleted.existed
+
+    async def stat(self, *, trace: str = "") -> StatReply:
+        reply: StatReply = await self._call(Stat(rid=self._rid(), trace=trace), StatReply)
+        return reply
+
+    async def list_chunks(
+        self, *, after: str = "", limit: int = 1000, trace: str = ""
+    ) -> ChunkList:
+        reply: ChunkList = await self._call(
+            ListChunks(rid=self._rid(), trace=trace, after=after, limit=limit), ChunkList
+        )
+        return reply
+
+    async def ping(self, *, trace: str = "") -> float:
+        """Round-trip time in seconds."""
+        start = time.monotonic()
+        await self._call(Ping(rid=self._rid(), trace=trace), Pong)
+        return time.monotonic() - start
+
+
+class ChunkStream:
+    """The body of one GetChunk reply, consumed piece by piece."""
+
+    def __init__(self, stream: FramedStream, header: ChunkData) -> None:
+        self.length = header.length
+        self.size = header.size
+        self.checksum = header.checksum
+        self.finished = False
+        self._stream = stream
+
+    def __aiter__(self) -> AsyncIterator[memoryview]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[memoryview]:
+        while True:
+            event = await self._stream.next_event()
+            if isinstance(event, Body):
+                yield event.data
+            elif isinstance(event, BodyEnd):
+                break
+            else:
+                raise RemoteProtocolError(f"unexpected {event!r} inside a chunk body")
+        verdict = await self._stream.next_event()
+        if isinstance(verdict, Error):
+            self.finished = True  # the connection is clean: the node sent its full reply
+            if verdict.code == ChunkCorrupt.code:
+                raise ChunkCorrupt(verdict.message)
+            raise from_remote(verdict.code, verdict.message)
+        _expect(verdict, Done)
+        self.finished = True

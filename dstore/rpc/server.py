@@ -1,0 +1,187 @@
+"""The protocol server: accepts connections, runs the handshake, and hands each request to
+a handler, one at a time per connection. On shutdown it stops accepting, lets requests in
+flight finish within a grace period, and closes idle connections at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+
+from dstore.errors import NodeUnavailable, ProtocolError, RemoteProtocolError
+from dstore.protocol import (
+    CLOSED,
+    Auth,
+    Body,
+    BodyEnd,
+    Connection,
+    Error,
+    Hello,
+    Request,
+    Role,
+)
+from dstore.rpc.transport import STREAM_LIMIT, FramedStream, tune_socket
+
+log = structlog.get_logger("dstore.rpc")
+
+Handler = Callable[[Request, FramedStream], Awaitable[None]]
+
+
+class BodyReader:
+    """The raw body that follows a request, as an async iterable of pieces; ``drain``
+    discards whatever the handler did not consume, keeping the connection usable."""
+
+    def __init__(self, stream: FramedStream) -> None:
+        self._stream = stream
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[memoryview]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[memoryview]:
+        while not self.finished:
+            event = await self._stream.next_event()
+            if isinstance(event, Body):
+                yield event.data
+            elif isinstance(event, BodyEnd):
+                self.finished = True
+            else:
+                raise RemoteProtocolError(f"unexpected {event!r} inside a body")
+
+    async def drain(self) -> None:
+        async for _ in self:
+            pass
+
+
+class _ConnectionState:
+    __slots__ = ("busy", "task")
+
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self.task = task
+        self.busy = False
+
+
+class RpcServer:
+    def __init__(
+        self,
+        secret: bytes,
+        handler: Handler,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        node_id: str = "",
+        io_timeout: float = 30.0,
+        idle_timeout: float = 600.0,
+        handshake_timeout: float = 10.0,
+        max_body: int = 256 << 20,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.node_id = node_id
+        self.io_timeout = io_timeout
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_body = max_body
+        self._secret = secret
+        self._handler = handler
+        self._server: asyncio.Server | None = None
+        self._connections: dict[asyncio.Task[None], _ConnectionState] = {}
+        self._stopping = False
+
+    def __repr__(self) -> str:
+        busy = sum(1 for c in self._connections.values() if c.busy)
+        return (
+            f"<RpcServer {self.host}:{self.port} {len(self._connections)} connections, {busy} busy>"
+        )
+
+    async def start(self) -> None:
+        """Bind and listen; ``port`` 0 picks a free port, reported back in ``self.port``."""
+        self._server = await asyncio.start_server(
+            self._accept, self.host, self.port, limit=STREAM_LIMIT, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._stopping:
+            writer.close()
+            return
+        state = _ConnectionState(task)
+        self._connections[task] = state
+        tune_socket(writer)
+        conn = Connection(Role.NODE, self._secret, node_id=self.node_id, max_body=self.max_body)
+        stream = FramedStream(reader, writer, conn, io_timeout=self.io_timeout)
+        try:
+            await self._serve(stream, state)
+        except RemoteProtocolError as exc:
+            log.warning("protocol_error", peer=stream.peer, code=exc.code, error=str(exc))
+            await self._send_error_and_close(stream, exc.code, str(exc))
+        except (NodeUnavailable, ProtocolError) as exc:
+            log.info("connection_lost", peer=stream.peer, error=str(exc))
+        except asyncio.CancelledError:
+            pass  # shutdown: the connection is closed below
+        except Exception:
+            log.exception("connection_failed", peer=stream.peer)
+        finally:
+            del self._connections[task]
+            await stream.aclose()
+
+    async def _serve(self, stream: FramedStream, state: _ConnectionState) -> None:
+        conn = stream.conn
+        async with asyncio.timeout(self.handshake_timeout):
+            hello = await stream.next_event()
+            if hello is CLOSED:
+                return
+            assert isinstance(hello, Hello)  # the connection allows nothing else
+            await stream.write(conn.answer_hello(hello))
+            if not conn.ready and conn.version is None:
+                return  # no common version: the error frame was sent
+            auth = await stream.next_event()
+            if auth is CLOSED:
+                return
+            assert isinstance(auth, Auth)
+            await stream.write(conn.welcome())
+        while not self._stopping:
+            request = await stream.next_event(timeout=self.idle_timeout)
+            if request is CLOSED:
+                return
+            assert isinstance(request, Request)
+            state.busy = True
+            try:
+                with structlog.contextvars.bound_contextvars(
+                    req=request.trace or None, rid=request.rid, op=request.OP
+                ):
+                    await self._handler(request, stream)
+            finally:
+                state.busy = False
+
+    async def _send_error_and_close(self, stream: FramedStream, code: str, message: str) -> None:
+        if stream.closed or stream.conn.body_owed:
+            return
+        try:
+            await stream.write(stream.conn.send(Error(code=code, message=message)))
+            await stream.flush()
+        except (NodeUnavailable, ProtocolError):
+            pass  # the peer is gone already; closing is all that is left
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop accepting, close idle connections, give busy ones ``grace`` seconds."""
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        for state in list(self._connections.values()):
+            if not state.busy:
+                state.task.cancel()
+        tasks = [state.task for state in self._connections.values()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("requests_aborted_at_shutdown", count=len(pending))
+                await asyncio.wait(pending, timeout=2.0)
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,0 +1,394 @@
+"""Chunks on disk: atomic, verified, capacity-bounded. The only code that touches aiofiles.
+
+Layout under the data dir::
+
+    chunks/ab/cd/abcd…   one file per chunk: a 32-byte header, then the chunk's bytes
+    tmp/                 writes in progress (removed at start: a crash leaves nothing visible)
+
+Header: magic ``DSCK``, format version (u16), flags (u16), length (u64), xxh3-128 (16 bytes).
+A write streams into a temp file while hashing, verifies the checksum, fsyncs, renames into
+place and fsyncs the folder before it is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import secrets
+import shutil
+import struct
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+import structlog
+
+from dstore.chunk import CHECKSUM_SIZE, Hasher, is_valid_chunk_id
+from dstore.errors import (
+    ChecksumMismatch,
+    ChunkConflict,
+    ChunkCorrupt,
+    ChunkNotFound,
+    DstoreError,
+    InvalidChunkId,
+    OutOfSpace,
+)
+
+log = structlog.get_logger("dstore.chunkstore")
+
+HEADER = struct.Struct(">4sHHQ16s")
+HEADER_SIZE = HEADER.size
+MAGIC = b"DSCK"
+FORMAT_VERSION = 1
+IO_SIZE = 1 << 20
+
+_fsync = aiofiles.os.wrap(os.fsync)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    chunk_id: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    capacity: int
+    used: int
+    reserved: int
+    chunks: int
+
+
+class _IdLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_fsync_dir_async = aiofiles.os.wrap(_fsync_dir)
+
+
+class ChunkStore:
+    """The chunks of one storage node."""
+
+    def __init__(self, root: Path, capacity: int | None = None) -> None:
+        self.root = Path(root)
+        self.chunk_dir = self.root / "chunks"
+        self.tmp_dir = self.root / "tmp"
+        self._capacity_setting = capacity
+        self.capacity = capacity or 0
+        self.used = 0
+        self.reserved = 0
+        self.count = 0
+        self._busy_ids: dict[str, _IdLock] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"<ChunkStore {self.root} {self.count} chunks, {self.used}+{self.reserved}"
+            f"/{self.capacity} bytes>"
+        )
+
+    # --- start-up -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the layout, drop leftover temp files, and count what is stored from
+        file sizes alone (no chunk is re-read)."""
+        await asyncio.to_thread(self._open_sync)
+        log.info(
+            "chunk_store_open",
+            root=str(self.root),
+            chunks=self.count,
+            used=self.used,
+            capacity=self.capacity,
+        )
+
+    def _open_sync(self) -> None:
+        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        probe = self.tmp_dir / f".probe-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")  # fail now, clearly, if the data dir is not writable
+        probe.unlink()
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            with suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+        if removed:
+            log.info("temp_files_removed", count=removed)
+        used = count = 0
+        for info in self._walk(""):
+            used += info.size
+            count += 1
+        self.used, self.count = used, count
+        if self._capacity_setting is None:
+            self.capacity = shutil.disk_usage(self.root).free + used
+
+    # --- paths and locks ------------------------------------------------------------------
+
+    def path_of(self, chunk_id: str) -> Path:
+        if not is_valid_chunk_id(chunk_id):
+            raise InvalidChunkId(f"invalid chunk id {chunk_id!r}")
+        return self.chunk_dir / chunk_id[:2] / chunk_id[2:4] / chunk_id
+
+    @asynccontextmanager
+    async def _locked(self, chunk_id: str) -> AsyncIterator[None]:
+        """Writes and deletes of one id are serialised (keeps ``used`` exact)."""
+        entry = self._busy_ids.get(chunk_id)
+        if entry is None:
+            entry = self._busy_ids[chunk_id] = _IdLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._busy_ids[chunk_id]
+
+    def stats(self) -> StoreStats:
+        return StoreStats(self.capacity, self.used, self.reserved, self.count)
+
+    # --- writes ---------------------------------------------------------------------------
+
+    async def write(
+        self,
+        chunk_id: str,
+        length: int,
+        checksum: bytes,
+        pieces: AsyncIterable[bytes | memoryview],
+    ) -> bool:
+        """Store a chunk from its body pieces; True if created, False if an identical chunk
+        was already stored. Raises before reading any piece if the id is invalid or there
+        is no room; the caller drains the body in that case."""
+        path = self.path_of(chunk_id)
+        if length < 0 or len(checksum) != CHECKSUM_SIZE:
+            raise DstoreError("bad chunk length or checksum size", code="bad_request")
+        async with self._locked(chunk_id):
+            existing = await self._read_header(path)
+            if existing is not None:
+                await self._drain_verified(pieces, checksum)
+                if existing != (length, checksum):
+                    raise ChunkConflict(f"chunk {chunk_id} exists with other content")
+                return False
+            if self.used + self.reserved + length > self.capacity:
+                raise OutOfSpace(
+                    f"{length} bytes do not fit: {self.used} used, {self.reserved} reserved"
+                    f" of {self.capacity}"
+                )
+            self.reserved += length
+            try:
+                await self._write_new(path, chunk_id, length, checksum, pieces)
+            finally:
+                self.reserved -= length
+            self.used += length
+            self.count += 1
+            return True
+
+    async def _write_new(
+        self,
+        path: Path,
+        chunk_id: str,
+        length: int,
+        checksum: bytes,
+        pieces: AsyncIterable[bytes | memoryview],
+    ) -> None:
+        tmp = self.tmp_dir / f"{chunk_id}.{secrets.token_hex(4)}.tmp"
+        hasher = Hasher()
+        received = 0
+        buffer = bytearray()
+        try:
+            async with aiofiles.open(tmp, "wb", buffering=0) as f:
+                await f.write(HEADER.pack(MAGIC, FORMAT_VERSION, 0, length, checksum))
+                async for piece in pieces:
+                    hasher.update(piece)
+                    received += len(piece)
+                    buffer += piece
+                    if len(buffer) >= IO_SIZE:
+                        await f.write(buffer)
+                        buffer.clear()
+                if buffer:
+                    await f.write(buffer)
+                if received != length:
+                    raise DstoreError(f"body had {received} bytes, {length} announced")
+                if hasher.digest() != checksum:
+                    raise ChecksumMismatch(f"chunk {chunk_id}: body does not match its checksum")
+                await _fsync(f.fileno())
+            await self._install(tmp, path)
+        except OSError as exc:
+            await self._discard(tmp)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"disk full while writing chunk {chunk_id}") from exc
+            raise
+        except BaseException:
+            await self._discard(tmp)
+            raise
+
+    async def _install(self, tmp: Path, path: Path) -> None:
+        parent = path.parent
+        if not await aiofiles.os.path.isdir(parent):
+            await aiofiles.os.makedirs(parent, exist_ok=True)
+            await _fsync_dir_async(parent.parent)
+            await _fsync_dir_async(parent.parent.parent)
+        await aiofiles.os.rename(tmp, path)
+        await _fsync_dir_async(parent)
+
+    async def _discard(self, tmp: Path) -> None:
+        with suppress(FileNotFoundError):
+            await aiofiles.os.remove(tmp)
+
+    @staticmethod
+    async def _drain_verified(pieces: AsyncIterable[bytes | memoryview], checksum: bytes) -> None:
+        hasher = Hasher()
+        async for piece in pieces:
+            hasher.update(piece)
+        if hasher.digest() != checksum:
+            raise ChecksumMismatch("body does not match its checksum")
+
+    async def _read_header(self, path: Path) -> tuple[int, bytes] | None:
+        try:
+            async with aiofiles.open(path, "rb") as f:
+                raw = await f.read(HEADER_SIZE)
+        except FileNotFoundError:
+            return None
+        return self._parse_header(raw, path)
+
+    @staticmethod
+    def _parse_header(raw: bytes, path: Path) -> tuple[int, bytes]:
+        if len(raw) != HEADER_SIZE:
+            raise ChunkCorrupt(f"{path.name}: truncated header")
+        magic, version, _flags, length, checksum = HEADER.unpack(raw)
+        if magic != MAGIC or version != FORMAT_VERSION:
+            raise ChunkCorrupt(f"{path.name}: bad header")
+        return length, checksum
+
+    # --- reads ----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def reader(
+        self, chunk_id: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[ChunkReader]:
+        """Open a chunk for streaming ``[offset, offset+length)``; the whole chunk is hashed
+        while streaming and a mismatch raises ``ChunkCorrupt`` after the last piece."""
+        path = self.path_of(chunk_id)
+        try:
+            f = await aiofiles.open(path, "rb", buffering=0)
+        except FileNotFoundError as exc:
+            raise ChunkNotFound(f"chunk {chunk_id} not found") from exc
+        try:
+            size, checksum = self._parse_header(await f.read(HEADER_SIZE), path)
+            file_size = (await aiofiles.os.stat(path)).st_size
+            if file_size != HEADER_SIZE + size:
+                raise ChunkCorrupt(
+                    f"chunk {chunk_id}: {file_size - HEADER_SIZE} bytes on disk, header says {size}"
+                )
+            if offset < 0 or offset > size or (length is not None and length < 0):
+                raise DstoreError(
+                    f"range {offset}+{length} outside chunk of {size}", code="bad_range"
+                )
+            span = size - offset if length is None else min(length, size - offset)
+            yield ChunkReader(f, chunk_id, size, checksum, offset, span)
+        finally:
+            await f.close()
+
+    # --- deletes and listing --------------------------------------------------------------
+
+    async def delete(self, chunk_id: str) -> bool:
+        path = self.path_of(chunk_id)
+        async with self._locked(chunk_id):
+            try:
+                size = (await aiofiles.os.stat(path)).st_size - HEADER_SIZE
+                await aiofiles.os.remove(path)
+            except FileNotFoundError:
+                return False
+            await _fsync_dir_async(path.parent)
+            self.used -= max(size, 0)
+            self.count -= 1
+            return True
+
+    async def list(self, after: str = "", limit: int = 1000) -> list[ChunkInfo]:
+        """Chunks with ids greater than ``after``, in id order, at most ``limit``."""
+
+        def page() -> list[ChunkInfo]:
+            rows: list[ChunkInfo] = []
+            for info in self._walk(after):
+                rows.append(info)
+                if len(rows) >= limit:
+                    break
+            return rows
+
+        return await asyncio.to_thread(page)
+
+    def _walk(self, after: str) -> Iterator[ChunkInfo]:
+        """Chunk files in id order (the fan-out folders are id prefixes), after ``after``."""
+        for top in _sorted_dirs(self.chunk_dir, after[:2]):
+            for mid in _sorted_dirs(self.chunk_dir / top, after[2:4] if top == after[:2] else ""):
+                folder = self.chunk_dir / top / mid
+                try:
+                    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+                except FileNotFoundError:
+                    continue
+                for entry in entries:
+                    if entry.name <= after or not is_valid_chunk_id(entry.name):
+                        continue
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    yield ChunkInfo(entry.name, max(st.st_size - HEADER_SIZE, 0), st.st_mtime)
+
+
+def _sorted_dirs(folder: Path, start: str) -> list[str]:
+    try:
+        names = [e.name for e in os.scandir(folder) if e.is_dir() and len(e.name) == 2]
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n >= start)
+
+
+class ChunkReader:
+    """One open chunk being streamed."""
+
+    def __init__(
+        self, f: Any, chunk_id: str, size: int, checksum: bytes, offset: int, length: int
+    ) -> None:
+        self.chunk_id = chunk_id
+        self.size = size
+        self.checksum = checksum
+        self.offset = offset
+        self.length = length
+        self._f = f
+
+    def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[bytes | memoryview]:
+        hasher = Hasher()
+        pos = 0
+        start, end = self.offset, self.offset + self.length
+        while pos < self.size:
+            data: bytes = await self._f.read(min(IO_SIZE, self.size - pos))
+            if not data:
+                break
+            hasher.update(data)
+            lo, hi = max(start - pos, 0), min(end - pos, len(data))
+            if lo < hi:
+                yield data if (lo, hi) == (0, len(data)) else memoryview(data)[lo:hi]
+            pos += len(data)
+        if pos != self.size or hasher.digest() != self.checksum:
+            raise ChunkCorrupt(f"chunk {self.chunk_id} failed its checksum")

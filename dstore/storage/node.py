@@ -1,0 +1,195 @@
+"""The storage role: a protocol server in front of a ChunkStore.
+
+Each request gets exactly one final reply (or, for a get, a data header, the body and then
+``Done`` or an ``Error``). Request-level failures become error frames and the connection
+goes on; transport and protocol failures close the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+import time
+from pathlib import Path
+
+import structlog
+
+from dstore.config import StorageConfig
+from dstore.errors import ChunkCorrupt, DstoreError, NodeUnavailable, ProtocolError
+from dstore.protocol import (
+    ChunkData,
+    ChunkList,
+    DeleteChunk,
+    Deleted,
+    Done,
+    Error,
+    GetChunk,
+    ListChunks,
+    Ping,
+    Pong,
+    PutChunk,
+    Request,
+    Stat,
+    StatReply,
+    Stored,
+)
+from dstore.rpc.server import BodyReader, RpcServer
+from dstore.rpc.transport import FramedStream
+from dstore.storage.chunkstore import ChunkStore
+
+log = structlog.get_logger("dstore.storage")
+
+MAX_LIST_PAGE = 5000
+
+
+def load_node_id(data_dir: Path) -> str:
+    """A node's identity survives restarts; an empty data dir means a new node."""
+    path = data_dir / "node_id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        node_id = "n-" + secrets.token_hex(6)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(node_id + "\n")
+        tmp.replace(path)
+        return node_id
+
+
+class StorageNode:
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+        self.store = ChunkStore(config.data_dir, config.capacity)
+        self.node_id = ""
+        self.server: RpcServer | None = None
+
+    def __repr__(self) -> str:
+        return f"<StorageNode {self.node_id} {self.config.host}:{self.port} {self.store!r}>"
+
+    @property
+    def port(self) -> int:
+        return self.server.port if self.server else self.config.port
+
+    @property
+    def addr(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.store.open()
+        self.node_id = await asyncio.to_thread(load_node_id, self.config.data_dir)
+        self.server = RpcServer(
+            self.config.cluster_secret.encode(),
+            self.handle,
+            host=self.config.host,
+            port=self.config.port,
+            node_id=self.node_id,
+            io_timeout=self.config.io_timeout,
+            max_body=self.config.max_chunk_size,
+        )
+        await self.server.start()
+        log.info(
+            "storage_node_started", node_id=self.node_id, addr=self.addr, zone=self.config.zone
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.server is not None:
+            await self.server.close(self.config.grace if grace is None else grace)
+        log.info("storage_node_stopped", node_id=self.node_id)
+
+    async def handle(self, request: Request, stream: FramedStream) -> None:
+        started = time.monotonic()
+        body = BodyReader(stream) if isinstance(request, PutChunk) else None
+        outcome = "ok"
+        nbytes = 0
+        try:
+            nbytes = await self._dispatch(request, stream, body)
+        except (NodeUnavailable, ProtocolError):
+            outcome = "connection_lost"
+            raise
+        except DstoreError as exc:
+            outcome = exc.code
+            if body is not None:
+                await body.drain()
+            if stream.conn.body_owed:
+                raise  # a reply body was cut short: only closing the connection is honest
+            await stream.send(Error(rid=request.rid, code=exc.code, message=exc.message))
+        finally:
+            log.info(
+                "request",
+                chunk=getattr(request, "chunk_id", None),
+                bytes=nbytes,
+                outcome=outcome,
+                ms=round((time.monotonic() - started) * 1000, 2),
+            )
+
+    async def _dispatch(
+        self, request: Request, stream: FramedStream, body: BodyReader | None
+    ) -> int:
+        rid = request.rid
+        store = self.store
+        if isinstance(request, PutChunk):
+            assert body is not None
+            created = await store.write(request.chunk_id, request.length, request.checksum, body)
+            await stream.send(Stored(rid=rid, created=created))
+            return request.length
+        if isinstance(request, GetChunk):
+            async with store.reader(request.chunk_id, request.offset, request.length) as reader:
+                await stream.send(
+                    ChunkData(
+                        rid=rid, length=reader.length, size=reader.size, checksum=reader.checksum
+                    ),
+                    flush=False,
+                )
+                try:
+                    async for piece in reader:
+                        await stream.send_body(piece)
+                except ChunkCorrupt:
+                    log.error("chunk_corrupt", chunk=request.chunk_id)
+                    raise
+                await stream.send(Done(rid=rid))
+                return reader.length
+        if isinstance(request, DeleteChunk):
+            existed = await store.delete(request.chunk_id)
+            await stream.send(Deleted(rid=rid, existed=existed))
+            return 0
+        if isinstance(request, Stat):
+            stats = store.stats()
+            await stream.send(
+                StatReply(
+                    rid=rid,
+                    node_id=self.node_id,
+                    capacity=stats.capacity,
+                    used=stats.used,
+                    reserved=stats.reserved,
+                    chunks=stats.chunks,
+                )
+            )
+            return 0
+        if isinstance(request, ListChunks):
+            limit = max(1, min(request.limit, MAX_LIST_PAGE))
+            rows = await store.list(request.after, limit + 1)
+            page = rows[:limit]
+            next_after = page[-1].chunk_id if len(rows) > limit else None
+            await stream.send(
+                ChunkList(
+                    rid=rid, chunks=[[r.chunk_id, r.size, r.mtime] for r in page], next=next_after
+                )
+            )
+            return 0
+        if isinstance(request, Ping):
+            await stream.send(Pong(rid=rid, time=time.time()))
+            return 0
+        raise DstoreError(f"unsupported op {request.OP!r}", code="unsupported_op")
+
+
+async def run_storage(config: StorageConfig) -> None:
+    """Run a storage node until SIGTERM/SIGINT, then stop within the grace period."""
+    node = StorageNode(config)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"dstore storage node {node.node_id} listening on {node.addr}", flush=True)
+    await stop.wait()
+    await node.stop()

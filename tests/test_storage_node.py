@@ -1,0 +1,423 @@
+"""A real storage node over real TCP: every operation, bad input, limits, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import struct
+from pathlib import Path
+
+import pytest
+
+from dstore.chunk import checksum, new_chunk_id
+from dstore.errors import (
+    AuthenticationFailed,
+    ChecksumMismatch,
+    ChunkConflict,
+    ChunkCorrupt,
+    ChunkNotFound,
+    DstoreError,
+    InvalidChunkId,
+    NodeUnavailable,
+    OutOfSpace,
+)
+from dstore.protocol import Error, Ping
+from dstore.protocol.codec import decode_payload, encode_frame
+from dstore.protocol.messages import Hello, to_header
+from dstore.rpc.client import NodeClient
+from dstore.storage.chunkstore import HEADER_SIZE
+from dstore.storage.node import StorageNode
+from tests.conftest import SECRET, NodeFactory, chunk_files, tmp_files
+
+
+async def put(client: NodeClient, data: bytes, chunk_id: str | None = None) -> str:
+    chunk_id = chunk_id or new_chunk_id()
+    await client.put_chunk(chunk_id, data, length=len(data), checksum=checksum(data))
+    return chunk_id
+
+
+async def test_put_get_delete_stat_round_trip(node: StorageNode, client: NodeClient) -> None:
+    data = os.urandom(3 * (1 << 20) + 17)
+    chunk_id = await put(client, data)
+    assert await client.get_chunk(chunk_id) == data
+    stat = await client.stat()
+    assert (stat.used, stat.chunks, stat.node_id) == (len(data), 1, node.node_id)
+    assert await client.delete_chunk(chunk_id) is True
+    assert await client.delete_chunk(chunk_id) is False
+    with pytest.raises(ChunkNotFound):
+        await client.get_chunk(chunk_id)
+    stat = await client.stat()
+    assert (stat.used, stat.chunks) == (0, 0)
+    assert chunk_files(node.config.data_dir) == []
+
+
+async def test_empty_chunk(client: NodeClient) -> None:
+    chunk_id = await put(client, b"")
+    assert await client.get_chunk(chunk_id) == b""
+
+
+async def test_ranges_of_a_chunk(client: NodeClient) -> None:
+    data = os.urandom(2_500_000)
+    chunk_id = await put(client, data)
+    rng = random.Random(7)
+    cases = [
+        (0, None),
+        (0, 1),
+        (len(data) - 1, None),
+        (len(data), None),
+        (1 << 20, 1 << 20),
+        (123, 10**9),
+    ]
+    cases += [(rng.randrange(len(data)), rng.randrange(1, 1 << 21)) for _ in range(20)]
+    for offset, length in cases:
+        expected = data[offset:] if length is None else data[offset : offset + length]
+        assert await client.get_chunk(chunk_id, offset=offset, length=length) == expected
+    with pytest.raises(DstoreError) as info:
+        await client.get_chunk(chunk_id, offset=len(data) + 1)
+    assert info.value.code == "bad_range"
+
+
+async def test_streamed_get_yields_pieces_without_whole_copy(client: NodeClient) -> None:
+    data = os.urandom(5 << 20)
+    chunk_id = await put(client, data)
+    async with client.open_chunk(chunk_id) as body:
+        assert (body.length, body.size, body.checksum) == (len(data), len(data), checksum(data))
+        sizes = [len(piece) async for piece in body]
+    assert sum(sizes) == len(data) and max(sizes) <= 1 << 20
+
+
+async def test_streamed_put_from_async_iterable(client: NodeClient) -> None:
+    data = os.urandom(3_000_001)
+
+    async def pieces():  # type: ignore[no-untyped-def]
+        for start in range(0, len(data), 65_536):
+            yield data[start : start + 65_536]
+
+    chunk_id = new_chunk_id()
+    assert await client.put_chunk(chunk_id, pieces(), length=len(data), checksum=checksum(data))
+    assert await client.get_chunk(chunk_id) == data
+
+
+async def test_list_chunks_paginates_in_id_order(node: StorageNode, client: NodeClient) -> None:
+    ids = sorted([await put(client, os.urandom(i + 1)) for i in range(23)])
+    seen: list[str] = []
+    after = ""
+    while True:
+        page = await client.list_chunks(after=after, limit=5)
+        assert len(page.chunks) <= 5
+        seen += [row[0] for row in page.chunks]
+        for chunk_id, size, mtime in page.chunks:
+            assert size == ids.index(chunk_id) + 1 or size >= 1
+            assert mtime > 0
+        if page.next is None:
+            break
+        after = page.next
+    assert seen == ids
+    sizes = {row[0]: row[1] for row in (await client.list_chunks(limit=100)).chunks}
+    assert sum(sizes.values()) == (await client.stat()).used
+
+
+async def test_many_concurrent_puts_and_gets(node: StorageNode) -> None:
+    rng = random.Random(42)
+    blobs = {new_chunk_id(): rng.randbytes(rng.randrange(0, 600_000)) for _ in range(60)}
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode(), max_connections=6) as c:
+        await asyncio.gather(*(put(c, data, cid) for cid, data in blobs.items()))
+        results = await asyncio.gather(*(c.get_chunk(cid) for cid in blobs))
+        assert results == list(blobs.values())
+        stat = await c.stat()
+    assert stat.chunks == len(blobs) and stat.used == sum(map(len, blobs.values()))
+
+
+async def test_wrong_checksum_is_refused_and_nothing_kept(
+    node: StorageNode, client: NodeClient
+) -> None:
+    data = os.urandom(1_500_000)
+    chunk_id = new_chunk_id()
+    with pytest.raises(ChecksumMismatch):
+        await client.put_chunk(chunk_id, data, length=len(data), checksum=checksum(b"other"))
+    assert chunk_files(node.config.data_dir) == []
+    assert tmp_files(node.config.data_dir) == []
+    assert (await client.stat()).used == 0
+    with pytest.raises(ChunkNotFound):
+        await client.get_chunk(chunk_id)
+    assert await client.get_chunk(await put(client, b"still works")) == b"still works"
+
+
+async def test_same_chunk_twice_is_idempotent_and_conflicts_are_refused(client: NodeClient) -> None:
+    chunk_id = await put(client, b"first")
+    assert (
+        await client.put_chunk(chunk_id, b"first", length=5, checksum=checksum(b"first")) is False
+    )
+    with pytest.raises(ChunkConflict):
+        await client.put_chunk(chunk_id, b"other", length=5, checksum=checksum(b"other"))
+    assert await client.get_chunk(chunk_id) == b"first"
+    assert (await client.stat()).used == 5
+
+
+async def test_concurrent_puts_of_one_id_store_it_once(client: NodeClient) -> None:
+    data = os.urandom(800_000)
+    chunk_id = new_chunk_id()
+    created = await asyncio.gather(
+        *(
+            client.put_chunk(chunk_id, data, length=len(data), checksum=checksum(data))
+            for _ in range(5)
+        )
+    )
+    assert sorted(created) == [False, False, False, False, True]
+    stat = await client.stat()
+    assert (stat.chunks, stat.used) == (1, len(data))
+
+
+async def test_capacity_is_enforced_before_any_byte_is_kept(start_node: NodeFactory) -> None:
+    node = await start_node(capacity=1_000_000)
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as c:
+        await put(c, os.urandom(600_000))
+        with pytest.raises(OutOfSpace):
+            await put(c, os.urandom(600_000))
+        assert len(chunk_files(node.config.data_dir)) == 1
+        assert tmp_files(node.config.data_dir) == []
+        stat = await c.stat()
+        assert (stat.used, stat.reserved, stat.capacity) == (600_000, 0, 1_000_000)
+        await put(c, os.urandom(400_000))  # exactly full is fine
+
+
+async def test_concurrent_puts_never_overfill_a_node(start_node: NodeFactory) -> None:
+    node = await start_node(capacity=2_000_000)
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode(), max_connections=10) as c:
+        results = await asyncio.gather(
+            *(put(c, os.urandom(300_000)) for _ in range(10)), return_exceptions=True
+        )
+        stored = [r for r in results if isinstance(r, str)]
+        assert len(stored) == 6
+        assert all(isinstance(r, OutOfSpace) for r in results if not isinstance(r, str))
+        assert (await c.stat()).used == 1_800_000
+
+
+async def test_full_disk_is_out_of_space_and_leaves_no_temp(
+    node: StorageNode, client: NodeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dstore.storage.chunkstore as chunkstore
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(chunkstore, "_fsync", chunkstore.aiofiles.os.wrap(full))
+    with pytest.raises(OutOfSpace):
+        await put(client, os.urandom(100_000))
+    assert tmp_files(node.config.data_dir) == [] and chunk_files(node.config.data_dir) == []
+    assert (await client.stat()).used == 0
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        "../../etc/passwd",
+        "ABCDEF0123456789",
+        "ab",
+        "",
+        "a" * 129,
+        "0123456789abcdef/..",
+        "0123456789abcdeg",
+    ],
+)
+async def test_invalid_chunk_ids_never_become_paths(
+    node: StorageNode, client: NodeClient, bad_id: str
+) -> None:
+    with pytest.raises(InvalidChunkId):
+        await client.put_chunk(bad_id, b"x", length=1, checksum=checksum(b"x"))
+    with pytest.raises(InvalidChunkId):
+        await client.get_chunk(bad_id)
+    with pytest.raises(InvalidChunkId):
+        await client.delete_chunk(bad_id)
+    assert chunk_files(node.config.data_dir) == []
+
+
+async def test_corrupt_chunk_is_reported_never_served(
+    node: StorageNode, client: NodeClient
+) -> None:
+    data = os.urandom(2_000_000)
+    chunk_id = await put(client, data)
+    (path,) = chunk_files(node.config.data_dir)
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_SIZE + 1_500_000] ^= 0x40
+    path.write_bytes(raw)
+    with pytest.raises(ChunkCorrupt):
+        await client.get_chunk(chunk_id)
+    with pytest.raises(ChunkCorrupt):
+        await client.get_chunk(chunk_id, offset=0, length=10)  # the range is fine, the chunk not
+    with pytest.raises(ChunkCorrupt):
+        async with client.open_chunk(chunk_id) as body:
+            async for _ in body:
+                pass
+    assert await client.ping() >= 0  # and the connection pool is still healthy
+
+
+async def test_truncated_chunk_file_is_corrupt(node: StorageNode, client: NodeClient) -> None:
+    chunk_id = await put(client, os.urandom(100_000))
+    (path,) = chunk_files(node.config.data_dir)
+    with path.open("r+b") as f:
+        f.truncate(HEADER_SIZE + 50_000)
+    with pytest.raises(ChunkCorrupt):
+        await client.get_chunk(chunk_id)
+
+
+async def test_wrong_secret_gets_nothing_done(node: StorageNode) -> None:
+    async with NodeClient("127.0.0.1", node.port, b"not-the-secret") as c:
+        with pytest.raises(AuthenticationFailed):
+            await c.ping()
+
+
+async def _raw(node: StorageNode) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", node.port)
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> object:
+    (size,) = struct.unpack(">I", await reader.readexactly(4))
+    return decode_payload(await reader.readexactly(size))
+
+
+async def test_unauthenticated_connection_can_do_nothing(
+    node: StorageNode, client: NodeClient
+) -> None:
+    data = b"secret data"
+    chunk_id = await put(client, data)
+    for request in (
+        to_header(Ping(rid=1)),
+        {"op": "get", "rid": 1, "chunk_id": chunk_id},
+        {"op": "delete", "rid": 1, "chunk_id": chunk_id},
+    ):
+        reader, writer = await _raw(node)
+        writer.write(encode_frame(request))
+        reply = await asyncio.wait_for(_read_frame(reader), 5)
+        assert isinstance(reply, dict) and reply["op"] == "error" and reply["code"] == "auth_failed"
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed
+        writer.close()
+    # hello, then a request without auth
+    reader, writer = await _raw(node)
+    writer.write(encode_frame(to_header(Hello(nonce=b"\1" * 32))))
+    challenge = await _read_frame(reader)
+    assert isinstance(challenge, dict) and challenge["op"] == "challenge"
+    writer.write(encode_frame({"op": "auth", "proof": b"\0" * 32}))
+    reply = await _read_frame(reader)
+    assert isinstance(reply, dict) and reply["code"] == "auth_failed"
+    writer.close()
+    assert await client.get_chunk(chunk_id) == data
+
+
+async def test_garbage_closes_that_connection_only(node: StorageNode, client: NodeClient) -> None:
+    data = os.urandom(4 << 20)
+    chunk_id = await put(client, data)
+    rng = random.Random(99)
+
+    async def hostile(i: int) -> None:
+        reader, writer = await _raw(node)
+        writer.write(rng.randbytes(rng.randrange(1, 5000)) if i % 2 else b"\xff\xff\xff\xff")
+        try:
+            await asyncio.wait_for(reader.read(), 5)  # the node closes, maybe after an error
+        except ConnectionResetError:
+            pass
+        writer.close()
+
+    async def reads() -> list[bytes]:
+        return [await client.get_chunk(chunk_id) for _ in range(5)]
+
+    results, *_ = await asyncio.gather(reads(), *(hostile(i) for i in range(20)))
+    assert all(r == data for r in results)
+    reader, writer = await _raw(node)
+    writer.write(b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1")
+    reply = await asyncio.wait_for(_read_frame(reader), 5)
+    assert isinstance(reply, dict) and reply["op"] == "error" and reply["code"] == "protocol_error"
+    writer.close()
+    assert (await client.stat()).chunks == 1
+
+
+async def test_client_gone_mid_body_leaves_nothing(node: StorageNode, client: NodeClient) -> None:
+    c = NodeClient("127.0.0.1", node.port, SECRET.encode())
+    stream = await c._connect()  # a raw authenticated connection, then a cut body
+    from dstore.protocol import PutChunk
+
+    await stream.send(
+        PutChunk(rid=1, chunk_id=new_chunk_id(), length=3_000_000, checksum=b"\0" * 16), flush=False
+    )
+    await stream.send_body(os.urandom(1_000_000))
+    await stream.flush()
+    await asyncio.sleep(0.2)
+    await stream.aclose()
+    for _ in range(100):
+        if not tmp_files(node.config.data_dir):
+            break
+        await asyncio.sleep(0.05)
+    assert tmp_files(node.config.data_dir) == [] and chunk_files(node.config.data_dir) == []
+    assert (await client.stat()).reserved == 0
+
+
+async def test_restart_keeps_chunks_and_counts_them_without_rereading(
+    start_node: NodeFactory, tmp_path: Path
+) -> None:
+    node = await start_node("restart")
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as c:
+        ids = [await put(c, os.urandom(10_000 * (i + 1))) for i in range(5)]
+    node_id = node.node_id
+    await node.stop()
+    (tmp_path / "restart" / "tmp" / "leftover.tmp").write_bytes(b"partial")
+    again = await start_node("restart")
+    assert again.node_id == node_id
+    assert tmp_files(again.config.data_dir) == []
+    async with NodeClient("127.0.0.1", again.port, SECRET.encode()) as c:
+        stat = await c.stat()
+        assert (stat.chunks, stat.used) == (5, sum(10_000 * (i + 1) for i in range(5)))
+        assert len(await c.get_chunk(ids[2])) == 30_000
+
+
+async def test_silent_node_times_out() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accept bytes, never answer
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with NodeClient(
+        "127.0.0.1", port, SECRET.encode(), connect_timeout=0.3, io_timeout=0.3
+    ) as c:
+        with pytest.raises(NodeUnavailable, match="timed out"):
+            await c.ping()
+    server.close()
+
+
+async def test_refused_connection_is_node_unavailable() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    async with NodeClient("127.0.0.1", port, SECRET.encode()) as c:
+        with pytest.raises(NodeUnavailable):
+            await c.ping()
+
+
+async def test_client_reconnects_after_node_restart(start_node: NodeFactory) -> None:
+    node = await start_node("bounce")
+    port = node.port
+    c = NodeClient("127.0.0.1", port, SECRET.encode())
+    chunk_id = await put(c, b"persisted")
+    await node.stop()
+    with pytest.raises(NodeUnavailable):
+        await c.ping()
+    await start_node("bounce", port=port)
+    assert await c.get_chunk(chunk_id) == b"persisted"
+    assert "0/8 connections busy" in repr(c)
+    await c.aclose()
+
+
+async def test_pool_is_bounded(node: StorageNode) -> None:
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode(), max_connections=3) as c:
+        await asyncio.gather(*(c.ping() for _ in range(30)))
+        assert len(c._idle) <= 3
+
+
+async def test_error_reply_is_an_error_frame(node: StorageNode) -> None:
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as c:
+        with pytest.raises(ChunkNotFound) as info:
+            await c.get_chunk(new_chunk_id())
+        assert info.value.code == "chunk_not_found"
+    assert Error.OP == "error"
