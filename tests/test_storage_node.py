@@ -200,12 +200,14 @@ async def test_full_disk_is_out_of_space_and_leaves_no_temp(
 ) -> None:
     import dstore.storage.chunkstore as chunkstore
 
-    def full(fd: int) -> None:
+    def full(fd: int, pieces: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(chunkstore, "_fsync", chunkstore.aiofiles.os.wrap(full))
+    monkeypatch.setattr(chunkstore, "_write_all", full)
     with pytest.raises(OutOfSpace):
         await put(client, os.urandom(100_000))
+    with pytest.raises(OutOfSpace):
+        await put(client, os.urandom(9 << 20))  # fails mid-body, not only at the end
     assert tmp_files(node.config.data_dir) == [] and chunk_files(node.config.data_dir) == []
     assert (await client.stat()).used == 0
 

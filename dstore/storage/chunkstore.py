@@ -1,8 +1,10 @@
-"""Chunks on disk: atomic, verified, capacity-bounded. The only code that touches aiofiles.
+"""Chunks on disk: atomic, verified, capacity-bounded. The only code that touches disk;
+blocking calls run in the default executor, batched so a chunk costs few thread hops.
 
 Layout under the data dir::
 
-    chunks/ab/cd/abcd…   one file per chunk: a 32-byte header, then the chunk's bytes
+    chunks/ab/ab…        one file per chunk in 256 fan-out folders made at start: a
+                         32-byte header, then the chunk's bytes
     tmp/                 writes in progress (removed at start: a crash leaves nothing visible)
 
 Header: magic ``DSCK``, format version (u16), flags (u16), length (u64), xxh3-128 (16 bytes).
@@ -22,10 +24,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import aiofiles
-import aiofiles.os
 import structlog
 
 from dstore.chunk import CHECKSUM_SIZE, Hasher, is_valid_chunk_id
@@ -45,9 +44,9 @@ HEADER = struct.Struct(">4sHHQ16s")
 HEADER_SIZE = HEADER.size
 MAGIC = b"DSCK"
 FORMAT_VERSION = 1
-IO_SIZE = 1 << 20
-
-_fsync = aiofiles.os.wrap(os.fsync)
+WRITE_SIZE = 4 << 20  # body bytes gathered per worker-thread write
+READ_SIZE = 4 << 20  # bytes read and hashed per worker-thread hop (hops are costly)
+SEND_SIZE = 1 << 20  # pieces handed to the network
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +80,61 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_fsync_dir_async = aiofiles.os.wrap(_fsync_dir)
+def _create(tmp: Path, header: bytes) -> int:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, [header])
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_all(fd: int, pieces: list[bytes | memoryview]) -> None:
+    views = [memoryview(p).cast("B") for p in pieces if len(p)]
+    while views:
+        written = os.writev(fd, views[:1024])
+        while written and views:
+            if written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+def _finish(fd: int, pieces: list[bytes | memoryview], tmp: Path, path: Path) -> None:
+    """Write the last pieces, make the chunk durable and visible under its name."""
+    try:
+        _write_all(fd, pieces)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    parent = path.parent
+    os.rename(tmp, path)
+    try:
+        _fsync_dir(parent)
+    except BaseException:
+        os.unlink(path)  # not known durable: not acknowledged, not kept
+        raise
+
+
+def _unlink_chunk(path: Path) -> int | None:
+    """Remove a chunk durably; its size, or None if it was not there."""
+    try:
+        size = max(os.stat(path).st_size - HEADER_SIZE, 0)
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    _fsync_dir(path.parent)
+    return size
+
+
+def _abandon(fd: int, tmp: Path) -> None:
+    if fd >= 0:
+        os.close(fd)
+    with suppress(FileNotFoundError):
+        os.unlink(tmp)
 
 
 class ChunkStore:
@@ -121,6 +174,15 @@ class ChunkStore:
     def _open_sync(self) -> None:
         self.chunk_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        made = False
+        for i in range(256):
+            folder = self.chunk_dir / f"{i:02x}"
+            if not folder.is_dir():
+                folder.mkdir()
+                made = True
+        if made:
+            _fsync_dir(self.chunk_dir)
+            _fsync_dir(self.root)
         probe = self.tmp_dir / f".probe-{secrets.token_hex(4)}"
         probe.write_bytes(b"")  # fail now, clearly, if the data dir is not writable
         probe.unlink()
@@ -144,7 +206,7 @@ class ChunkStore:
     def path_of(self, chunk_id: str) -> Path:
         if not is_valid_chunk_id(chunk_id):
             raise InvalidChunkId(f"invalid chunk id {chunk_id!r}")
-        return self.chunk_dir / chunk_id[:2] / chunk_id[2:4] / chunk_id
+        return self.chunk_dir / chunk_id[:2] / chunk_id
 
     @asynccontextmanager
     async def _locked(self, chunk_id: str) -> AsyncIterator[None]:
@@ -180,7 +242,7 @@ class ChunkStore:
         if length < 0 or len(checksum) != CHECKSUM_SIZE:
             raise DstoreError("bad chunk length or checksum size", code="bad_request")
         async with self._locked(chunk_id):
-            existing = await self._read_header(path)
+            existing = await asyncio.to_thread(self._read_header, path)
             if existing is not None:
                 await self._drain_verified(pieces, checksum)
                 if existing != (length, checksum):
@@ -208,49 +270,40 @@ class ChunkStore:
         checksum: bytes,
         pieces: AsyncIterable[bytes | memoryview],
     ) -> None:
+        """Temp file → fsync → rename → fsync folder, in as few worker-thread hops as
+        possible: one to create, one per ``WRITE_SIZE`` of body, one to finish. Received
+        pieces are gathered (not copied) and written with ``writev``."""
         tmp = self.tmp_dir / f"{chunk_id}.{secrets.token_hex(4)}.tmp"
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, length, checksum)
         hasher = Hasher()
         received = 0
-        buffer = bytearray()
+        gathered: list[bytes | memoryview] = []
+        gathered_size = 0
+        fd = -1
         try:
-            async with aiofiles.open(tmp, "wb", buffering=0) as f:
-                await f.write(HEADER.pack(MAGIC, FORMAT_VERSION, 0, length, checksum))
-                async for piece in pieces:
-                    hasher.update(piece)
-                    received += len(piece)
-                    buffer += piece
-                    if len(buffer) >= IO_SIZE:
-                        await f.write(buffer)
-                        buffer.clear()
-                if buffer:
-                    await f.write(buffer)
-                if received != length:
-                    raise DstoreError(f"body had {received} bytes, {length} announced")
-                if hasher.digest() != checksum:
-                    raise ChecksumMismatch(f"chunk {chunk_id}: body does not match its checksum")
-                await _fsync(f.fileno())
-            await self._install(tmp, path)
+            fd = await asyncio.to_thread(_create, tmp, header)
+            async for piece in pieces:
+                hasher.update(piece)
+                received += len(piece)
+                gathered.append(piece)
+                gathered_size += len(piece)
+                if gathered_size >= WRITE_SIZE:
+                    await asyncio.to_thread(_write_all, fd, gathered)
+                    gathered, gathered_size = [], 0
+            if received != length:
+                raise DstoreError(f"body had {received} bytes, {length} announced")
+            if hasher.digest() != checksum:
+                raise ChecksumMismatch(f"chunk {chunk_id}: body does not match its checksum")
+            closing, fd = fd, -1  # _finish closes it, whatever happens
+            await asyncio.to_thread(_finish, closing, gathered, tmp, path)
         except OSError as exc:
-            await self._discard(tmp)
+            await asyncio.to_thread(_abandon, fd, tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfSpace(f"disk full while writing chunk {chunk_id}") from exc
             raise
         except BaseException:
-            await self._discard(tmp)
+            await asyncio.to_thread(_abandon, fd, tmp)
             raise
-
-    async def _install(self, tmp: Path, path: Path) -> None:
-        parent = path.parent
-        if not await aiofiles.os.path.isdir(parent):
-            await aiofiles.os.makedirs(parent, exist_ok=True)
-            await _fsync_dir_async(parent.parent)
-            await _fsync_dir_async(parent.parent.parent)
-        await aiofiles.os.rename(tmp, path)
-        await _fsync_dir_async(parent)
-
-    async def _discard(self, tmp: Path) -> None:
-        with suppress(FileNotFoundError):
-            await aiofiles.os.remove(tmp)
 
     @staticmethod
     async def _drain_verified(pieces: AsyncIterable[bytes | memoryview], checksum: bytes) -> None:
@@ -260,10 +313,10 @@ class ChunkStore:
         if hasher.digest() != checksum:
             raise ChecksumMismatch("body does not match its checksum")
 
-    async def _read_header(self, path: Path) -> tuple[int, bytes] | None:
+    def _read_header(self, path: Path) -> tuple[int, bytes] | None:
         try:
-            async with aiofiles.open(path, "rb") as f:
-                raw = await f.read(HEADER_SIZE)
+            with open(path, "rb") as f:
+                raw = f.read(HEADER_SIZE)
         except FileNotFoundError:
             return None
         return self._parse_header(raw, path)
@@ -286,38 +339,44 @@ class ChunkStore:
         """Open a chunk for streaming ``[offset, offset+length)``; the whole chunk is hashed
         while streaming and a mismatch raises ``ChunkCorrupt`` after the last piece."""
         path = self.path_of(chunk_id)
+        fd, size, checksum = await asyncio.to_thread(self._open_for_read, path)
         try:
-            f = await aiofiles.open(path, "rb", buffering=0)
-        except FileNotFoundError as exc:
-            raise ChunkNotFound(f"chunk {chunk_id} not found") from exc
-        try:
-            size, checksum = self._parse_header(await f.read(HEADER_SIZE), path)
-            file_size = (await aiofiles.os.stat(path)).st_size
-            if file_size != HEADER_SIZE + size:
-                raise ChunkCorrupt(
-                    f"chunk {chunk_id}: {file_size - HEADER_SIZE} bytes on disk, header says {size}"
-                )
             if offset < 0 or offset > size or (length is not None and length < 0):
                 raise DstoreError(
                     f"range {offset}+{length} outside chunk of {size}", code="bad_range"
                 )
             span = size - offset if length is None else min(length, size - offset)
-            yield ChunkReader(f, chunk_id, size, checksum, offset, span)
+            yield ChunkReader(fd, chunk_id, size, checksum, offset, span)
         finally:
-            await f.close()
+            os.close(fd)
+
+    def _open_for_read(self, path: Path) -> tuple[int, int, bytes]:
+        """Open, parse the header and check the file's length in one worker-thread hop."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise ChunkNotFound(f"chunk {path.name} not found") from exc
+        try:
+            size, checksum = self._parse_header(os.pread(fd, HEADER_SIZE, 0), path)
+            on_disk = os.fstat(fd).st_size - HEADER_SIZE
+            if on_disk != size:
+                raise ChunkCorrupt(
+                    f"chunk {path.name}: {on_disk} bytes on disk, header says {size}"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, size, checksum
 
     # --- deletes and listing --------------------------------------------------------------
 
     async def delete(self, chunk_id: str) -> bool:
         path = self.path_of(chunk_id)
         async with self._locked(chunk_id):
-            try:
-                size = (await aiofiles.os.stat(path)).st_size - HEADER_SIZE
-                await aiofiles.os.remove(path)
-            except FileNotFoundError:
+            size = await asyncio.to_thread(_unlink_chunk, path)
+            if size is None:
                 return False
-            await _fsync_dir_async(path.parent)
-            self.used -= max(size, 0)
+            self.used -= size
             self.count -= 1
             return True
 
@@ -337,20 +396,18 @@ class ChunkStore:
     def _walk(self, after: str) -> Iterator[ChunkInfo]:
         """Chunk files in id order (the fan-out folders are id prefixes), after ``after``."""
         for top in _sorted_dirs(self.chunk_dir, after[:2]):
-            for mid in _sorted_dirs(self.chunk_dir / top, after[2:4] if top == after[:2] else ""):
-                folder = self.chunk_dir / top / mid
+            try:
+                entries = sorted(os.scandir(self.chunk_dir / top), key=lambda e: e.name)
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.name <= after or not is_valid_chunk_id(entry.name):
+                    continue
                 try:
-                    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+                    st = entry.stat()
                 except FileNotFoundError:
                     continue
-                for entry in entries:
-                    if entry.name <= after or not is_valid_chunk_id(entry.name):
-                        continue
-                    try:
-                        st = entry.stat()
-                    except FileNotFoundError:
-                        continue
-                    yield ChunkInfo(entry.name, max(st.st_size - HEADER_SIZE, 0), st.st_mtime)
+                yield ChunkInfo(entry.name, max(st.st_size - HEADER_SIZE, 0), st.st_mtime)
 
 
 def _sorted_dirs(folder: Path, start: str) -> list[str]:
@@ -365,14 +422,14 @@ class ChunkReader:
     """One open chunk being streamed."""
 
     def __init__(
-        self, f: Any, chunk_id: str, size: int, checksum: bytes, offset: int, length: int
+        self, fd: int, chunk_id: str, size: int, checksum: bytes, offset: int, length: int
     ) -> None:
         self.chunk_id = chunk_id
         self.size = size
         self.checksum = checksum
         self.offset = offset
         self.length = length
-        self._f = f
+        self._fd = fd
 
     def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
         return self._pieces()
@@ -381,14 +438,37 @@ class ChunkReader:
         hasher = Hasher()
         pos = 0
         start, end = self.offset, self.offset + self.length
-        while pos < self.size:
-            data: bytes = await self._f.read(min(IO_SIZE, self.size - pos))
-            if not data:
-                break
+        fd = self._fd
+
+        def read_and_hash(at: int, n: int) -> bytes:
+            data = os.pread(fd, n, at)
             hasher.update(data)
-            lo, hi = max(start - pos, 0), min(end - pos, len(data))
-            if lo < hi:
-                yield data if (lo, hi) == (0, len(data)) else memoryview(data)[lo:hi]
-            pos += len(data)
+            return data
+
+        def read_at(at: int) -> asyncio.Future[bytes]:
+            # one worker-thread hop per piece does the read and the hashing, off the loop
+            n = min(READ_SIZE, self.size - at)
+            return asyncio.ensure_future(asyncio.to_thread(read_and_hash, HEADER_SIZE + at, n))
+
+        pending = read_at(0) if self.size else None
+        try:
+            while pending is not None:
+                data = await pending
+                pending = None
+                if not data:
+                    break
+                at = pos
+                pos += len(data)
+                if pos < self.size:
+                    pending = read_at(pos)  # read ahead while this piece goes out
+                lo, hi = max(start - at, 0), min(end - at, len(data))
+                view = memoryview(data)
+                for piece in range(lo, hi, SEND_SIZE):
+                    yield view[piece : min(piece + SEND_SIZE, hi)]
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with suppress(asyncio.CancelledError, OSError):
+                    await pending
         if pos != self.size or hasher.digest() != self.checksum:
             raise ChunkCorrupt(f"chunk {self.chunk_id} failed its checksum")

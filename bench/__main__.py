@@ -1,0 +1,19 @@
+"""Run every benchmark: ``python -m bench [name ...]``."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+
+BENCHES = ["protocol"]
+
+
+def main() -> None:
+    names = sys.argv[1:] or BENCHES
+    for name in names:
+        module = importlib.import_module(f"bench.{name}")
+        asyncio.run(module.main())
+
+
+main()
