@@ -157,9 +157,8 @@ async def main() -> None:
     mb = 1e6
     ceiling = min(raw_up, disk)
     print(f"protocol: {TOTAL >> 20} MiB in {CHUNK >> 20} MiB chunks, one node, median of {ROUNDS}")
-    print(
-        f"  raw asyncio streams   upload {raw_up / mb:6.0f} MB/s   download {raw_down / mb:6.0f} MB/s"
-    )
+    print(f"  raw asyncio streams   upload {raw_up / mb:6.0f} MB/s", end="")
+    print(f"   download {raw_down / mb:6.0f} MB/s")
     print(f"  disk write+fsync+rename      {disk / mb:6.0f} MB/s")
     for depth, (put, get) in results.items():
         print(
