@@ -423,3 +423,14 @@ async def test_error_reply_is_an_error_frame(node: StorageNode) -> None:
             await c.get_chunk(new_chunk_id())
         assert info.value.code == "chunk_not_found"
     assert Error.OP == "error"
+
+
+async def test_identical_reput_on_a_full_node_succeeds(start_node: NodeFactory) -> None:
+    node = await start_node(capacity=100_000)
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as c:
+        data = os.urandom(100_000)
+        chunk_id = await put(c, data)
+        assert await c.put_chunk(chunk_id, data, length=len(data), checksum=checksum(data)) is False
+        with pytest.raises(OutOfSpace):
+            await put(c, b"x")
+        assert (await c.stat()).used == 100_000

@@ -242,25 +242,22 @@ class ChunkStore:
         if length < 0 or len(checksum) != CHECKSUM_SIZE:
             raise DstoreError("bad chunk length or checksum size", code="bad_request")
         async with self._locked(chunk_id):
-            existing = await asyncio.to_thread(self._read_header, path)
-            if existing is not None:
-                await self._drain_verified(pieces, checksum)
-                if existing != (length, checksum):
-                    raise ChunkConflict(f"chunk {chunk_id} exists with other content")
-                return False
-            if self.used + self.reserved + length > self.capacity:
+            no_room = self.used + self.reserved + length > self.capacity
+            # (a re-put of a chunk already stored needs no room: _write_new finds it)
+            if no_room and not await asyncio.to_thread(path.exists):
                 raise OutOfSpace(
                     f"{length} bytes do not fit: {self.used} used, {self.reserved} reserved"
                     f" of {self.capacity}"
                 )
             self.reserved += length
             try:
-                await self._write_new(path, chunk_id, length, checksum, pieces)
+                created = await self._write_new(path, chunk_id, length, checksum, pieces)
             finally:
                 self.reserved -= length
-            self.used += length
-            self.count += 1
-            return True
+            if created:
+                self.used += length
+                self.count += 1
+            return created
 
     async def _write_new(
         self,
@@ -269,10 +266,11 @@ class ChunkStore:
         length: int,
         checksum: bytes,
         pieces: AsyncIterable[bytes | memoryview],
-    ) -> None:
+    ) -> bool:
         """Temp file → fsync → rename → fsync folder, in as few worker-thread hops as
-        possible: one to create, one per ``WRITE_SIZE`` of body, one to finish. Received
-        pieces are gathered (not copied) and written with ``writev``."""
+        possible: one to check for the chunk and create the temp file, one per
+        ``WRITE_SIZE`` of body, one to finish. Received pieces are gathered (not copied)
+        and written with ``writev``. False if an identical chunk was already stored."""
         tmp = self.tmp_dir / f"{chunk_id}.{secrets.token_hex(4)}.tmp"
         header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, length, checksum)
         hasher = Hasher()
@@ -281,7 +279,12 @@ class ChunkStore:
         gathered_size = 0
         fd = -1
         try:
-            fd = await asyncio.to_thread(_create, tmp, header)
+            existing, fd = await asyncio.to_thread(self._begin, path, tmp, header)
+            if existing is not None:
+                await self._drain_verified(pieces, checksum)
+                if existing != (length, checksum):
+                    raise ChunkConflict(f"chunk {chunk_id} exists with other content")
+                return False
             async for piece in pieces:
                 hasher.update(piece)
                 received += len(piece)
@@ -296,6 +299,7 @@ class ChunkStore:
                 raise ChecksumMismatch(f"chunk {chunk_id}: body does not match its checksum")
             closing, fd = fd, -1  # _finish closes it, whatever happens
             await asyncio.to_thread(_finish, closing, gathered, tmp, path)
+            return True
         except OSError as exc:
             await asyncio.to_thread(_abandon, fd, tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -313,13 +317,13 @@ class ChunkStore:
         if hasher.digest() != checksum:
             raise ChecksumMismatch("body does not match its checksum")
 
-    def _read_header(self, path: Path) -> tuple[int, bytes] | None:
+    def _begin(self, path: Path, tmp: Path, header: bytes) -> tuple[tuple[int, bytes] | None, int]:
+        """The stored chunk's (length, checksum) if there is one, else a new temp file."""
         try:
             with open(path, "rb") as f:
-                raw = f.read(HEADER_SIZE)
+                return self._parse_header(f.read(HEADER_SIZE), path), -1
         except FileNotFoundError:
-            return None
-        return self._parse_header(raw, path)
+            return None, _create(tmp, header)
 
     @staticmethod
     def _parse_header(raw: bytes, path: Path) -> tuple[int, bytes]:
@@ -338,35 +342,21 @@ class ChunkStore:
     ) -> AsyncIterator[ChunkReader]:
         """Open a chunk for streaming ``[offset, offset+length)``; the whole chunk is hashed
         while streaming and a mismatch raises ``ChunkCorrupt`` after the last piece."""
-        path = self.path_of(chunk_id)
-        fd, size, checksum = await asyncio.to_thread(self._open_for_read, path)
+        if offset < 0 or (length is not None and length < 0):
+            raise DstoreError(f"bad range {offset}+{length}", code="bad_range")
+        reader = await asyncio.to_thread(ChunkReader.open, self.path_of(chunk_id), chunk_id)
         try:
-            if offset < 0 or offset > size or (length is not None and length < 0):
+            if offset > reader.size:
                 raise DstoreError(
-                    f"range {offset}+{length} outside chunk of {size}", code="bad_range"
+                    f"offset {offset} beyond chunk of {reader.size}", code="bad_range"
                 )
-            span = size - offset if length is None else min(length, size - offset)
-            yield ChunkReader(fd, chunk_id, size, checksum, offset, span)
+            reader.offset = offset
+            reader.length = (
+                reader.size - offset if length is None else min(length, reader.size - offset)
+            )
+            yield reader
         finally:
-            os.close(fd)
-
-    def _open_for_read(self, path: Path) -> tuple[int, int, bytes]:
-        """Open, parse the header and check the file's length in one worker-thread hop."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError as exc:
-            raise ChunkNotFound(f"chunk {path.name} not found") from exc
-        try:
-            size, checksum = self._parse_header(os.pread(fd, HEADER_SIZE, 0), path)
-            on_disk = os.fstat(fd).st_size - HEADER_SIZE
-            if on_disk != size:
-                raise ChunkCorrupt(
-                    f"chunk {path.name}: {on_disk} bytes on disk, header says {size}"
-                )
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, size, checksum
+            reader.close()
 
     # --- deletes and listing --------------------------------------------------------------
 
@@ -419,56 +409,77 @@ def _sorted_dirs(folder: Path, start: str) -> list[str]:
 
 
 class ChunkReader:
-    """One open chunk being streamed."""
+    """One open chunk being streamed: read and hashed ``READ_SIZE`` at a time in worker
+    threads, one read ahead, handed out in ``SEND_SIZE`` pieces."""
 
-    def __init__(
-        self, fd: int, chunk_id: str, size: int, checksum: bytes, offset: int, length: int
-    ) -> None:
+    def __init__(self, fd: int, chunk_id: str, size: int, checksum: bytes) -> None:
         self.chunk_id = chunk_id
         self.size = size
         self.checksum = checksum
-        self.offset = offset
-        self.length = length
+        self.offset = 0
+        self.length = size
         self._fd = fd
+        self._hasher = Hasher()
+        self._first = b""
+
+    def __repr__(self) -> str:
+        return f"<ChunkReader {self.chunk_id} {self.offset}+{self.length} of {self.size}>"
+
+    @classmethod
+    def open(cls, path: Path, chunk_id: str) -> ChunkReader:
+        """Open, check the header and file length, and read the first piece: for chunks of
+        up to ``READ_SIZE`` this one worker-thread hop is all the disk work of a get."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            raise ChunkNotFound(f"chunk {chunk_id} not found") from exc
+        try:
+            size, checksum = ChunkStore._parse_header(os.pread(fd, HEADER_SIZE, 0), path)
+            on_disk = os.fstat(fd).st_size - HEADER_SIZE
+            if on_disk != size:
+                raise ChunkCorrupt(f"{chunk_id}: {on_disk} bytes on disk, header says {size}")
+            reader = cls(fd, chunk_id, size, checksum)
+            reader._first = reader._read_and_hash(0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return reader
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _read_and_hash(self, at: int) -> bytes:
+        data = os.pread(self._fd, min(READ_SIZE, self.size - at), HEADER_SIZE + at)
+        self._hasher.update(data)
+        return data
 
     def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
         return self._pieces()
 
     async def _pieces(self) -> AsyncIterator[bytes | memoryview]:
-        hasher = Hasher()
-        pos = 0
         start, end = self.offset, self.offset + self.length
-        fd = self._fd
-
-        def read_and_hash(at: int, n: int) -> bytes:
-            data = os.pread(fd, n, at)
-            hasher.update(data)
-            return data
-
-        def read_at(at: int) -> asyncio.Future[bytes]:
-            # one worker-thread hop per piece does the read and the hashing, off the loop
-            n = min(READ_SIZE, self.size - at)
-            return asyncio.ensure_future(asyncio.to_thread(read_and_hash, HEADER_SIZE + at, n))
-
-        pending = read_at(0) if self.size else None
+        pos = 0
+        data: bytes | None = self._first
+        pending: asyncio.Future[bytes] | None = None
         try:
-            while pending is not None:
-                data = await pending
-                pending = None
-                if not data:
-                    break
+            while data:
                 at = pos
                 pos += len(data)
-                if pos < self.size:
-                    pending = read_at(pos)  # read ahead while this piece goes out
+                if pos < self.size:  # read ahead while this piece goes out
+                    pending = asyncio.ensure_future(asyncio.to_thread(self._read_and_hash, pos))
                 lo, hi = max(start - at, 0), min(end - at, len(data))
                 view = memoryview(data)
                 for piece in range(lo, hi, SEND_SIZE):
                     yield view[piece : min(piece + SEND_SIZE, hi)]
+                data = None
+                if pending is not None:
+                    data, pending = await pending, None
         finally:
             if pending is not None:
                 pending.cancel()
                 with suppress(asyncio.CancelledError, OSError):
                     await pending
-        if pos != self.size or hasher.digest() != self.checksum:
+        if pos != self.size or self._hasher.digest() != self.checksum:
             raise ChunkCorrupt(f"chunk {self.chunk_id} failed its checksum")
