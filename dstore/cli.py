@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -13,8 +15,13 @@ from dstore import config as cfg
 from dstore.errors import ConfigError, DstoreError
 from dstore.log import configure as configure_logging
 
+ROLES: dict[str, type[Any]] = {"gateway": cfg.GatewayConfig, "storage": cfg.StorageConfig}
 
-def _add_config_flags(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+
+def _role_parser(role: str) -> argparse.ArgumentParser:
+    cls = ROLES[role]
+    parser = argparse.ArgumentParser(prog=f"dstore serve --role {role}")
+    parser.add_argument("--config", default=None, help="TOML file with settings")
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.metadata.get("many"):
@@ -27,6 +34,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             )
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=f.metadata["help"])
+    return parser
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -35,39 +43,146 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run a server role")
-    serve.add_argument("--role", choices=["storage"], required=True)
-    serve.add_argument("--config", default=None, help="TOML file with settings")
-    _add_config_flags(serve, cfg.StorageConfig)
+    serve = sub.add_parser("serve", help="run a server role (see --role R --help)", add_help=False)
+    serve.add_argument("--role", choices=sorted(ROLES), required=True)
+
+    up = sub.add_parser("up", help="a gateway and N storage nodes on this machine")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--replicas", type=int, default=2)
+    up.add_argument("--port", type=int, default=8080)
+    up.add_argument("--data-dir", default="./data")
+
+    def client_command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--url", default=os.environ.get("DSTORE_URL", "http://127.0.0.1:8080"))
+        p.add_argument("--token", default=os.environ.get("DSTORE_TOKEN"))
+        return p
+
+    put = client_command("put", "upload a file (FILE or - for stdin)")
+    put.add_argument("source")
+    put.add_argument("name", nargs="?")
+    get = client_command("get", "download a file")
+    get.add_argument("name")
+    get.add_argument("-o", "--output", default=None, help="FILE or - for stdout")
+    ls = client_command("ls", "list files")
+    ls.add_argument("prefix", nargs="?", default="")
+    rm = client_command("rm", "delete a file")
+    rm.add_argument("name")
+    stat = client_command("stat", "show a file's metadata")
+    stat.add_argument("name")
+    client_command("cluster", "show the storage nodes")
     return parser
 
 
-def _serve(args: argparse.Namespace) -> int:
-    flags = vars(args)
-    try:
-        config = cfg.load(cfg.StorageConfig, flags, config_file=args.config)
-    except ConfigError as exc:
-        print(f"dstore: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(config.log_format, config.log_level)
-    from dstore.storage.node import run_storage
+def _fail(message: str, code: int = 1) -> int:
+    print(f"dstore: {message}", file=sys.stderr)
+    return code
 
+
+def _serve(role: str, argv: Sequence[str]) -> int:
+    args = _role_parser(role).parse_args(argv)
     try:
-        asyncio.run(run_storage(config))
+        config = cfg.load(ROLES[role], vars(args), config_file=args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    configure_logging(config.log_format, config.log_level)
+    try:
+        if role == "storage":
+            from dstore.storage.node import run_storage
+
+            asyncio.run(run_storage(config))
+        else:
+            from dstore.gateway.app import run_gateway
+
+            asyncio.run(run_gateway(config))
     except DstoreError as exc:
-        print(f"dstore: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
     except OSError as exc:
-        print(f"dstore: cannot start storage node: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot start {role}: {exc.strerror or exc}")
+    return 0
+
+
+async def _client_main(args: argparse.Namespace) -> int:
+    from dstore.client import Client, Progress
+
+    async with Client(args.url, args.token) as client:
+        if args.command == "put":
+            name = args.name or (None if args.source == "-" else os.path.basename(args.source))
+            if not name:
+                return _fail("a NAME is needed when reading from stdin", 2)
+            if args.source == "-":
+                progress = Progress(f"put {name}", None)
+                result = await client.put(name, sys.stdin.buffer, progress=progress)
+            else:
+                with open(args.source, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    progress = Progress(f"put {name}", size)
+                    result = await client.put(name, f, size=size, progress=progress)
+            progress.close()
+            print(json.dumps(result))
+        elif args.command == "get":
+            output = args.output or os.path.basename(args.name) or "download"
+            progress = Progress(f"get {args.name}", None)
+            if output == "-":
+                await client.get(args.name, sys.stdout.buffer, progress=progress)
+                sys.stdout.buffer.flush()
+            else:
+                tmp = f"{output}.dstore-partial"
+                try:
+                    with open(tmp, "wb") as sink:
+                        await client.get(args.name, sink, progress=progress)
+                    os.replace(tmp, output)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            progress.close()
+        elif args.command == "ls":
+            after = ""
+            while True:
+                page = await client.list(args.prefix, after)
+                for f in page["files"]:
+                    print(f"{f['size']:>14}  {f['name']}")
+                if not page["next"]:
+                    break
+                after = page["next"]
+        elif args.command == "rm":
+            await client.delete(args.name)
+        elif args.command == "stat":
+            headers = await client.head(args.name)
+            keep = ("Content-Length", "ETag", "Last-Modified", "Content-Type")
+            print(json.dumps({"name": args.name} | {k: headers.get(k) for k in keep}))
+        elif args.command == "cluster":
+            print(json.dumps(await client.cluster(), indent=2))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        role_parser = argparse.ArgumentParser(prog="dstore serve", add_help=False)
+        role_parser.add_argument("--role", choices=sorted(ROLES), required=True)
+        role_args, rest = role_parser.parse_known_args(argv[1:])
+        return _serve(role_args.role, rest)
     args = _build_parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    return 2
+    if args.command == "up":
+        from dstore.local import run_local_cluster
+
+        try:
+            return asyncio.run(
+                run_local_cluster(args.nodes, args.replicas, args.port, args.data_dir)
+            )
+        except KeyboardInterrupt:
+            return 0
+        except (DstoreError, OSError) as exc:
+            return _fail(str(exc))
+    try:
+        return asyncio.run(_client_main(args))
+    except DstoreError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

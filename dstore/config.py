@@ -141,6 +141,58 @@ class StorageConfig:
             raise ConfigError("capacity must be positive")
 
 
+@dataclass
+class GatewayConfig:
+    listen: str = _opt("127.0.0.1:8080", str, "HTTP address to listen on (host:port)")
+    data_dir: Path = _opt(Path("./data/gateway"), Path, "where the metadata database lives")
+    storage: list[str] = _opt(None, str, "storage node host:port", many=True)
+    replicas: int = _opt(2, int, "copies of every chunk")
+    chunk_size: int = _opt(4 << 20, parse_size, "size of the chunks files are cut into")
+    gc_grace: float = _opt(600.0, parse_duration, "how long unreferenced chunks may linger")
+    cluster_secret: str = _opt("", str, "shared secret between gateway and nodes")
+    window: int = _opt(4, int, "chunks in flight per upload")
+    memory_budget: int = _opt(256 << 20, parse_size, "chunk bytes all uploads may buffer")
+    budget_wait: float = _opt(10.0, parse_duration, "how long an upload waits for memory")
+    max_object_size: int | None = _opt(None, parse_size, "largest file accepted (default none)")
+    lease: float = _opt(60.0, parse_duration, "upload lease, renewed while bytes flow")
+    heartbeat: float = _opt(1.0, parse_duration, "interval of node heartbeats")
+    suspect_after: int = _opt(1, int, "missed heartbeats before a node is suspect")
+    down_after: int = _opt(3, int, "missed heartbeats before a node is down")
+    io_timeout: float = _opt(10.0, parse_duration, "timeout on each read/write to a node")
+    reaper_interval: float = _opt(1.0, parse_duration, "how often dead chunks are reclaimed")
+    grace: float = _opt(10.0, parse_duration, "time to finish in-flight requests on SIGTERM")
+    log_format: str = _opt("auto", str, "auto, json or console")
+    log_level: str = _opt("info", str, "debug, info, warning, error")
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_hostport(self.listen)
+
+    def validate(self) -> None:
+        if self.storage is None:
+            self.storage = []
+        try:
+            host, _ = parse_hostport(self.listen)
+            for addr in self.storage:
+                parse_hostport(addr)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if not self.cluster_secret:
+            raise ConfigError(
+                "cluster secret missing: set --cluster-secret or DSTORE_CLUSTER_SECRET"
+            )
+        if self.replicas < 1:
+            raise ConfigError("replicas must be at least 1")
+        if not 1 <= self.chunk_size <= 256 << 20:
+            raise ConfigError("chunk size must be between 1 byte and 256MiB")
+        if self.window < 1:
+            raise ConfigError("window must be at least 1")
+        if self.memory_budget < self.chunk_size * 2:
+            raise ConfigError("memory budget must hold at least two chunks")
+        if not is_loopback(host):
+            raise ConfigError(f"refusing to listen on non-loopback {host} with authentication off")
+
+
 T = TypeVar("T")
 
 

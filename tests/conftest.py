@@ -142,3 +142,148 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+# --- whole clusters ----------------------------------------------------------------------
+
+import aiohttp  # noqa: E402
+from aiohttp import web  # noqa: E402
+
+from dstore.config import GatewayConfig  # noqa: E402
+from dstore.gateway import keys  # noqa: E402
+from dstore.gateway.app import start_gateway  # noqa: E402
+
+
+class LocalCluster:
+    """N storage nodes and a gateway in this process, on port 0, with an HTTP session."""
+
+    def __init__(self, tmp_path: Path, start_node: NodeFactory) -> None:
+        self.tmp_path = tmp_path
+        self._start_node = start_node
+        self.nodes: list[StorageNode] = []
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.session: aiohttp.ClientSession | None = None
+        self.gateway_settings: dict[str, Any] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def app(self) -> web.Application:
+        assert self.runner is not None
+        return self.runner.app
+
+    async def add_node(self, **overrides: Any) -> StorageNode:
+        node = await self._start_node(f"node{len(self.nodes)}", **overrides)
+        self.nodes.append(node)
+        return node
+
+    async def start_gateway(self, **settings: Any) -> None:
+        self.gateway_settings = {
+            "listen": "127.0.0.1:0",
+            "data_dir": self.tmp_path / "gateway",
+            "storage": [n.addr for n in self.nodes],
+            "cluster_secret": SECRET,
+            "chunk_size": 64 * 1024,
+            "memory_budget": 8 << 20,
+            "heartbeat": 0.2,
+            "gc_grace": 3.0,
+            "reaper_interval": 0.2,
+            "grace": 2.0,
+        } | settings
+        config = GatewayConfig(**self.gateway_settings)
+        config.validate()
+        self.runner, self.port = await start_gateway(config)
+        if self.session is None:
+            self.session = aiohttp.ClientSession()
+
+    async def stop_gateway(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def restart_gateway(self, **settings: Any) -> None:
+        await self.stop_gateway()
+        await self.start_gateway(**(self.gateway_settings | settings))
+
+    async def close(self) -> None:
+        await self.stop_gateway()
+        if self.session is not None:
+            await self.session.close()
+
+    def file_url(self, name: str) -> str:
+        from urllib.parse import quote
+
+        return f"{self.url}/v1/files/{quote(name, safe='')}"
+
+    async def put(self, name: str, data: bytes | Any, **kw: Any) -> aiohttp.ClientResponse:
+        assert self.session is not None
+        async with self.session.put(self.file_url(name), data=data, **kw) as response:
+            await response.read()
+            return response
+
+    async def get(self, name: str, **kw: Any) -> tuple[aiohttp.ClientResponse, bytes]:
+        assert self.session is not None
+        async with self.session.get(self.file_url(name), **kw) as response:
+            return response, await response.read()
+
+    async def wait_reaped(self, timeout: float = 15.0) -> None:
+        """Until every node holds exactly the chunks live versions reference."""
+        meta = self.app[keys.META]
+
+        def expected() -> set[str]:
+            return set()
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            referenced = await live_chunk_ids(meta)
+            stored = {p.name for n in self.nodes for p in chunk_files(n.config.data_dir)}
+            if stored <= referenced and not tmp_leftovers(self.nodes):
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{len(stored - referenced)} unreferenced chunks remain")
+            await asyncio.sleep(0.1)
+
+
+async def live_chunk_ids(meta: Any) -> set[str]:
+    def query(db: Any) -> set[str]:
+        rows = db.execute(
+            "SELECT c.chunk_id FROM chunks c JOIN versions v ON v.id = c.version_id"
+            " WHERE v.state = 'live'"
+        ).fetchall()
+        return {row[0] for row in rows}
+
+    result: set[str] = await meta._run(meta._tx, query)
+    return result
+
+
+def tmp_leftovers(nodes: list[StorageNode]) -> list[Path]:
+    return [p for n in nodes for p in tmp_files(n.config.data_dir)]
+
+
+@pytest.fixture
+async def make_cluster(
+    tmp_path: Path, start_node: NodeFactory
+) -> AsyncIterator[Callable[..., Awaitable[LocalCluster]]]:
+    clusters: list[LocalCluster] = []
+
+    async def make(
+        nodes: int = 3, node_settings: list[dict[str, Any]] | None = None, **gateway: Any
+    ) -> LocalCluster:
+        cluster = LocalCluster(tmp_path, start_node)
+        clusters.append(cluster)
+        for i in range(nodes):
+            await cluster.add_node(**((node_settings or [{}] * nodes)[i]))
+        await cluster.start_gateway(**gateway)
+        return cluster
+
+    yield make
+    for cluster in reversed(clusters):
+        await cluster.close()
+
+
+@pytest.fixture
+async def cluster(make_cluster: Callable[..., Awaitable[LocalCluster]]) -> LocalCluster:
+    return await make_cluster()

@@ -170,6 +170,7 @@ class Deleted(Reply):
 class StatReply(Reply):
     OP = "stat_reply"
     node_id: str = ""
+    zone: str = ""
     capacity: int = 0
     used: int = 0
     reserved: int = 0

@@ -1,0 +1,156 @@
+"""The HTTP client the CLI uses: streaming both ways, one-line errors."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import IO, Any
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from dstore.errors import DstoreError
+
+PIECE = 1 << 20
+
+
+class ApiError(DstoreError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{message} ({status} {code})", code=code)
+        self.status = status
+
+
+def file_url(base: str, name: str) -> URL:
+    """Every character but the unreserved ones is escaped, "/" included, so no dot segment
+    or double slash can be normalised away on the way: the name arrives as given."""
+    escaped = quote(name, safe="")
+    if escaped in (".", ".."):
+        escaped = escaped.replace(".", "%2E")
+    return URL(f"{base.rstrip('/')}/v1/files/{escaped}", encoded=True)
+
+
+class Progress:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, label: str, total: int | None, enabled: bool | None = None) -> None:
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._start = time.monotonic()
+        self._last = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self._last > 0.1:
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        rate = self.done / max(now - self._start, 1e-6) / 1e6
+        if self.total:
+            frac = min(self.done / self.total, 1.0)
+            bar = "#" * int(frac * 30)
+            text = f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% {rate:7.1f} MB/s"
+        else:
+            text = f"\r{self.label} {self.done / 1e6:10.1f} MB {rate:7.1f} MB/s"
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            sys.stderr.write("\n")
+
+
+class Client:
+    def __init__(self, url: str, token: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._session = aiohttp.ClientSession(
+            headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+        )
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._session.close()
+
+    async def _check(self, response: aiohttp.ClientResponse) -> None:
+        if response.status < 400:
+            return
+        try:
+            body = await response.json(content_type=None)
+            error = body["error"]
+            raise ApiError(response.status, error["code"], error["message"])
+        except (ValueError, KeyError, TypeError, aiohttp.ContentTypeError):
+            raise ApiError(response.status, "http_error", response.reason or "error") from None
+
+    async def _request(self, method: str, url: str | URL, **kw: Any) -> Any:
+        try:
+            async with self._session.request(method, url, **kw) as response:
+                await self._check(response)
+                if response.status == 204 or method == "HEAD":
+                    return dict(response.headers)
+                return await response.json()
+        except aiohttp.ClientError as exc:
+            raise DstoreError(f"cannot reach {self.url}: {exc}", code="unreachable") from exc
+
+    async def put(
+        self,
+        name: str,
+        source: IO[bytes],
+        *,
+        size: int | None = None,
+        progress: Progress | None = None,
+    ) -> Any:
+        async def body() -> AsyncIterator[bytes]:
+            while True:
+                piece = source.read(PIECE)
+                if not piece:
+                    return
+                if progress is not None:
+                    progress.update(len(piece))
+                yield piece
+
+        headers = {"Content-Length": str(size)} if size is not None else {}
+        return await self._request("PUT", file_url(self.url, name), data=body(), headers=headers)
+
+    async def get(self, name: str, sink: IO[bytes], *, progress: Progress | None = None) -> int:
+        try:
+            async with self._session.get(file_url(self.url, name)) as response:
+                await self._check(response)
+                if progress is not None:
+                    progress.total = response.content_length
+                received = 0
+                async for piece in response.content.iter_chunked(PIECE):
+                    sink.write(piece)
+                    received += len(piece)
+                    if progress is not None:
+                        progress.update(len(piece))
+                if response.content_length is not None and received != response.content_length:
+                    raise DstoreError(f"download cut short at {received} bytes", code="short_read")
+                return received
+        except aiohttp.ClientError as exc:
+            raise DstoreError(f"download failed: {exc}", code="unreachable") from exc
+
+    async def head(self, name: str) -> dict[str, str]:
+        headers: dict[str, str] = await self._request("HEAD", file_url(self.url, name))
+        return headers
+
+    async def delete(self, name: str) -> None:
+        await self._request("DELETE", file_url(self.url, name))
+
+    async def list(self, prefix: str = "", start_after: str = "", limit: int = 1000) -> Any:
+        params = {"prefix": prefix, "start_after": start_after, "limit": str(limit)}
+        return await self._request("GET", f"{self.url}/v1/files", params=params)
+
+    async def cluster(self) -> Any:
+        return await self._request("GET", f"{self.url}/v1/cluster")

@@ -1,0 +1,116 @@
+"""The gateway's aiohttp application: factory, services as cleanup contexts, routes, and
+the process runner with graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from dstore.config import GatewayConfig
+from dstore.gateway import handlers, keys
+from dstore.gateway.download import Downloader
+from dstore.gateway.upload import Uploader, UploadSettings
+from dstore.master.budget import MemoryBudget
+from dstore.master.cluster import Cluster
+from dstore.master.metadata import SQLiteMetadataStore
+from dstore.master.reaper import ReadPins, Reaper
+from dstore.rpc.transport import Connector, open_tcp
+
+log = structlog.get_logger("dstore.gateway")
+
+
+def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web.Application:
+    app = web.Application(middlewares=[handlers.observe])
+    app[keys.CONFIG] = config
+
+    async def services(app: web.Application) -> AsyncIterator[None]:
+        meta = SQLiteMetadataStore(config.data_dir / "meta.db")
+        await meta.open()
+        cluster = Cluster(
+            config.storage or [],
+            config.cluster_secret.encode(),
+            heartbeat=config.heartbeat,
+            suspect_after=config.suspect_after,
+            down_after=config.down_after,
+            io_timeout=config.io_timeout,
+            connector=connector,
+        )
+        await cluster.start()
+        pins = ReadPins()
+        reaper = Reaper(meta, cluster, pins, grace=config.gc_grace, interval=config.reaper_interval)
+        budget = MemoryBudget(config.memory_budget, config.budget_wait)
+        settings = UploadSettings(
+            config.chunk_size, config.replicas, config.window, config.lease, config.max_object_size
+        )
+        app[keys.META] = meta
+        app[keys.CLUSTER] = cluster
+        app[keys.PINS] = pins
+        app[keys.REAPER] = reaper
+        app[keys.BUDGET] = budget
+        app[keys.UPLOADER] = Uploader(meta, cluster, budget, reaper, settings)
+        app[keys.DOWNLOADER] = Downloader(cluster)
+        reaper.start()
+        log.info(
+            "gateway_started",
+            nodes=len(cluster.members),
+            up=cluster.up_count(),
+            replicas=config.replicas,
+            chunk_size=config.chunk_size,
+        )
+        try:
+            yield
+        finally:
+            await reaper.stop()
+            await cluster.stop()
+            await meta.close()
+            log.info("gateway_stopped")
+
+    app.cleanup_ctx.append(services)
+    files = "/v1/files/{name:.+}"
+    app.router.add_put(files, handlers.put_file)
+    app.router.add_get(files, handlers.get_file)  # also answers HEAD
+    app.router.add_delete(files, handlers.delete_file)
+    app.router.add_get("/v1/files", handlers.list_files)
+    app.router.add_get("/v1/cluster", handlers.cluster_info)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    return app
+
+
+async def start_gateway(
+    config: GatewayConfig, *, connector: Connector = open_tcp
+) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner and the bound port (``listen`` may use port 0)."""
+    runner = web.AppRunner(
+        create_app(config, connector=connector),
+        access_log=None,
+        shutdown_timeout=config.grace,
+        handler_cancellation=False,
+    )
+    await runner.setup()
+    host, port = config.host_port
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    return runner, bound
+
+
+async def run_gateway(config: GatewayConfig) -> None:
+    """Run until SIGTERM/SIGINT, then stop within the grace period."""
+    runner, port = await start_gateway(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    host, _ = config.host_port
+    print(f"dstore gateway listening on http://{host}:{port}", flush=True)
+    await stop.wait()
+    await runner.cleanup()

@@ -1,0 +1,301 @@
+"""HTTP handlers of the gateway (SPEC §2), and the one place errors become responses."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from email.utils import formatdate
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from dstore.errors import (
+    ChecksumMismatch,
+    DstoreError,
+    NodeUnavailable,
+    NotEnoughNodes,
+    OutOfSpace,
+)
+from dstore.gateway import keys
+from dstore.gateway.download import spans
+from dstore.gateway.names import BadName, name_from_raw_path
+from dstore.gateway.ranges import RangeNotSatisfiable, parse_range
+from dstore.gateway.upload import ClientGone, Expectations, TooLarge
+from dstore.master.budget import Overloaded
+from dstore.master.metadata import FileNotFound, FileVersion, PreconditionFailed
+
+log = structlog.get_logger("dstore.http")
+
+STATUS: dict[type[DstoreError], int] = {
+    BadName: 400,
+    ChecksumMismatch: 400,
+    FileNotFound: 404,
+    PreconditionFailed: 412,
+    TooLarge: 413,
+    RangeNotSatisfiable: 416,
+    NotEnoughNodes: 503,
+    NodeUnavailable: 503,
+    Overloaded: 503,
+    OutOfSpace: 507,
+}
+STATUS_BY_CODE = {"bad_header": 400, "bad_request": 400, "conflict": 409}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def status_of(exc: DstoreError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return STATUS_BY_CODE.get(exc.code, 500)
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, errors to JSON, and one canonical log line per request."""
+    request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
+    started = time.monotonic()
+    status = 500
+    response: web.StreamResponse | None = None
+    with structlog.contextvars.bound_contextvars(req=request_id):
+        try:
+            response = await handler(request)
+            status = response.status
+        except DstoreError as exc:
+            status = status_of(exc)
+            if status >= 500:
+                log.warning("request_failed", code=exc.code, error=str(exc))
+            response = error_response(status, exc.code, str(exc))
+        except web.HTTPException as exc:
+            status = exc.status
+            code = exc.reason.lower().replace(" ", "_")
+            response = error_response(status, code, exc.text or exc.reason)
+        finally:
+            log.info(
+                "http_request",
+                method=request.method,
+                path=request.path if not request.path.startswith("/v1/files/") else None,
+                name=request.get(keys.REQUEST_NAME),
+                status=status,
+                bytes_in=request.get(keys.REQUEST_BYTES_IN, 0),
+                bytes_out=response.body_length if response is not None and response.prepared else 0,
+                ms=round((time.monotonic() - started) * 1000, 2),
+            )
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request_id
+        return response
+
+
+def _file_headers(version: FileVersion) -> dict[str, str]:
+    return {
+        "ETag": version.etag,
+        "Last-Modified": formatdate(version.created, usegmt=True),
+        "Content-Type": version.content_type or "application/octet-stream",
+        "Accept-Ranges": "bytes",
+    }
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    candidates = [c.strip() for c in header.split(",")]
+    return (
+        "*" in candidates
+        or etag in candidates
+        or etag in (c.removeprefix("W/") for c in candidates)
+    )
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client that goes away becomes ``ClientGone``."""
+    content = request.content
+    total = 0
+    while True:
+        try:
+            piece = await content.readany()
+        except (
+            aiohttp.ClientError,
+            aiohttp.http_exceptions.HttpProcessingError,
+            ConnectionError,
+            asyncio.IncompleteReadError,
+        ) as exc:
+            raise ClientGone(f"client went away after {total} bytes: {exc}") from exc
+        if not piece:
+            break
+        total += len(piece)
+        request[keys.REQUEST_BYTES_IN] = total
+        yield piece
+    if request.content_length is not None and total != request.content_length:
+        raise ClientGone(f"body ended after {total} of {request.content_length} bytes")
+
+
+async def put_file(request: web.Request) -> web.StreamResponse:
+    name = name_from_raw_path(request.raw_path)
+    request[keys.REQUEST_NAME] = name
+    app = request.app
+    config = app[keys.CONFIG]
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and if_none_match.strip() != "*":
+        raise DstoreError("PUT only supports If-None-Match: *", code="bad_header")
+    if_absent = if_none_match is not None
+    limit = config.max_object_size
+    if limit is not None and request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"{request.content_length} bytes exceed the limit of {limit}")
+    expect = Expectations.from_headers(
+        request.headers.get("Content-MD5"), request.headers.get("X-Checksum-Sha256")
+    )
+    if if_absent:
+        try:  # fail fast before reading the body; the commit re-checks, race-free
+            await app[keys.META].head(name)
+            raise PreconditionFailed(f"{name!r} exists")
+        except FileNotFound:
+            pass
+    result = await app[keys.UPLOADER].upload(
+        name,
+        _body(request),
+        content_type=request.headers.get("Content-Type", "application/octet-stream"),
+        if_absent=if_absent,
+        expect=expect,
+        trace=structlog.contextvars.get_contextvars().get("req", ""),
+    )
+    version = result.version
+    return web.json_response(
+        {
+            "name": version.name,
+            "size": version.size,
+            "etag": version.etag,
+            "chunks": result.extra.get("chunks", 0),
+            "created": version.created,
+        },
+        status=201,
+        headers={"ETag": version.etag},
+    )
+
+
+async def get_file(request: web.Request) -> web.StreamResponse:
+    name = name_from_raw_path(request.raw_path)
+    request[keys.REQUEST_NAME] = name
+    app = request.app
+    version = await app[keys.META].lookup(name)
+    # pinned at once (no await in between), so the reaper keeps its chunks while we read
+    with app[keys.PINS].pin(version.version_id):
+        return await _serve(request, version)
+
+
+async def _serve(request: web.Request, version: FileVersion) -> web.StreamResponse:
+    headers = _file_headers(version)
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and _etag_matches(if_none_match, version.etag):
+        return web.Response(status=304, headers={k: headers[k] for k in ("ETag", "Last-Modified")})
+    status, start, end = 200, 0, version.size
+    try:
+        wanted = parse_range(request.headers.get("Range"), version.size)
+    except RangeNotSatisfiable:
+        refusal = error_response(
+            416,
+            "range_not_satisfiable",
+            f"no byte of the range is in a file of {version.size} bytes",
+        )
+        refusal.headers["Content-Range"] = f"bytes */{version.size}"
+        return refusal
+    if wanted is not None:
+        status, (start, end) = 206, wanted
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{version.size}"
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = end - start
+    if request.method == "HEAD" or start == end:
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    downloader = request.app[keys.DOWNLOADER]
+    trace = structlog.contextvars.get_contextvars().get("req", "")
+    todo = spans(version, start, end)
+    # the first chunk is fetched and verified before the status line goes out, so a file
+    # that cannot be read at all is a clean 503, not a broken 200
+    first = await downloader.fetch(todo[0], trace)
+    await response.prepare(request)
+    try:
+        for piece in first:
+            await response.write(piece)
+        if len(todo) > 1:
+            await downloader.stream(
+                version, todo[1].chunk.offset + todo[1].offset, end, response.write, trace=trace
+            )
+    except DstoreError as exc:
+        # too late for a status: cut the connection so the client sees a short body
+        log.error(
+            "download_aborted",
+            name=version.name,
+            error=str(exc),
+            code=exc.code,
+            sent=response.body_length,
+        )
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+async def delete_file(request: web.Request) -> web.StreamResponse:
+    name = name_from_raw_path(request.raw_path)
+    request[keys.REQUEST_NAME] = name
+    await request.app[keys.META].delete(name)
+    request.app[keys.REAPER].wake()
+    return web.Response(status=204)
+
+
+def _int_param(request: web.Request, key: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise DstoreError(f"{key} must be an integer", code="bad_request") from None
+    if not lo <= value <= hi:
+        raise DstoreError(f"{key} must be between {lo} and {hi}", code="bad_request")
+    return value
+
+
+async def list_files(request: web.Request) -> web.StreamResponse:
+    limit = _int_param(request, "limit", 1000, 1, 10000)
+    prefix = request.query.get("prefix", "")
+    start_after = request.query.get("start_after", "")
+    files, next_name = await request.app[keys.META].list_files(prefix, start_after, limit)
+    return web.json_response(
+        {
+            "files": [
+                {"name": f.name, "size": f.size, "etag": f.etag, "created": f.created}
+                for f in files
+            ],
+            "next": next_name,
+        }
+    )
+
+
+async def cluster_info(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    files, size = await app[keys.META].totals()
+    nodes: list[dict[str, Any]] = [m.as_json() for m in app[keys.CLUSTER].members.values()]
+    return web.json_response(
+        {"nodes": nodes, "replicas": app[keys.CONFIG].replicas, "files": files, "bytes": size}
+    )
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    up, wanted = app[keys.CLUSTER].up_count(), app[keys.CONFIG].replicas
+    if up < wanted:
+        return error_response(503, "not_ready", f"{up} storage nodes up, {wanted} needed")
+    return web.json_response({"status": "ready", "nodes_up": up})

@@ -1,0 +1,26 @@
+"""Typed keys for what the gateway keeps on its aiohttp application and requests."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from dstore.config import GatewayConfig
+from dstore.gateway.download import Downloader
+from dstore.gateway.upload import Uploader
+from dstore.master.budget import MemoryBudget
+from dstore.master.cluster import Cluster
+from dstore.master.metadata import MetadataStore
+from dstore.master.reaper import ReadPins, Reaper
+
+CONFIG = web.AppKey("config", GatewayConfig)
+META = web.AppKey("meta", MetadataStore)
+CLUSTER = web.AppKey("cluster", Cluster)
+BUDGET = web.AppKey("budget", MemoryBudget)
+PINS = web.AppKey("pins", ReadPins)
+REAPER = web.AppKey("reaper", Reaper)
+UPLOADER = web.AppKey("uploader", Uploader)
+DOWNLOADER = web.AppKey("downloader", Downloader)
+
+# per-request values the canonical log line reports
+REQUEST_NAME = web.RequestKey("name", str)
+REQUEST_BYTES_IN = web.RequestKey("bytes_in", int)

@@ -1,0 +1,300 @@
+"""The upload pipeline: body pieces in, chunks out to the nodes, one atomic commit.
+
+1. A pending version with a lease (renewed while the upload runs).
+2. The body is cut into chunks as it arrives. Before a chunk's bytes are read, the upload
+   takes a window slot and the chunk's share of the global memory budget, so the body is
+   read no faster than chunks are stored (backpressure) and memory stays bounded.
+3. Each chunk: placement reserves space on ``replicas`` nodes, the intent (chunk id →
+   nodes) is recorded, then the chunk goes to the nodes in parallel. A node that fails is
+   replaced by another while any can take the chunk.
+4. Body done and every chunk acknowledged: one transaction makes the version current.
+Anything else aborts the version; the reaper then deletes whatever reached the nodes.
+
+No aiohttp here: the body is any async iterator of byte pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from dataclasses import dataclass
+
+import structlog
+
+from dstore.chunk import new_chunk_id
+from dstore.errors import (
+    ChecksumMismatch,
+    DstoreError,
+    NodeUnavailable,
+    NotEnoughNodes,
+    OutOfSpace,
+)
+from dstore.master.budget import MemoryBudget
+from dstore.master.chunker import Chunk, Chunker
+from dstore.master.cluster import Cluster
+from dstore.master.metadata import CommitResult, MetadataStore
+from dstore.master.reaper import Reaper
+
+log = structlog.get_logger("dstore.upload")
+
+
+class TooLarge(DstoreError):
+    code = "too_large"
+
+
+class ClientGone(DstoreError):
+    code = "client_gone"
+
+
+@dataclass(frozen=True, slots=True)
+class UploadSettings:
+    chunk_size: int
+    replicas: int
+    window: int
+    lease: float
+    max_object_size: int | None = None
+
+
+@dataclass(slots=True)
+class Expectations:
+    """Whole-body checksums the client asked us to verify (cost: a pass of MD5/SHA-256)."""
+
+    md5: bytes | None = None
+    sha256: bytes | None = None
+
+    @classmethod
+    def from_headers(cls, content_md5: str | None, sha256_hex: str | None) -> Expectations:
+        try:
+            md5 = base64.b64decode(content_md5, validate=True) if content_md5 else None
+            sha = bytes.fromhex(sha256_hex) if sha256_hex else None
+        except ValueError as exc:
+            raise DstoreError(
+                "malformed Content-MD5 or X-Checksum-Sha256", code="bad_header"
+            ) from exc
+        if (md5 is not None and len(md5) != 16) or (sha is not None and len(sha) != 32):
+            raise DstoreError("malformed Content-MD5 or X-Checksum-Sha256", code="bad_header")
+        return cls(md5, sha)
+
+
+def etag_of(checksums: list[bytes]) -> str:
+    """A file's ETag: derived from its chunks' xxh3-128 checksums, so it costs nothing
+    extra (a whole-file MD5 would halve upload throughput)."""
+    return '"' + hashlib.blake2b(b"".join(checksums), digest_size=16).hexdigest() + '"'
+
+
+class Uploader:
+    def __init__(
+        self,
+        meta: MetadataStore,
+        cluster: Cluster,
+        budget: MemoryBudget,
+        reaper: Reaper,
+        settings: UploadSettings,
+    ) -> None:
+        self.meta = meta
+        self.cluster = cluster
+        self.budget = budget
+        self.reaper = reaper
+        self.settings = settings
+
+    def __repr__(self) -> str:
+        return f"<Uploader chunk={self.settings.chunk_size} replicas={self.settings.replicas}>"
+
+    async def upload(
+        self,
+        name: str,
+        body: AsyncIterator[bytes],
+        *,
+        content_type: str = "application/octet-stream",
+        if_absent: bool = False,
+        expect: Expectations | None = None,
+        trace: str = "",
+    ) -> CommitResult:
+        if self.cluster.up_count() < self.settings.replicas:
+            raise NotEnoughNodes(
+                f"{self.cluster.up_count()} storage nodes up, {self.settings.replicas} needed"
+            )
+        version_id = await self.meta.begin_upload(name, content_type, self.settings.lease)
+        renewer = asyncio.create_task(self._renew(version_id), name=f"lease-{version_id}")
+        committed = False
+        started = time.monotonic()
+        try:
+            size, checksums = await self._store_body(
+                version_id, body, expect or Expectations(), trace
+            )
+            result = await self.meta.commit(
+                version_id, size, etag_of(checksums), if_absent=if_absent
+            )
+            committed = True
+            if result.replaced is not None:
+                self.reaper.wake()
+            return result
+        finally:
+            renewer.cancel()
+            with suppress(asyncio.CancelledError):
+                await renewer
+            if not committed:
+                # shielded: a cancelled request must still give up its version
+                await asyncio.shield(self._abort(version_id, time.monotonic() - started))
+
+    async def _abort(self, version_id: int, seconds: float) -> None:
+        try:
+            await self.meta.abort(version_id)
+        finally:
+            log.info("upload_aborted", version=version_id, seconds=round(seconds, 3))
+            self.reaper.wake()
+
+    async def _renew(self, version_id: int) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease / 3)
+            await self.meta.renew_lease(version_id, self.settings.lease)
+
+    async def _store_body(
+        self, version_id: int, body: AsyncIterator[bytes], expect: Expectations, trace: str
+    ) -> tuple[int, list[bytes]]:
+        settings = self.settings
+        chunker = Chunker(settings.chunk_size)
+        md5 = hashlib.md5() if expect.md5 is not None else None
+        sha = hashlib.sha256() if expect.sha256 is not None else None
+        window = asyncio.Semaphore(settings.window)
+        checksums: dict[int, bytes] = {}
+        try:
+            async with asyncio.TaskGroup() as group:
+                await self._take_slot(window)
+                async for piece in body:
+                    if settings.max_object_size is not None and (
+                        chunker.total + len(piece) > settings.max_object_size
+                    ):
+                        raise TooLarge(
+                            f"file exceeds the limit of {settings.max_object_size} bytes"
+                        )
+                    if md5 is not None:
+                        md5.update(piece)
+                    if sha is not None:
+                        sha.update(piece)
+                    for chunk in chunker.feed(piece):
+                        checksums[chunk.index] = chunk.checksum
+                        group.create_task(self._store_chunk(version_id, chunk, window, trace))
+                        await self._take_slot(window)
+                last = chunker.finish()
+                if last is None:
+                    self._give_slot(window)
+                else:
+                    checksums[last.index] = last.checksum
+                    group.create_task(self._store_chunk(version_id, last, window, trace))
+        except BaseExceptionGroup as group_error:
+            raise _first_error(group_error) from None
+        if md5 is not None and md5.digest() != expect.md5:
+            raise ChecksumMismatch("body does not match Content-MD5")
+        if sha is not None and sha.digest() != expect.sha256:
+            raise ChecksumMismatch("body does not match X-Checksum-Sha256")
+        return chunker.total, [checksums[i] for i in range(len(checksums))]
+
+    async def _take_slot(self, window: asyncio.Semaphore) -> None:
+        await window.acquire()
+        try:
+            await self.budget.acquire(self.settings.chunk_size)
+        except BaseException:
+            window.release()
+            raise
+
+    def _give_slot(self, window: asyncio.Semaphore) -> None:
+        self.budget.release(self.settings.chunk_size)
+        window.release()
+
+    async def _store_chunk(
+        self, version_id: int, chunk: Chunk, window: asyncio.Semaphore, trace: str
+    ) -> None:
+        try:
+            await self._replicate(version_id, chunk, trace)
+        finally:
+            chunk.pieces.clear()
+            self._give_slot(window)
+
+    async def _replicate(self, version_id: int, chunk: Chunk, trace: str) -> None:
+        """Put one chunk on ``replicas`` nodes, replacing nodes that fail."""
+        cluster, meta, wanted = self.cluster, self.meta, self.settings.replicas
+        chunk_id = new_chunk_id()
+        targets = cluster.place(chunk.size, wanted)
+        try:
+            await meta.add_chunk(
+                version_id, chunk.index, chunk_id, chunk.size, chunk.checksum, targets
+            )
+        except BaseException:
+            for node_id in targets:
+                cluster.release(node_id, chunk.size, stored=False)
+            raise
+        stored: list[str] = []
+        tried: set[str] = set(targets)
+        while True:
+            results = await asyncio.gather(
+                *(self._put_one(node_id, chunk_id, chunk, trace) for node_id in targets),
+                return_exceptions=True,
+            )
+            failed = []
+            for node_id, result in zip(targets, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, DstoreError):
+                        raise result
+                    failed.append((node_id, result))
+                else:
+                    stored.append(node_id)
+            if not failed:
+                return
+            for node_id, error in failed:
+                log.warning(
+                    "chunk_put_failed",
+                    chunk=chunk_id,
+                    node=node_id,
+                    error=str(error),
+                    code=error.code,
+                )
+                await meta.forget_replica(chunk_id, node_id)
+            try:
+                targets = cluster.place(chunk.size, wanted - len(stored), exclude=tried)
+            except (NotEnoughNodes, OutOfSpace) as exc:
+                raise NodeUnavailable(
+                    f"chunk {chunk.index} could not be stored on {wanted} nodes: {exc}"
+                ) from failed[0][1]
+            tried.update(targets)
+            await meta.add_replicas(chunk_id, targets)
+
+    async def _put_one(self, node_id: str, chunk_id: str, chunk: Chunk, trace: str) -> None:
+        member = self.cluster.by_id(node_id)
+        assert member is not None
+        ok = False
+        try:
+            await member.client.put_chunk(
+                chunk_id,
+                _iterate(chunk.pieces),
+                length=chunk.size,
+                checksum=chunk.checksum,
+                trace=trace,
+            )
+            ok = True
+        finally:
+            self.cluster.release(node_id, chunk.size, stored=ok)
+
+
+async def _iterate(pieces: list[memoryview]) -> AsyncIterator[memoryview]:
+    for piece in pieces:
+        yield piece
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The most telling error of a task group: our own errors before cancellations."""
+    errors = list(_leaves(group))
+    for error in errors:
+        if isinstance(error, DstoreError):
+            return error
+    return errors[0]
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
+    return [error]

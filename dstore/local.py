@@ -1,0 +1,109 @@
+"""``dstore up``: a whole cluster on this machine. Storage nodes run as child processes
+(so they use the other cores), the gateway in this process. Data lives under one folder,
+with the generated cluster secret kept beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from dstore.config import GatewayConfig
+from dstore.errors import DstoreError
+from dstore.gateway.app import start_gateway
+from dstore.log import configure
+
+log = structlog.get_logger("dstore.up")
+
+
+def cluster_secret(data_dir: Path) -> str:
+    """The secret kept in ``data_dir/cluster-secret``, made on first use (mode 0600)."""
+    path = data_dir / "cluster-secret"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_hex(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        return secret
+
+
+async def _start_node(
+    index: int, data_dir: Path, secret: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    logs = data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, DSTORE_CLUSTER_SECRET=secret)
+    with open(logs / f"storage-{index}.log", "ab") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dstore",
+            "serve",
+            "--role",
+            "storage",
+            "--port",
+            "0",
+            "--data-dir",
+            str(data_dir / f"storage-{index}"),
+            "--log-format",
+            "json",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
+            env=env,
+        )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    if "listening on" not in line:
+        proc.kill()
+        raise DstoreError(f"storage node {index} did not start; see {logs}/storage-{index}.log")
+    return proc, line.strip().rsplit(" ", 1)[1]
+
+
+async def run_local_cluster(nodes: int, replicas: int, port: int, data_dir: str) -> int:
+    root = Path(data_dir).resolve()
+    configure("auto", "info")
+    secret = cluster_secret(root)
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        started = await asyncio.gather(*(_start_node(i + 1, root, secret) for i in range(nodes)))
+        procs = [proc for proc, _ in started]
+        config = GatewayConfig(
+            listen=f"127.0.0.1:{port}",
+            data_dir=root / "gateway",
+            storage=[addr for _, addr in started],
+            replicas=replicas,
+            cluster_secret=secret,
+        )
+        config.validate()
+        runner, bound = await start_gateway(config)
+        print(
+            f"dstore is up: http://127.0.0.1:{bound}  ({nodes} storage nodes, replicas "
+            f"{replicas}, data in {root})",
+            flush=True,
+        )
+        print("try: dstore put README.md && dstore ls && dstore get README.md -o -", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("stopping", flush=True)
+        await runner.cleanup()
+        return 0
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()

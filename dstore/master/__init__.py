@@ -1,0 +1,1 @@
+"""The chunk master: metadata, placement, membership, budgets and the reaper (no aiohttp)."""

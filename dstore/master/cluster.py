@@ -1,0 +1,223 @@
+"""Membership: the storage nodes the gateway knows, their state and their load.
+
+The gateway asks every node for its ``stat`` about once a second (the heartbeat, which
+also refreshes capacity and used bytes). A node that misses ``suspect_after`` beats in a
+row is ``suspect``, after ``down_after`` it is ``down``; one good answer makes it ``up``
+again. Placement only picks ``up`` nodes. Space reserved for chunks in flight is
+accounted here, so concurrent uploads never overfill a node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from dstore.errors import DstoreError, NodeUnavailable
+from dstore.master.placement import NodeView, place
+from dstore.rpc.client import NodeClient
+from dstore.rpc.transport import Connector, open_tcp
+
+log = structlog.get_logger("dstore.cluster")
+
+
+class NodeState(enum.Enum):
+    UP = "up"
+    SUSPECT = "suspect"
+    DOWN = "down"
+    DRAINING = "draining"
+
+
+@dataclass
+class StorageMember:
+    """One storage node as the gateway sees it."""
+
+    addr: str
+    client: NodeClient
+    node_id: str = ""
+    zone: str = "default"
+    state: NodeState = NodeState.DOWN
+    capacity: int = 0
+    used: int = 0
+    chunks: int = 0
+    reserved: int = 0
+    last_seen: float | None = None
+    missed: int = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<StorageMember {self.node_id or '?'} {self.addr} {self.state.value}"
+            f" {self.used}+{self.reserved}/{self.capacity}>"
+        )
+
+    def view(self) -> NodeView:
+        return NodeView(
+            node_id=self.node_id,
+            zone=self.zone,
+            capacity=self.capacity,
+            used=self.used,
+            reserved=self.reserved,
+            up=self.state is NodeState.UP,
+            accepts_writes=self.state is not NodeState.DRAINING,
+        )
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "id": self.node_id,
+            "addr": self.addr,
+            "zone": self.zone,
+            "state": self.state.value,
+            "capacity": self.capacity,
+            "used": self.used,
+            "chunks": self.chunks,
+            "last_seen": self.last_seen,
+        }
+
+
+class Cluster:
+    def __init__(
+        self,
+        addrs: Iterable[str],
+        secret: bytes,
+        *,
+        heartbeat: float = 1.0,
+        suspect_after: int = 1,
+        down_after: int = 3,
+        io_timeout: float = 10.0,
+        connector: Connector = open_tcp,
+    ) -> None:
+        self.heartbeat = heartbeat
+        self.suspect_after = suspect_after
+        self.down_after = down_after
+        self._secret = secret
+        self._io_timeout = io_timeout
+        self._connector = connector
+        self.members: dict[str, StorageMember] = {}
+        self._task: asyncio.Task[None] | None = None
+        for addr in addrs:
+            self.add(addr)
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{m.addr} {m.state.value}" for m in self.members.values())
+        return f"<Cluster {len(self.members)} nodes: {states}>"
+
+    def add(self, addr: str) -> StorageMember:
+        if addr in self.members:
+            return self.members[addr]
+        host, _, port = addr.rpartition(":")
+        client = NodeClient(
+            host,
+            int(port),
+            self._secret,
+            connect_timeout=min(2.0, self._io_timeout),
+            io_timeout=self._io_timeout,
+            connector=self._connector,
+        )
+        member = StorageMember(addr, client)
+        self.members[addr] = member
+        return member
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._heartbeats(), name="dstore-heartbeats")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for member in self.members.values():
+            await member.client.aclose()
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """One round of heartbeats to every node, in parallel."""
+        await asyncio.gather(*(self._beat(m) for m in list(self.members.values())))
+
+    async def _beat(self, member: StorageMember) -> None:
+        try:
+            async with asyncio.timeout(max(self.heartbeat, 0.5)):
+                stat = await member.client.stat(trace="heartbeat")
+        except (TimeoutError, NodeUnavailable, DstoreError) as exc:
+            member.missed += 1
+            if member.state is NodeState.DRAINING:
+                return
+            new = member.state
+            if member.missed >= self.down_after:
+                new = NodeState.DOWN
+            elif member.missed >= self.suspect_after and member.state is NodeState.UP:
+                new = NodeState.SUSPECT
+            self._set_state(member, new, error=str(exc))
+            return
+        if member.node_id and stat.node_id != member.node_id:
+            log.warning(
+                "node_identity_changed", addr=member.addr, old=member.node_id, new=stat.node_id
+            )
+        member.node_id = stat.node_id
+        member.zone = stat.zone or "default"
+        member.capacity = stat.capacity
+        member.used = stat.used
+        member.chunks = stat.chunks
+        member.last_seen = time.time()
+        member.missed = 0
+        if member.state is not NodeState.DRAINING:
+            self._set_state(member, NodeState.UP)
+
+    def _set_state(self, member: StorageMember, state: NodeState, error: str = "") -> None:
+        if state is member.state:
+            return
+        log.info(
+            "node_state",
+            addr=member.addr,
+            node_id=member.node_id,
+            old=member.state.value,
+            new=state.value,
+            error=error or None,
+        )
+        member.state = state
+
+    # --- queries --------------------------------------------------------------------------
+
+    def by_id(self, node_id: str) -> StorageMember | None:
+        for member in self.members.values():
+            if member.node_id == node_id:
+                return member
+        return None
+
+    def up_count(self) -> int:
+        return sum(1 for m in self.members.values() if m.state is NodeState.UP)
+
+    def views(self) -> list[NodeView]:
+        return [m.view() for m in self.members.values() if m.node_id]
+
+    # --- placement and space --------------------------------------------------------------
+
+    def place(self, size: int, replicas: int, exclude: Collection[str] = ()) -> list[str]:
+        """Pick nodes for a chunk and reserve its space on them."""
+        node_ids = place(self.views(), size, replicas, exclude=exclude)
+        for node_id in node_ids:
+            member = self.by_id(node_id)
+            assert member is not None
+            member.reserved += size
+        return node_ids
+
+    def release(self, node_id: str, size: int, *, stored: bool) -> None:
+        """Give back a reservation; a stored chunk now counts as used (until the next
+        heartbeat reports the node's own figure)."""
+        member = self.by_id(node_id)
+        if member is None:
+            return
+        member.reserved = max(0, member.reserved - size)
+        if stored:
+            member.used += size
+            member.chunks += 1

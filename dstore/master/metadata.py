@@ -1,0 +1,539 @@
+"""The chunk master's memory: files, versions, chunks and their replicas.
+
+``MetadataStore`` is the interface (a PostgreSQL engine can implement it later);
+``SQLiteMetadataStore`` is the embedded engine: SQLite in WAL mode, driven from one
+dedicated thread, so the event loop never blocks and the store is never held across
+network I/O. All SQL lives in this module; every state change is one transaction.
+
+Versions move ``pending`` → ``live`` → ``dead`` (or ``pending`` → ``dead`` when an upload
+is abandoned). A name points at its one live version; a commit swaps that pointer in one
+transaction. Dead versions are reclaimed by the reaper, which deletes their chunks from
+the nodes and then their rows.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dstore.errors import DstoreError
+
+T = TypeVar("T")
+
+
+class PreconditionFailed(DstoreError):
+    code = "precondition_failed"
+
+
+class FileNotFound(DstoreError):
+    code = "not_found"
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    index: int
+    chunk_id: str
+    offset: int  # of the chunk's first byte within the file
+    size: int
+    checksum: bytes
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FileVersion:
+    name: str
+    version_id: int
+    size: int
+    etag: str
+    content_type: str
+    created: float
+    chunks: tuple[ChunkRef, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    name: str
+    size: int
+    etag: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeadChunk:
+    version_id: int
+    chunk_id: str
+    nodes: tuple[str, ...]
+    dead_since: float
+
+
+@dataclass(slots=True)
+class CommitResult:
+    version: FileVersion
+    replaced: int | None = None  # the version that was live before, now dead
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MetadataStore(abc.ABC):
+    """What the gateway needs from its metadata, whatever the engine."""
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def begin_upload(self, name: str, content_type: str, lease: float) -> int:
+        """A new pending version with a lease; returns its id."""
+
+    @abc.abstractmethod
+    async def renew_lease(self, version_id: int, lease: float) -> None: ...
+
+    @abc.abstractmethod
+    async def add_chunk(
+        self,
+        version_id: int,
+        index: int,
+        chunk_id: str,
+        size: int,
+        checksum: bytes,
+        nodes: Sequence[str],
+    ) -> None:
+        """Record a chunk intent before its bytes are sent: the reaper can always find it."""
+
+    @abc.abstractmethod
+    async def add_replicas(self, chunk_id: str, nodes: Sequence[str]) -> None:
+        """Record more intended replicas of a chunk (a failed node was replaced)."""
+
+    @abc.abstractmethod
+    async def commit(
+        self, version_id: int, size: int, etag: str, *, if_absent: bool = False
+    ) -> CommitResult:
+        """Make the version current for its name, atomically; the old one becomes dead.
+        ``if_absent``: raise ``PreconditionFailed`` if the name exists (and abort)."""
+
+    @abc.abstractmethod
+    async def abort(self, version_id: int) -> None:
+        """Give up a pending version; its chunks are reclaimed."""
+
+    @abc.abstractmethod
+    async def lookup(self, name: str) -> FileVersion:
+        """The live version of a name with its chunks, or ``FileNotFound``."""
+
+    @abc.abstractmethod
+    async def head(self, name: str) -> FileVersion:
+        """Like ``lookup`` without the chunk list."""
+
+    @abc.abstractmethod
+    async def delete(self, name: str) -> int:
+        """Remove a name at once; returns the version that became dead."""
+
+    @abc.abstractmethod
+    async def list_files(
+        self, prefix: str, start_after: str, limit: int
+    ) -> tuple[list[FileInfo], str | None]: ...
+
+    @abc.abstractmethod
+    async def totals(self) -> tuple[int, int]:
+        """(files, bytes) of live versions."""
+
+    @abc.abstractmethod
+    async def expire_leases(self, now: float) -> list[int]:
+        """Abort pending versions whose lease ran out; returns their ids."""
+
+    @abc.abstractmethod
+    async def dead_chunks(self, dead_before: float, limit: int) -> list[DeadChunk]:
+        """Chunks of dead versions that died before ``dead_before``."""
+
+    @abc.abstractmethod
+    async def forget_replica(self, chunk_id: str, node_id: str) -> None:
+        """A dead chunk's replica is gone from its node."""
+
+    @abc.abstractmethod
+    async def purge_dead(self) -> int:
+        """Drop dead versions with no replica left; returns how many."""
+
+    @abc.abstractmethod
+    async def known_chunk_ids(self, chunk_ids: Sequence[str]) -> set[str]:
+        """Which of these chunk ids any version (live, pending or dead) still knows."""
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    name          TEXT NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('pending', 'live', 'dead')),
+    size          INTEGER NOT NULL DEFAULT 0,
+    etag          TEXT NOT NULL DEFAULT '',
+    content_type  TEXT NOT NULL DEFAULT '',
+    created       REAL NOT NULL,
+    lease_expires REAL,
+    dead_since    REAL
+);
+CREATE INDEX IF NOT EXISTS versions_pending ON versions (lease_expires) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS versions_dead ON versions (dead_since) WHERE state = 'dead';
+CREATE TABLE IF NOT EXISTS files (
+    name        TEXT PRIMARY KEY,
+    version_id  INTEGER NOT NULL REFERENCES versions (id),
+    generation  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks (
+    version_id  INTEGER NOT NULL REFERENCES versions (id),
+    idx         INTEGER NOT NULL,
+    chunk_id    TEXT NOT NULL UNIQUE,
+    offset      INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    checksum    BLOB NOT NULL,
+    PRIMARY KEY (version_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS replicas (
+    chunk_id    TEXT NOT NULL,
+    node_id     TEXT NOT NULL,
+    PRIMARY KEY (chunk_id, node_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS replicas_node ON replicas (node_id);
+"""
+
+
+class SQLiteMetadataStore(MetadataStore):
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dstore-sqlite")
+
+    def __repr__(self) -> str:
+        return f"<SQLiteMetadataStore {self.path} {'open' if self._db else 'closed'}>"
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL: a commit survives a crash of the process (kill -9); writes that must
+        # survive power loss too (commit, delete) switch to FULL for their transaction.
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA busy_timeout = 5000")
+        db.executescript(SCHEMA)
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._thread.shutdown(wait=True)
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        db = self._db
+        if db is None:
+            raise DstoreError("metadata store is closed", code="unavailable")
+        if durable:
+            db.execute("PRAGMA synchronous = FULL")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous = NORMAL")
+
+    # --- uploads --------------------------------------------------------------------------
+
+    async def begin_upload(self, name: str, content_type: str, lease: float) -> int:
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> int:
+            cur = db.execute(
+                "INSERT INTO versions (name, state, content_type, created, lease_expires)"
+                " VALUES (?, 'pending', ?, ?, ?)",
+                (name, content_type, now, now + lease),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+        return await self._run(self._tx, tx)
+
+    async def renew_lease(self, version_id: int, lease: float) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE versions SET lease_expires = ? WHERE id = ? AND state = 'pending'",
+                (time.time() + lease, version_id),
+            )
+
+        await self._run(self._tx, tx)
+
+    async def add_chunk(
+        self,
+        version_id: int,
+        index: int,
+        chunk_id: str,
+        size: int,
+        checksum: bytes,
+        nodes: Sequence[str],
+    ) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            (offset,) = db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM chunks WHERE version_id = ? AND idx < ?",
+                (version_id, index),
+            ).fetchone()
+            db.execute(
+                "INSERT INTO chunks (version_id, idx, chunk_id, offset, size, checksum)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (version_id, index, chunk_id, offset, size, checksum),
+            )
+            db.executemany(
+                "INSERT INTO replicas (chunk_id, node_id) VALUES (?, ?)",
+                [(chunk_id, node) for node in nodes],
+            )
+
+        await self._run(self._tx, tx)
+
+    async def add_replicas(self, chunk_id: str, nodes: Sequence[str]) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT OR IGNORE INTO replicas (chunk_id, node_id) VALUES (?, ?)",
+                [(chunk_id, node) for node in nodes],
+            )
+
+        await self._run(self._tx, tx)
+
+    async def commit(
+        self, version_id: int, size: int, etag: str, *, if_absent: bool = False
+    ) -> CommitResult:
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> CommitResult:
+            row = db.execute(
+                "SELECT name, state, content_type FROM versions WHERE id = ?", (version_id,)
+            ).fetchone()
+            if row is None or row[1] != "pending":
+                raise DstoreError(f"upload {version_id} is no longer pending", code="conflict")
+            name, _, content_type = row
+            current = db.execute(
+                "SELECT version_id, generation FROM files WHERE name = ?", (name,)
+            ).fetchone()
+            if current is not None and if_absent:
+                raise PreconditionFailed(f"{name!r} exists")
+            db.execute(
+                "UPDATE versions SET state = 'live', size = ?, etag = ?, created = ?,"
+                " lease_expires = NULL WHERE id = ?",
+                (size, etag, now, version_id),
+            )
+            replaced = None
+            if current is None:
+                db.execute(
+                    "INSERT INTO files (name, version_id, generation) VALUES (?, ?, 1)",
+                    (name, version_id),
+                )
+            else:
+                replaced, generation = current
+                db.execute(
+                    "UPDATE files SET version_id = ?, generation = ? WHERE name = ?",
+                    (version_id, generation + 1, name),
+                )
+                _kill(db, replaced, now)
+            chunks = db.execute(
+                "SELECT COUNT(*) FROM chunks WHERE version_id = ?", (version_id,)
+            ).fetchone()[0]
+            version = FileVersion(name, version_id, size, etag, content_type, now)
+            return CommitResult(version, replaced, {"chunks": chunks})
+
+        return await self._run(lambda: self._tx(tx, durable=True))
+
+    async def abort(self, version_id: int) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE versions SET state = 'dead', dead_since = ?, lease_expires = NULL"
+                " WHERE id = ? AND state = 'pending'",
+                (time.time(), version_id),
+            )
+
+        await self._run(self._tx, tx)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def _current(self, db: sqlite3.Connection, name: str) -> FileVersion:
+        row = db.execute(
+            "SELECT v.id, v.size, v.etag, v.content_type, v.created FROM files f"
+            " JOIN versions v ON v.id = f.version_id WHERE f.name = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            raise FileNotFound(f"no file named {name!r}")
+        return FileVersion(name, *row)
+
+    async def head(self, name: str) -> FileVersion:
+        return await self._run(self._tx, lambda db: self._current(db, name))
+
+    async def lookup(self, name: str) -> FileVersion:
+        def tx(db: sqlite3.Connection) -> FileVersion:
+            version = self._current(db, name)
+            rows = db.execute(
+                "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
+                " (SELECT group_concat(node_id, ',') FROM replicas r WHERE r.chunk_id = c.chunk_id)"
+                " FROM chunks c WHERE c.version_id = ? ORDER BY c.idx",
+                (version.version_id,),
+            ).fetchall()
+            chunks = tuple(
+                ChunkRef(idx, cid, off, size, bytes(cs), tuple((nodes or "").split(",")))
+                for idx, cid, off, size, cs, nodes in rows
+            )
+            return FileVersion(
+                version.name,
+                version.version_id,
+                version.size,
+                version.etag,
+                version.content_type,
+                version.created,
+                chunks,
+            )
+
+        return await self._run(self._tx, tx)
+
+    async def delete(self, name: str) -> int:
+        def tx(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT version_id FROM files WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise FileNotFound(f"no file named {name!r}")
+            db.execute("DELETE FROM files WHERE name = ?", (name,))
+            _kill(db, row[0], time.time())
+            return int(row[0])
+
+        return await self._run(lambda: self._tx(tx, durable=True))
+
+    async def list_files(
+        self, prefix: str, start_after: str, limit: int
+    ) -> tuple[list[FileInfo], str | None]:
+        def tx(db: sqlite3.Connection) -> tuple[list[FileInfo], str | None]:
+            lower = max(prefix, start_after)
+            op = ">" if start_after and start_after >= prefix else ">="
+            sql = (
+                "SELECT f.name, v.size, v.etag, v.created FROM files f"
+                f" JOIN versions v ON v.id = f.version_id WHERE f.name {op} ?"
+            )
+            args: list[Any] = [lower]
+            if prefix:
+                sql += " AND substr(f.name, 1, ?) = ?"
+                args += [len(prefix), prefix]
+                if ord(prefix[-1]) < 0x10FFFF:
+                    # names with the prefix sort below the prefix with its last character
+                    # bumped (SQLite's BINARY order is code point order, like Python's):
+                    # this bound lets the scan stop at the end of the prefix's range
+                    sql += " AND f.name < ?"
+                    args.append(prefix[:-1] + chr(ord(prefix[-1]) + 1))
+            rows = db.execute(sql + " ORDER BY f.name LIMIT ?", (*args, limit + 1)).fetchall()
+            files = [FileInfo(*row) for row in rows[:limit]]
+            return files, (files[-1].name if len(rows) > limit else None)
+
+        return await self._run(self._tx, tx)
+
+    async def totals(self) -> tuple[int, int]:
+        def tx(db: sqlite3.Connection) -> tuple[int, int]:
+            files, size = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(v.size), 0) FROM files f"
+                " JOIN versions v ON v.id = f.version_id"
+            ).fetchone()
+            return int(files), int(size)
+
+        return await self._run(self._tx, tx)
+
+    # --- reclaiming -----------------------------------------------------------------------
+
+    async def expire_leases(self, now: float) -> list[int]:
+        def tx(db: sqlite3.Connection) -> list[int]:
+            ids = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM versions WHERE state = 'pending' AND lease_expires < ?",
+                    (now,),
+                )
+            ]
+            for version_id in ids:
+                _kill(db, version_id, now)
+            return ids
+
+        return await self._run(self._tx, tx)
+
+    async def dead_chunks(self, dead_before: float, limit: int) -> list[DeadChunk]:
+        def tx(db: sqlite3.Connection) -> list[DeadChunk]:
+            rows = db.execute(
+                "SELECT c.version_id, c.chunk_id,"
+                " (SELECT group_concat(node_id, ',') FROM replicas r"
+                " WHERE r.chunk_id = c.chunk_id),"
+                " v.dead_since"
+                " FROM versions v JOIN chunks c ON c.version_id = v.id"
+                " WHERE v.state = 'dead' AND v.dead_since < ? ORDER BY v.dead_since LIMIT ?",
+                (dead_before, limit),
+            ).fetchall()
+            return [
+                DeadChunk(vid, cid, tuple(n for n in (nodes or "").split(",") if n), since)
+                for vid, cid, nodes, since in rows
+            ]
+
+        return await self._run(self._tx, tx)
+
+    async def forget_replica(self, chunk_id: str, node_id: str) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM replicas WHERE chunk_id = ? AND node_id = ?", (chunk_id, node_id)
+            )
+
+        await self._run(self._tx, tx)
+
+    async def purge_dead(self) -> int:
+        def tx(db: sqlite3.Connection) -> int:
+            db.execute(
+                "DELETE FROM chunks WHERE version_id IN (SELECT id FROM versions WHERE state ="
+                " 'dead') AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.chunk_id ="
+                " chunks.chunk_id)"
+            )
+            cur = db.execute(
+                "DELETE FROM versions WHERE state = 'dead' AND NOT EXISTS"
+                " (SELECT 1 FROM chunks c WHERE c.version_id = versions.id)"
+            )
+            return cur.rowcount
+
+        return await self._run(self._tx, tx)
+
+    async def known_chunk_ids(self, chunk_ids: Sequence[str]) -> set[str]:
+        def tx(db: sqlite3.Connection) -> set[str]:
+            known: set[str] = set()
+            ids = list(chunk_ids)
+            for start in range(0, len(ids), 500):
+                batch = ids[start : start + 500]
+                marks = ",".join("?" * len(batch))
+                known.update(
+                    row[0]
+                    for row in db.execute(
+                        f"SELECT chunk_id FROM chunks WHERE chunk_id IN ({marks})", batch
+                    )
+                )
+            return known
+
+        return await self._run(self._tx, tx)
+
+
+def _kill(db: sqlite3.Connection, version_id: int, now: float) -> None:
+    db.execute(
+        "UPDATE versions SET state = 'dead', dead_since = ?, lease_expires = NULL WHERE id = ?",
+        (now, version_id),
+    )

@@ -1,0 +1,139 @@
+"""The reaper: gives back the space of dead versions (deleted, overwritten, or uploads that
+were abandoned or whose lease ran out) by deleting their chunks from the nodes.
+
+A dead version that a download still reads is pinned and kept until the download ends or
+``grace`` passes. Versions younger than ``settle`` seconds are left alone, which closes the
+window between a reader's lookup and its pin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import structlog
+
+from dstore.errors import DstoreError
+from dstore.master.cluster import Cluster, NodeState
+from dstore.master.metadata import DeadChunk, MetadataStore
+
+log = structlog.get_logger("dstore.reaper")
+
+
+class ReadPins:
+    """Versions that downloads are reading right now."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[int] = Counter()
+
+    def __repr__(self) -> str:
+        return f"<ReadPins {sum(self._counts.values())} readers of {len(self._counts)} versions>"
+
+    @contextmanager
+    def pin(self, version_id: int) -> Iterator[None]:
+        self._counts[version_id] += 1
+        try:
+            yield
+        finally:
+            self._counts[version_id] -= 1
+            if not self._counts[version_id]:
+                del self._counts[version_id]
+
+    def pinned(self, version_id: int) -> bool:
+        return self._counts[version_id] > 0 if version_id in self._counts else False
+
+
+class Reaper:
+    def __init__(
+        self,
+        meta: MetadataStore,
+        cluster: Cluster,
+        pins: ReadPins,
+        *,
+        grace: float,
+        interval: float = 1.0,
+        settle: float = 2.0,
+        batch: int = 500,
+    ) -> None:
+        self.meta = meta
+        self.cluster = cluster
+        self.pins = pins
+        self.grace = grace
+        self.interval = interval
+        self.settle = settle
+        self.batch = batch
+        self.deleted = 0
+        self.leases_expired = 0
+        self.runs = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self._task and not self._task.done() else "stopped"
+        return f"<Reaper {state}, {self.deleted} chunks deleted, {self.runs} runs>"
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="dstore-reaper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("reaper_failed")  # and try again next interval
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+                await asyncio.sleep(self.settle)  # woken: let the dead version settle first
+            except TimeoutError:
+                pass
+
+    async def run_once(self) -> int:
+        """One pass; returns how many replicas were deleted."""
+        now = time.time()
+        self.runs += 1
+        expired = await self.meta.expire_leases(now)
+        if expired:
+            self.leases_expired += len(expired)
+            log.info("upload_leases_expired", versions=expired)
+        dead = await self.meta.dead_chunks(now - self.settle, self.batch)
+        ready = [
+            c for c in dead if not self.pins.pinned(c.version_id) or c.dead_since < now - self.grace
+        ]
+        results = await asyncio.gather(*(self._delete(c) for c in ready))
+        removed = sum(results)
+        purged = await self.meta.purge_dead()
+        if removed or purged:
+            self.deleted += removed
+            log.info("chunks_reclaimed", replicas=removed, versions=purged)
+        return removed
+
+    async def _delete(self, chunk: DeadChunk) -> int:
+        removed = 0
+        for node_id in chunk.nodes:
+            member = self.cluster.by_id(node_id)
+            if member is None or member.state is NodeState.DOWN:
+                continue  # tried again on a later pass
+            try:
+                await member.client.delete_chunk(chunk.chunk_id, trace="reaper")
+            except DstoreError as exc:
+                log.info(
+                    "chunk_delete_deferred", chunk=chunk.chunk_id, node=node_id, error=str(exc)
+                )
+                continue
+            await self.meta.forget_replica(chunk.chunk_id, node_id)
+            removed += 1
+        return removed
