@@ -213,10 +213,10 @@ class LocalCluster:
         if self.session is not None:
             await self.session.close()
 
-    def file_url(self, name: str) -> str:
-        from urllib.parse import quote
+    def file_url(self, name: str) -> Any:
+        from dstore.client import file_url
 
-        return f"{self.url}/v1/files/{quote(name, safe='')}"
+        return file_url(self.url, name)
 
     async def put(self, name: str, data: bytes | Any, **kw: Any) -> aiohttp.ClientResponse:
         assert self.session is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -24,3 +25,154 @@ async def test_put_get_sizes_byte_exact(cluster: LocalCluster, size: int) -> Non
     assert got == data
     assert got_response.headers["Content-Length"] == str(size)
     assert got_response.headers["ETag"] == body["etag"]
+
+
+async def _chunked(data: bytes, piece: int = 10_000):  # type: ignore[no-untyped-def]
+    for start in range(0, len(data), piece):
+        yield data[start : start + piece]
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK, 5 * CHUNK + 7])
+async def test_chunked_transfer_without_content_length(cluster: LocalCluster, size: int) -> None:
+    data = os.urandom(size)
+    response = await cluster.put("chunked", _chunked(data))
+    assert response.status == 201, await response.text()
+    assert (await response.json())["size"] == size
+    _, got = await cluster.get("chunked")
+    assert got == data
+
+
+async def test_every_chunk_has_replicas_on_distinct_nodes(cluster: LocalCluster) -> None:
+    from dstore.gateway import keys
+
+    await cluster.put("r", os.urandom(20 * CHUNK))
+    version = await cluster.app[keys.META].lookup("r")
+    assert len(version.chunks) == 20
+    for chunk in version.chunks:
+        assert len(set(chunk.nodes)) == 2
+    stored = [len(os.listdir(p)) for n in cluster.nodes for p in [n.config.data_dir / "chunks"]]
+    assert stored  # sanity: folders exist
+    on_disk = sum(1 for n in cluster.nodes for _ in n.config.data_dir.glob("chunks/*/*"))
+    assert on_disk == 40
+
+
+async def test_content_type_and_metadata_headers(cluster: LocalCluster) -> None:
+    response = await cluster.put("doc.json", b"{}", headers={"Content-Type": "application/json"})
+    etag = (await response.json())["etag"]
+    got_response, _ = await cluster.get("doc.json")
+    assert got_response.headers["Content-Type"] == "application/json"
+    assert got_response.headers["ETag"] == etag
+    assert got_response.headers["Accept-Ranges"] == "bytes"
+    assert got_response.headers["Last-Modified"].endswith("GMT")
+    assert got_response.headers["X-Request-Id"]
+
+
+async def test_head_matches_get_without_body(cluster: LocalCluster) -> None:
+    data = os.urandom(3 * CHUNK)
+    await cluster.put("h", data)
+    assert cluster.session is not None
+    async with cluster.session.head(cluster.file_url("h")) as head:
+        assert head.status == 200
+        assert head.headers["Content-Length"] == str(len(data))
+        assert await head.read() == b""
+        get_response, _ = await cluster.get("h")
+        for header in ("ETag", "Last-Modified", "Content-Type", "Content-Length"):
+            assert head.headers[header] == get_response.headers[header]
+
+
+async def test_if_none_match_gives_304_and_412(cluster: LocalCluster) -> None:
+    response = await cluster.put("c", b"one")
+    etag = (await response.json())["etag"]
+    got, body = await cluster.get("c", headers={"If-None-Match": etag})
+    assert got.status == 304 and body == b""
+    got, body = await cluster.get("c", headers={"If-None-Match": '"other"'})
+    assert got.status == 200 and body == b"one"
+    again = await cluster.put("c", b"two", headers={"If-None-Match": "*"})
+    assert again.status == 412
+    _, body = await cluster.get("c")
+    assert body == b"one"
+    fresh = await cluster.put("new", b"x", headers={"If-None-Match": "*"})
+    assert fresh.status == 201
+
+
+async def test_missing_file_is_404_with_json_error(cluster: LocalCluster) -> None:
+    response, body = await cluster.get("nope")
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "not_found"
+    assert cluster.session is not None
+    async with cluster.session.delete(cluster.file_url("nope")) as deleted:
+        assert deleted.status == 404
+
+
+async def test_content_md5_and_sha256_are_verified(cluster: LocalCluster) -> None:
+    import base64
+
+    data = os.urandom(3 * CHUNK + 5)
+    good_md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+    bad_md5 = base64.b64encode(hashlib.md5(b"x").digest()).decode()
+    assert (await cluster.put("m", data, headers={"Content-MD5": good_md5})).status == 201
+    bad = await cluster.put("m2", data, headers={"Content-MD5": bad_md5})
+    assert bad.status == 400
+    sha = hashlib.sha256(data).hexdigest()
+    assert (await cluster.put("s", data, headers={"X-Checksum-Sha256": sha})).status == 201
+    bad = await cluster.put("s2", data, headers={"X-Checksum-Sha256": "00" * 32})
+    assert bad.status == 400
+    malformed = await cluster.put("s3", data, headers={"X-Checksum-Sha256": "zz"})
+    assert malformed.status == 400
+    assert (await cluster.get("m2"))[0].status == 404
+    assert (await cluster.get("s2"))[0].status == 404
+    await cluster.wait_reaped()
+
+
+async def test_overwrite_replaces_atomically_and_reclaims(cluster: LocalCluster) -> None:
+    first, second = os.urandom(7 * CHUNK), os.urandom(2 * CHUNK + 3)
+    await cluster.put("o", first)
+    await cluster.put("o", second)
+    _, got = await cluster.get("o")
+    assert got == second
+    await cluster.wait_reaped()
+    on_disk = sum(1 for n in cluster.nodes for _ in n.config.data_dir.glob("chunks/*/*"))
+    assert on_disk == 3 * 2
+
+
+async def test_delete_makes_name_vanish_and_reclaims_space(cluster: LocalCluster) -> None:
+    await cluster.put("d", os.urandom(9 * CHUNK))
+    assert cluster.session is not None
+    async with cluster.session.delete(cluster.file_url("d")) as response:
+        assert response.status == 204
+    assert (await cluster.get("d"))[0].status == 404
+    await cluster.wait_reaped()
+    assert sum(1 for n in cluster.nodes for _ in n.config.data_dir.glob("chunks/*/*")) == 0
+    for node in cluster.nodes:
+        assert node.store.used == 0
+
+
+async def test_gateway_restart_keeps_every_file(cluster: LocalCluster) -> None:
+    files = {f"dir/file-{i}": os.urandom(i * 10_000) for i in range(8)}
+    for name, data in files.items():
+        assert (await cluster.put(name, data)).status == 201
+    await cluster.restart_gateway()
+    for name, data in files.items():
+        response, got = await cluster.get(name)
+        assert response.status == 200 and got == data
+    assert cluster.session is not None
+    async with cluster.session.get(f"{cluster.url}/v1/cluster") as response:
+        info = await response.json()
+    assert info["files"] == 8 and info["bytes"] == sum(map(len, files.values()))
+    assert {n["state"] for n in info["nodes"]} == {"up"}
+
+
+async def test_health_and_readiness(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster = await make_cluster(nodes=1)
+    assert cluster.session is not None
+    async with cluster.session.get(f"{cluster.url}/healthz") as response:
+        assert response.status == 200
+    async with cluster.session.get(f"{cluster.url}/readyz") as response:
+        assert response.status == 503  # 1 node up, 2 replicas wanted
+    response = await cluster.put("x", b"data")
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "not_enough_nodes"
+    await cluster.add_node()
+    await cluster.restart_gateway(storage=[n.addr for n in cluster.nodes])
+    async with cluster.session.get(f"{cluster.url}/readyz") as response:
+        assert response.status == 200

@@ -26,6 +26,7 @@ log = structlog.get_logger("dstore.gateway")
 def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web.Application:
     app = web.Application(middlewares=[handlers.observe])
     app[keys.CONFIG] = config
+    app.on_response_prepare.append(handlers.add_request_id)
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         meta = SQLiteMetadataStore(config.data_dir / "meta.db")
@@ -70,7 +71,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
             log.info("gateway_stopped")
 
     app.cleanup_ctx.append(services)
-    files = "/v1/files/{name:.+}"
+    files = r"/v1/files/{name:[\s\S]+}"  # any character: names are checked by the handler
     app.router.add_put(files, handlers.put_file)
     app.router.add_get(files, handlers.get_file)  # also answers HEAD
     app.router.add_delete(files, handlers.delete_file)

@@ -62,6 +62,7 @@ def status_of(exc: DstoreError) -> int:
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, errors to JSON, and one canonical log line per request."""
     request_id = request.headers.get("X-Request-Id", "")[:64] or secrets.token_hex(8)
+    request[keys.REQUEST_ID] = request_id
     started = time.monotonic()
     status = 500
     response: web.StreamResponse | None = None
@@ -89,9 +90,14 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 bytes_out=response.body_length if response is not None and response.prepared else 0,
                 ms=round((time.monotonic() - started) * 1000, 2),
             )
-        if not response.prepared:
-            response.headers["X-Request-Id"] = request_id
         return response
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response, streamed ones included, names its request id."""
+    request_id = request.get(keys.REQUEST_ID)
+    if request_id:
+        response.headers["X-Request-Id"] = request_id
 
 
 def _file_headers(version: FileVersion) -> dict[str, str]:

@@ -22,5 +22,6 @@ UPLOADER = web.AppKey("uploader", Uploader)
 DOWNLOADER = web.AppKey("downloader", Downloader)
 
 # per-request values the canonical log line reports
+REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_NAME = web.RequestKey("name", str)
 REQUEST_BYTES_IN = web.RequestKey("bytes_in", int)

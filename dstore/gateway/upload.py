@@ -162,32 +162,41 @@ class Uploader:
         sha = hashlib.sha256() if expect.sha256 is not None else None
         window = asyncio.Semaphore(settings.window)
         checksums: dict[int, bytes] = {}
+        holding = False  # a slot taken for the chunk being filled, not yet handed on
         try:
             async with asyncio.TaskGroup() as group:
+
+                def hand_on(chunk: Chunk) -> None:
+                    nonlocal holding
+                    checksums[chunk.index] = chunk.checksum
+                    task = group.create_task(self._replicate(version_id, chunk, trace))
+                    # a done callback runs even if the task is cancelled before it starts
+                    task.add_done_callback(lambda _: self._give_slot(window, chunk))
+                    holding = False
+
                 await self._take_slot(window)
+                holding = True
                 async for piece in body:
                     if settings.max_object_size is not None and (
                         chunker.total + len(piece) > settings.max_object_size
                     ):
-                        raise TooLarge(
-                            f"file exceeds the limit of {settings.max_object_size} bytes"
-                        )
+                        raise TooLarge(f"file exceeds {settings.max_object_size} bytes")
                     if md5 is not None:
                         md5.update(piece)
                     if sha is not None:
                         sha.update(piece)
                     for chunk in chunker.feed(piece):
-                        checksums[chunk.index] = chunk.checksum
-                        group.create_task(self._store_chunk(version_id, chunk, window, trace))
+                        hand_on(chunk)
                         await self._take_slot(window)
+                        holding = True
                 last = chunker.finish()
-                if last is None:
-                    self._give_slot(window)
-                else:
-                    checksums[last.index] = last.checksum
-                    group.create_task(self._store_chunk(version_id, last, window, trace))
+                if last is not None:
+                    hand_on(last)
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
+        finally:
+            if holding:
+                self._give_slot(window)
         if md5 is not None and md5.digest() != expect.md5:
             raise ChecksumMismatch("body does not match Content-MD5")
         if sha is not None and sha.digest() != expect.sha256:
@@ -202,18 +211,11 @@ class Uploader:
             window.release()
             raise
 
-    def _give_slot(self, window: asyncio.Semaphore) -> None:
+    def _give_slot(self, window: asyncio.Semaphore, chunk: Chunk | None = None) -> None:
+        if chunk is not None:
+            chunk.pieces.clear()  # the bytes go now, not when the task object does
         self.budget.release(self.settings.chunk_size)
         window.release()
-
-    async def _store_chunk(
-        self, version_id: int, chunk: Chunk, window: asyncio.Semaphore, trace: str
-    ) -> None:
-        try:
-            await self._replicate(version_id, chunk, trace)
-        finally:
-            chunk.pieces.clear()
-            self._give_slot(window)
 
     async def _replicate(self, version_id: int, chunk: Chunk, trace: str) -> None:
         """Put one chunk on ``replicas`` nodes, replacing nodes that fail."""

@@ -1,0 +1,238 @@
+"""Ranges, listing, names, placement and space on an in-process cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from urllib.parse import quote
+
+import pytest
+
+from dstore.gateway import keys
+from dstore.gateway.ranges import RangeNotSatisfiable, parse_range
+from tests.conftest import LocalCluster, chunk_files, tmp_files
+
+CHUNK = 64 * 1024
+
+
+def test_parse_range_forms() -> None:
+    assert parse_range(None, 10) is None
+    assert parse_range("bytes=0-4", 10) == (0, 5)
+    assert parse_range("bytes=5-", 10) == (5, 10)
+    assert parse_range("bytes=-3", 10) == (7, 10)
+    assert parse_range("bytes=-30", 10) == (0, 10)
+    assert parse_range("bytes=8-100", 10) == (8, 10)
+    assert parse_range("bytes=0-1,3-4", 10) is None  # several ranges: whole file
+    assert parse_range("items=0-1", 10) is None
+    assert parse_range("bytes=5-2", 10) is None
+    for bad in ("bytes=10-", "bytes=10-20", "bytes=-0"):
+        with pytest.raises(RangeNotSatisfiable):
+            parse_range(bad, 10)
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range("bytes=-5", 0)
+
+
+async def test_ranges_against_a_reference(cluster: LocalCluster) -> None:
+    data = os.urandom(7 * CHUNK + 321)
+    await cluster.put("ranged", data)
+    rng = random.Random(5)
+    size = len(data)
+    cases = [
+        "bytes=0-0",
+        f"bytes={CHUNK - 1}-{CHUNK}",
+        f"bytes={size - 1}-",
+        "bytes=-1",
+        f"bytes=-{size + 5}",
+        f"bytes={CHUNK}-{2 * CHUNK - 1}",
+        "bytes=0-",
+    ]
+    for _ in range(25):
+        a = rng.randrange(size)
+        cases.append(f"bytes={a}-{rng.randrange(a, size + 100)}")
+        cases.append(f"bytes=-{rng.randrange(1, size)}")
+    for header in cases:
+        response, body = await cluster.get("ranged", headers={"Range": header})
+        start, end = parse_range(header, size)  # type: ignore[misc]
+        assert response.status == 206, header
+        assert body == data[start:end], header
+        assert response.headers["Content-Range"] == f"bytes {start}-{end - 1}/{size}"
+        assert response.headers["Content-Length"] == str(end - start)
+
+
+async def test_unsatisfiable_range_is_416(cluster: LocalCluster) -> None:
+    await cluster.put("small", b"12345")
+    response, _ = await cluster.get("small", headers={"Range": "bytes=5-"})
+    assert response.status == 416
+    assert response.headers["Content-Range"] == "bytes */5"
+    await cluster.put("empty", b"")
+    response, _ = await cluster.get("empty", headers={"Range": "bytes=0-"})
+    assert response.status == 416
+
+
+async def test_range_reads_only_the_chunks_it_overlaps(cluster: LocalCluster) -> None:
+    data = os.urandom(10 * CHUNK)
+    await cluster.put("sparse", data)
+    # corrupt every replica of chunk 0: a range inside chunk 5 must not touch it
+    version = await cluster.app[keys.META].lookup("sparse")
+    first = version.chunks[0].chunk_id
+    for node in cluster.nodes:
+        for path in chunk_files(node.config.data_dir):
+            if path.name == first:
+                path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    response, body = await cluster.get(
+        "sparse", headers={"Range": f"bytes={5 * CHUNK}-{5 * CHUNK + 99}"}
+    )
+    assert response.status == 206 and body == data[5 * CHUNK : 5 * CHUNK + 100]
+
+
+async def test_list_pagination_and_prefixes(cluster: LocalCluster) -> None:
+    names = [f"a/{i:03d}" for i in range(25)] + ["b/1", "b/2", "a", "ab", "é/x", "z"]
+    await asyncio.gather(*(cluster.put(n, n.encode()) for n in names))
+    assert cluster.session is not None
+
+    async def listing(**params: str) -> dict:  # type: ignore[type-arg]
+        async with cluster.session.get(f"{cluster.url}/v1/files", params=params) as r:  # type: ignore[union-attr]
+            assert r.status == 200, await r.text()
+            return await r.json()  # type: ignore[no-any-return]
+
+    everything = await listing()
+    assert [f["name"] for f in everything["files"]] == sorted(names)
+    assert everything["next"] is None
+    assert everything["files"][0].keys() == {"name", "size", "etag", "created"}
+    seen, after = [], ""
+    while True:
+        page = await listing(prefix="a/", limit="7", start_after=after)
+        assert len(page["files"]) <= 7
+        seen += [f["name"] for f in page["files"]]
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert seen == sorted(n for n in names if n.startswith("a/"))
+    assert [f["name"] for f in (await listing(prefix="b"))["files"]] == ["b/1", "b/2"]
+    assert [f["name"] for f in (await listing(prefix="a", limit="2"))["files"]] == ["a", "a/000"]
+    assert [f["name"] for f in (await listing(start_after="b/2"))["files"]] == ["z", "é/x"]
+    assert (await listing(prefix="nothing"))["files"] == []
+    for bad in ("0", "10001", "x"):
+        async with cluster.session.get(f"{cluster.url}/v1/files", params={"limit": bad}) as r:
+            assert r.status == 400
+
+
+HOSTILE = [
+    "../../etc/passwd",
+    "a/../b",
+    "..",
+    ".",
+    "/leading",
+    "trailing/",
+    "a//b",
+    "spaces and\ttab",
+    "%2e%2e",
+    "?query#frag",
+    "ünïcødé/名前",
+    "x" * 1024,
+    "back\\slash",
+    "semi;colon",
+    "\U0001f600",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+async def test_hostile_names_are_ordinary_names(cluster: LocalCluster, name: str) -> None:
+    if "\t" in name:
+        name = name.replace("\t", " ")
+    data = name.encode() * 3
+    response = await cluster.put(name, data)
+    assert response.status == 201, (name, await response.text())
+    assert (await response.json())["name"] == name
+    got, body = await cluster.get(name)
+    assert got.status == 200 and body == data
+    for node in cluster.nodes:  # nothing a client sends becomes a path on a node
+        for path in chunk_files(node.config.data_dir):
+            assert path.parent.parent == node.config.data_dir / "chunks"
+
+
+@pytest.mark.parametrize(
+    "raw", ["%00", "a%0Ab", "%7F", "a%1Fb", "%FF%FE", "x" * 1025, quote("é" * 513)]
+)
+async def test_bad_names_are_400(cluster: LocalCluster, raw: str) -> None:
+    assert cluster.session is not None
+    url = f"{cluster.url}/v1/files/{raw}"
+    from yarl import URL
+
+    async with cluster.session.put(URL(url, encoded=True), data=b"x") as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "bad_name"
+    assert sum(len(chunk_files(n.config.data_dir)) for n in cluster.nodes) == 0
+
+
+async def test_chunks_spread_in_proportion_to_free_capacity(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    caps = [4 << 20, 8 << 20, 12 << 20]
+    cluster = await make_cluster(nodes=3, node_settings=[{"capacity": c} for c in caps], replicas=1)
+    await asyncio.gather(*(cluster.put(f"f{i}", os.urandom(6 * CHUNK)) for i in range(30)))
+    counts = [len(chunk_files(n.config.data_dir)) for n in cluster.nodes]
+    assert sum(counts) == 180
+    for count, cap in zip(counts, caps, strict=True):
+        share = cap / sum(caps)
+        assert abs(count / 180 - share) < 0.05, counts
+    used = [n.store.used / n.store.capacity for n in cluster.nodes]
+    assert max(used) - min(used) < 0.05
+
+
+async def test_a_full_node_is_skipped(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster = await make_cluster(
+        nodes=3, node_settings=[{"capacity": 3 * CHUNK}, {}, {}], replicas=2
+    )
+    for i in range(10):
+        assert (await cluster.put(f"f{i}", os.urandom(2 * CHUNK))).status == 201
+    assert cluster.nodes[0].store.used <= 3 * CHUNK
+    for i in range(10):
+        assert (await cluster.get(f"f{i}"))[0].status == 200
+
+
+async def test_a_full_cluster_gives_507_and_leaves_nothing(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster = await make_cluster(nodes=3, node_settings=[{"capacity": 10 * CHUNK}] * 3, replicas=2)
+    assert (await cluster.put("fits", os.urandom(5 * CHUNK))).status == 201
+    before = {p.name for n in cluster.nodes for p in chunk_files(n.config.data_dir)}
+    response = await cluster.put("too-big", os.urandom(40 * CHUNK))
+    assert response.status == 507
+    assert (await response.json())["error"]["code"] == "out_of_space"
+    assert (await cluster.get("too-big"))[0].status == 404
+    await cluster.wait_reaped()
+    after = {p.name for n in cluster.nodes for p in chunk_files(n.config.data_dir)}
+    assert after == before
+    for node in cluster.nodes:
+        assert tmp_files(node.config.data_dir) == []
+    members = cluster.app[keys.CLUSTER].members.values()
+    assert all(m.reserved == 0 for m in members)
+    assert cluster.app[keys.BUDGET].in_use == 0
+
+
+async def test_concurrent_uploads_never_overfill_nodes(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster = await make_cluster(nodes=3, node_settings=[{"capacity": 20 * CHUNK}] * 3, replicas=2)
+    blobs = {f"c{i}": os.urandom(5 * CHUNK) for i in range(10)}
+    results = await asyncio.gather(*(cluster.put(name, data) for name, data in blobs.items()))
+    statuses = dict(zip(blobs, (r.status for r in results), strict=True))
+    assert set(statuses.values()) <= {201, 507} and 201 in statuses.values(), statuses
+    for node in cluster.nodes:
+        assert node.store.used <= node.store.capacity
+    await cluster.wait_reaped()
+    stored = sum(n.store.used for n in cluster.nodes)
+    assert stored == sum(2 * len(blobs[n]) for n, s in statuses.items() if s == 201)
+    for name, status in statuses.items():
+        response, body = await cluster.get(name)
+        assert (response.status, body == blobs[name]) == (
+            (200, True) if status == 201 else (404, False)
+        )
+
+
+async def test_percent_encoded_names_round_trip_through_listing(cluster: LocalCluster) -> None:
+    name = "dir/sub dir/файл?.txt"
+    await cluster.put(name, b"x")
+    assert cluster.session is not None
+    async with cluster.session.get(
+        f"{cluster.url}/v1/files", params={"prefix": "dir/"}
+    ) as response:
+        page = await response.json()
+    assert [f["name"] for f in page["files"]] == [name]
+    assert quote(name, safe="") in str(cluster.file_url(name))
