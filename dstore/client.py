@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
 from typing import IO, Any
 from urllib.parse import quote
@@ -98,7 +98,7 @@ class Client:
             async with self._session.request(method, url, **kw) as response:
                 await self._check(response)
                 if response.status == 204 or method == "HEAD":
-                    return dict(response.headers)
+                    return response.headers.copy()  # case-insensitive
                 return await response.json()
         except aiohttp.ClientError as exc:
             raise DstoreError(f"cannot reach {self.url}: {exc}", code="unreachable") from exc
@@ -141,8 +141,8 @@ class Client:
         except aiohttp.ClientError as exc:
             raise DstoreError(f"download failed: {exc}", code="unreachable") from exc
 
-    async def head(self, name: str) -> dict[str, str]:
-        headers: dict[str, str] = await self._request("HEAD", file_url(self.url, name))
+    async def head(self, name: str) -> Mapping[str, str]:
+        headers: Mapping[str, str] = await self._request("HEAD", file_url(self.url, name))
         return headers
 
     async def delete(self, name: str) -> None:

@@ -96,7 +96,7 @@ async def test_if_none_match_gives_304_and_412(cluster: LocalCluster) -> None:
 
 
 async def test_missing_file_is_404_with_json_error(cluster: LocalCluster) -> None:
-    response, body = await cluster.get("nope")
+    response, _ = await cluster.get("nope")
     assert response.status == 404
     assert (await response.json())["error"]["code"] == "not_found"
     assert cluster.session is not None

@@ -1,0 +1,86 @@
+"""The CLI against a real `dstore up` (gateway + 3 storage node processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def dstore(
+    *args: str, url: str, stdin: bytes | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "dstore", *args],
+        input=stdin,
+        capture_output=True,
+        env=ENV | {"DSTORE_URL": url},
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture
+def local_cluster(tmp_path: Path) -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dstore", "up", "--port", "0", "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "dstore is up" in line, line
+    url = line.split()[3]
+    yield url
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    # the storage node processes are gone too
+    assert (tmp_path / "data" / "cluster-secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_cli_round_trips_a_file_through_dstore_up(local_cluster: str, tmp_path: Path) -> None:
+    source = tmp_path / "source.bin"
+    data = os.urandom(9 * 1024 * 1024 + 11)
+    source.write_bytes(data)
+    put = dstore("put", str(source), "dir/file.bin", url=local_cluster)
+    assert put.returncode == 0, put.stderr
+    assert json.loads(put.stdout)["size"] == len(data)
+    out = tmp_path / "out.bin"
+    got = dstore("get", "dir/file.bin", "-o", str(out), url=local_cluster)
+    assert got.returncode == 0, got.stderr
+    assert out.read_bytes() == data
+    piped = dstore("put", "-", "piped", url=local_cluster, stdin=b"from stdin")
+    assert piped.returncode == 0, piped.stderr
+    to_stdout = dstore("get", "piped", "-o", "-", url=local_cluster)
+    assert to_stdout.stdout == b"from stdin"
+    listing = dstore("ls", "dir/", url=local_cluster)
+    assert listing.stdout.decode().split() == [str(len(data)), "dir/file.bin"]
+    stat = json.loads(dstore("stat", "piped", url=local_cluster).stdout)
+    assert stat["Content-Length"] == "10" and stat["ETag"]
+    cluster = json.loads(dstore("cluster", url=local_cluster).stdout)
+    assert [n["state"] for n in cluster["nodes"]] == ["up"] * 3 and cluster["files"] == 2
+    assert dstore("rm", "piped", url=local_cluster).returncode == 0
+    missing = dstore("get", "piped", "-o", str(tmp_path / "x"), url=local_cluster)
+    assert missing.returncode != 0
+    lines = missing.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "404" in lines[0], missing.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.dstore-partial").exists()
+
+
+def test_cli_reports_an_unreachable_gateway_in_one_line(tmp_path: Path) -> None:
+    result = dstore("ls", url="http://127.0.0.1:9")
+    assert result.returncode != 0
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dstore: cannot reach"), result.stderr

@@ -1,0 +1,138 @@
+"""Requests that collide on one name, and memory that stays bounded under load."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import pytest
+import structlog
+
+from dstore.gateway import keys
+from dstore.log import configure
+from tests.conftest import LocalCluster
+
+CHUNK = 64 * 1024
+
+
+async def test_overwrite_while_readers_read_gives_whole_versions(cluster: LocalCluster) -> None:
+    versions = [bytes([i]) * (12 * CHUNK + i * 1000) for i in range(6)]
+    await cluster.put("hot", versions[0])
+    seen: list[bytes] = []
+
+    async def writer() -> None:
+        for data in versions[1:]:
+            assert (await cluster.put("hot", data)).status == 201
+            await asyncio.sleep(0.01)
+
+    async def reader() -> None:
+        for _ in range(15):
+            response, body = await cluster.get("hot")
+            assert response.status == 200
+            seen.append(body)
+
+    await asyncio.gather(writer(), *(reader() for _ in range(4)))
+    for body in seen:
+        assert body in versions  # one whole version, never a mix
+    assert len(set(seen)) > 1
+    await cluster.wait_reaped()
+
+
+async def test_delete_does_not_break_a_download_in_progress(cluster: LocalCluster) -> None:
+    data = os.urandom(40 * CHUNK)
+    await cluster.put("big", data)
+    assert cluster.session is not None
+    async with cluster.session.get(cluster.file_url("big")) as response:
+        first = await response.content.readexactly(CHUNK)
+        async with cluster.session.delete(cluster.file_url("big")) as deleted:
+            assert deleted.status == 204
+        await asyncio.sleep(0.5)  # the reaper runs every 0.2 s in tests
+        rest = await response.content.read()
+    assert first + rest == data
+    assert (await cluster.get("big"))[0].status == 404
+    await cluster.wait_reaped()
+
+
+async def test_if_none_match_star_lets_exactly_one_creator_win(cluster: LocalCluster) -> None:
+    for round_ in range(5):
+        name = f"once-{round_}"
+        payloads = [os.urandom(3 * CHUNK) for _ in range(4)]
+        results = await asyncio.gather(
+            *(cluster.put(name, p, headers={"If-None-Match": "*"}) for p in payloads)
+        )
+        statuses = sorted(r.status for r in results)
+        assert statuses == [201, 412, 412, 412], statuses
+        winner = payloads[[r.status for r in results].index(201)]
+        assert (await cluster.get(name))[1] == winner
+    await cluster.wait_reaped()
+
+
+async def test_concurrent_put_and_delete_end_in_one_consistent_state(cluster: LocalCluster) -> None:
+    assert cluster.session is not None
+    for _ in range(10):
+        data = os.urandom(4 * CHUNK)
+
+        async def delete() -> int:
+            async with cluster.session.delete(cluster.file_url("pd")) as r:  # type: ignore[union-attr]
+                return r.status
+
+        put, status = await asyncio.gather(cluster.put("pd", data), delete())
+        assert put.status == 201 and status in (204, 404)
+        response, body = await cluster.get("pd")
+        assert (response.status == 200 and body == data) or response.status == 404
+    await cluster.wait_reaped()
+
+
+@pytest.mark.parametrize("clients", [12])
+async def test_memory_budget_bounds_concurrent_uploads(make_cluster, clients: int) -> None:  # type: ignore[no-untyped-def]
+    cluster = await make_cluster(memory_budget=4 * CHUNK, window=2, budget_wait=30.0)
+    blobs = [os.urandom(20 * CHUNK + i) for i in range(clients)]
+    results = await asyncio.gather(*(cluster.put(f"m{i}", b) for i, b in enumerate(blobs)))
+    assert all(r.status == 201 for r in results)
+    budget = cluster.app[keys.BUDGET]
+    assert budget.peak <= 4 * CHUNK and budget.in_use == 0
+    for i, data in enumerate(blobs):
+        assert (await cluster.get(f"m{i}"))[1] == data
+
+
+async def test_upload_that_cannot_get_memory_in_time_is_503(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster = await make_cluster(memory_budget=2 * CHUNK, window=2, budget_wait=0.05)
+    gate = asyncio.Event()
+
+    async def slow_body():  # type: ignore[no-untyped-def]
+        yield os.urandom(CHUNK + 1)  # fills one chunk and starts a second
+        await gate.wait()
+        yield b"end"
+
+    # two slow uploads each hold the budget for the chunk they are filling: it is full
+    slow = [asyncio.create_task(cluster.put(f"slow{i}", slow_body())) for i in range(2)]
+    await asyncio.sleep(0.3)
+    assert cluster.app[keys.BUDGET].in_use == 2 * CHUNK
+    blocked = await cluster.put("blocked", os.urandom(3 * CHUNK))
+    assert blocked.status == 503
+    assert (await blocked.json())["error"]["code"] == "overloaded"
+    gate.set()
+    assert [(await s).status for s in slow] == [201, 201]
+    assert cluster.app[keys.BUDGET].in_use == 0
+
+
+async def test_request_id_reaches_the_storage_nodes_logs(cluster: LocalCluster) -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        with structlog.testing.capture_logs(
+            processors=[structlog.contextvars.merge_contextvars]
+        ) as logs:
+            await cluster.put(
+                "traced", os.urandom(2 * CHUNK), headers={"X-Request-Id": "trace-me-42"}
+            )
+            await cluster.get("traced", headers={"X-Request-Id": "trace-me-43"})
+    finally:
+        configure("console", "warning")
+    node_lines = [entry for entry in logs if entry.get("event") == "request"]
+    puts = [e for e in node_lines if e.get("req") == "trace-me-42" and e.get("op") == "put"]
+    gets = [e for e in node_lines if e.get("req") == "trace-me-43" and e.get("op") == "get"]
+    assert len(puts) == 4 and len(gets) == 2  # 2 chunks x 2 replicas; 2 chunks read
+    http = [e for e in logs if e.get("event") == "http_request" and e.get("req") == "trace-me-42"]
+    assert http and http[0]["status"] == 201 and http[0]["name"] == "traced"
+    assert http[0]["bytes_in"] == 2 * CHUNK
