@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import sys
 
-BENCHES = ["protocol"]
+BENCHES = ["protocol", "gateway"]
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from dstore import config as cfg
 from dstore.errors import ConfigError, DstoreError
 from dstore.log import configure as configure_logging
+from dstore.tuning import tune_malloc
 
 ROLES: dict[str, type[Any]] = {"gateway": cfg.GatewayConfig, "storage": cfg.StorageConfig}
 
@@ -86,6 +87,7 @@ def _serve(role: str, argv: Sequence[str]) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 2)
     configure_logging(config.log_format, config.log_level)
+    tune_malloc()
     try:
         if role == "storage":
             from dstore.storage.node import run_storage
@@ -166,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "up":
         from dstore.local import run_local_cluster
+
+        tune_malloc()
 
         try:
             return asyncio.run(

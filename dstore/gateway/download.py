@@ -60,7 +60,7 @@ def spans(version: FileVersion, start: int, end: int) -> list[Span]:
 
 
 class Downloader:
-    def __init__(self, cluster: Cluster, *, read_ahead: int = 2) -> None:
+    def __init__(self, cluster: Cluster, *, read_ahead: int = 3) -> None:
         self.cluster = cluster
         self.read_ahead = read_ahead
         self.failovers = 0
@@ -91,14 +91,17 @@ class Downloader:
                     await task
 
     def _replica_order(self, chunk: ChunkRef) -> list[str]:
-        """Up nodes first, then suspect ones; down nodes are not tried."""
+        """Up nodes first, then suspect ones; down nodes are not tried. Otherwise the
+        chunk's own placement order: each chunk is read from the same replica every time
+        (one copy warm in a page cache, not two), and since placement picked the least
+        loaded nodes first, those first replicas are spread over the nodes."""
         ranked = []
-        for node_id in chunk.nodes:
+        for position, node_id in enumerate(chunk.nodes):
             member = self.cluster.by_id(node_id)
             if member is None or member.state is NodeState.DOWN:
                 continue
-            ranked.append((member.state is not NodeState.UP, node_id))
-        return [node_id for _, node_id in sorted(ranked)]
+            ranked.append((member.state is not NodeState.UP, position, node_id))
+        return [entry[-1] for entry in sorted(ranked)]
 
     async def fetch(self, span: Span, trace: str = "") -> list[memoryview]:
         """The verified bytes of one span, from the first replica that delivers them."""

@@ -196,6 +196,7 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE TABLE IF NOT EXISTS replicas (
     chunk_id    TEXT NOT NULL,
     node_id     TEXT NOT NULL,
+    pos         INTEGER NOT NULL,  -- placement order: reads prefer the first
     PRIMARY KEY (chunk_id, node_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS replicas_node ON replicas (node_id);
@@ -301,17 +302,20 @@ class SQLiteMetadataStore(MetadataStore):
                 (version_id, index, chunk_id, offset, size, checksum),
             )
             db.executemany(
-                "INSERT INTO replicas (chunk_id, node_id) VALUES (?, ?)",
-                [(chunk_id, node) for node in nodes],
+                "INSERT INTO replicas (chunk_id, node_id, pos) VALUES (?, ?, ?)",
+                [(chunk_id, node, pos) for pos, node in enumerate(nodes)],
             )
 
         await self._run(self._tx, tx)
 
     async def add_replicas(self, chunk_id: str, nodes: Sequence[str]) -> None:
         def tx(db: sqlite3.Connection) -> None:
+            (last,) = db.execute(
+                "SELECT COALESCE(MAX(pos), -1) FROM replicas WHERE chunk_id = ?", (chunk_id,)
+            ).fetchone()
             db.executemany(
-                "INSERT OR IGNORE INTO replicas (chunk_id, node_id) VALUES (?, ?)",
-                [(chunk_id, node) for node in nodes],
+                "INSERT OR IGNORE INTO replicas (chunk_id, node_id, pos) VALUES (?, ?, ?)",
+                [(chunk_id, node, last + 1 + i) for i, node in enumerate(nodes)],
             )
 
         await self._run(self._tx, tx)
@@ -389,7 +393,8 @@ class SQLiteMetadataStore(MetadataStore):
             version = self._current(db, name)
             rows = db.execute(
                 "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
-                " (SELECT group_concat(node_id, ',') FROM replicas r WHERE r.chunk_id = c.chunk_id)"
+                " (SELECT group_concat(node_id, ',') FROM (SELECT node_id FROM replicas r"
+                "  WHERE r.chunk_id = c.chunk_id ORDER BY r.pos))"
                 " FROM chunks c WHERE c.version_id = ? ORDER BY c.idx",
                 (version.version_id,),
             ).fetchall()

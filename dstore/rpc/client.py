@@ -103,6 +103,11 @@ class NodeClient:
         )
 
     @property
+    def busy(self) -> int:
+        """Requests in flight on this client's connections."""
+        return self._busy
+
+    @property
     def addr(self) -> str:
         return f"{self.host}:{self.port}"
 

@@ -1,0 +1,246 @@
+"""Gateway benchmarks through a real `dstore up` (gateway + 3 storage node processes):
+
+- single-stream PUT of 1 GiB, replicas 1 and 2, against min(discard-server ceiling,
+  fsync'd disk write / replicas) measured in the same run;
+- single-stream GET of 1 GiB against the generate-server ceiling;
+- gateway peak RSS while uploading 1 GiB and 4 GiB;
+- 4 KiB objects, 16 concurrent clients, replicas 2: PUT/s and GET/s;
+- time to first byte of a GET for a 1 MiB and a 1 GiB file.
+
+    python -m bench gateway        DSTORE_BENCH_GIB=1 (file size), DSTORE_BENCH_BIG_GIB=4
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+
+from bench.protocol import disk_write
+
+GIB = 1 << 30
+SIZE = int(float(os.environ.get("DSTORE_BENCH_GIB", "1")) * GIB)
+BIG = int(float(os.environ.get("DSTORE_BENCH_BIG_GIB", "4")) * GIB)
+PIECE = os.urandom(1 << 20)
+MB = 1e6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Up:
+    """`dstore up` as a process: the gateway is that process (for its RSS)."""
+
+    def __init__(self, data_dir: Path, replicas: int) -> None:
+        self.data_dir = data_dir
+        self.replicas = replicas
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Up:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dstore",
+                "up",
+                "--port",
+                "0",
+                "--replicas",
+                str(self.replicas),
+                "--data-dir",
+                str(self.data_dir),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=dict(os.environ, DSTORE_LOG_LEVEL="warning"),
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.to_thread(self.proc.stdout.readline)
+        self.url = line.split()[3]
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                async with session.get(f"{self.url}/readyz") as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.1)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        await asyncio.to_thread(self.proc.wait, 30)
+
+    def peak_rss(self) -> int:
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        match = re.search(r"VmHWM:\s+(\d+) kB", status)
+        return int(match.group(1)) * 1024 if match else 0
+
+    def rss(self) -> int:
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        return int(match.group(1)) * 1024 if match else 0
+
+
+async def body(size: int) -> AsyncIterator[bytes]:
+    sent = 0
+    while sent < size:
+        n = min(len(PIECE), size - sent)
+        yield PIECE if n == len(PIECE) else PIECE[:n]
+        sent += n
+
+
+async def put(session: aiohttp.ClientSession, url: str, size: int) -> float:
+    start = time.perf_counter()
+    async with session.put(url, data=body(size), headers={"Content-Length": str(size)}) as r:
+        await r.read()
+        assert r.status == 201, (r.status, await r.text())
+    return size / (time.perf_counter() - start)
+
+
+async def get(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
+    """(bytes/s, seconds to first byte)."""
+    start = time.perf_counter()
+    got = 0
+    first = 0.0
+    async with session.get(url) as r:
+        assert r.status == 200
+        async for piece in r.content.iter_any():
+            if not first:
+                first = time.perf_counter() - start
+            got += len(piece)
+    return got / (time.perf_counter() - start), first
+
+
+async def ceilings(size: int) -> tuple[float, float]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.ceiling", str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}/v1/files/x"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"{url}?size=1") as r:
+                        await r.read()
+                        break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+            up = statistics.median([await put(session, url, size) for _ in range(3)])
+            down = statistics.median(
+                [(await get(session, f"{url}?size={size}"))[0] for _ in range(3)]
+            )
+    finally:
+        proc.terminate()
+        proc.wait()
+    return up, down
+
+
+async def small_objects(url: str, clients: int = 16, seconds: float = 5.0) -> tuple[float, float]:
+    data = os.urandom(4096)
+    names = [f"small/{c}/{i}" for c in range(clients) for i in range(100_000)]
+
+    written = [0] * clients
+
+    async def run(op: str, session: aiohttp.ClientSession) -> float:
+        done = 0
+        deadline = time.perf_counter() + seconds
+        start = time.perf_counter()
+
+        async def client(c: int) -> None:
+            nonlocal done
+            i = 0
+            while time.perf_counter() < deadline:
+                name = names[c * 100_000 + (i % written[c] if op == "get" else i)]
+                if op == "put":
+                    async with session.put(f"{url}/v1/files/{name}", data=data) as r:
+                        assert r.status == 201, await r.text()
+                else:
+                    async with session.get(f"{url}/v1/files/{name}") as r:
+                        assert r.status == 200
+                        await r.read()
+                done += 1
+                i += 1
+                if op == "put":
+                    written[c] = i
+
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return done / (time.perf_counter() - start)
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        puts = await run("put", session)
+        gets = await run("get", session)
+    return puts, gets
+
+
+async def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="dstore-bench-", dir=os.environ.get("DSTORE_BENCH_DIR")))
+    print(f"gateway: 1 file of {SIZE / GIB:.2f} GiB, 3 storage nodes, one host")
+    disk = disk_write(256 << 20, root)
+    up_ceiling, down_ceiling = await ceilings(SIZE)
+    print(f"  aiohttp discard-server ceiling (PUT)   {up_ceiling / MB:7.0f} MB/s")
+    print(f"  aiohttp generate-server ceiling (GET)  {down_ceiling / MB:7.0f} MB/s")
+    print(f"  disk write+fsync+rename                {disk / MB:7.0f} MB/s")
+    timeout = aiohttp.ClientTimeout(total=None)
+    for replicas in (1, 2):
+        async with (
+            Up(root / f"r{replicas}", replicas) as cluster,
+            aiohttp.ClientSession(timeout=timeout) as session,
+        ):
+            url = f"{cluster.url}/v1/files/big"
+            rate = await put(session, url, SIZE)
+            ceiling = min(up_ceiling, disk / replicas)
+            print(
+                f"  PUT replicas={replicas}  {rate / MB:7.0f} MB/s   {rate / ceiling:5.2f} x "
+                f"min(discard ceiling, disk/{replicas})   gateway peak RSS "
+                f"{cluster.peak_rss() / 2**20:.0f} MiB"
+            )
+            if replicas == 2:
+                rates = [await get(session, url) for _ in range(3)]
+                grate = statistics.median(r for r, _ in rates)
+                print(
+                    f"  GET                {grate / MB:7.0f} MB/s   {grate / down_ceiling:5.2f} x "
+                    "generate ceiling"
+                )
+                async with session.put(f"{cluster.url}/v1/files/one-mib", data=PIECE) as r:
+                    assert r.status == 201
+                ttfb_small = statistics.median(
+                    [(await get(session, f"{cluster.url}/v1/files/one-mib"))[1] for _ in range(9)]
+                )
+                ttfb_big = statistics.median([(await get(session, url))[1] for _ in range(5)])
+                print(
+                    f"  TTFB  1 MiB file {ttfb_small * 1000:6.1f} ms   1 GiB file "
+                    f"{ttfb_big * 1000:6.1f} ms"
+                )
+                small_put, small_get = await small_objects(cluster.url)
+                print(
+                    f"  4 KiB objects, 16 clients: {small_put:6.0f} PUT/s  {small_get:6.0f} GET/s"
+                )
+    async with Up(root / "rss", 2) as cluster, aiohttp.ClientSession(timeout=timeout) as session:
+        base = cluster.rss()
+        await put(session, f"{cluster.url}/v1/files/one", SIZE)
+        after_one = cluster.peak_rss()
+        await put(session, f"{cluster.url}/v1/files/big", BIG)
+        after_big = cluster.peak_rss()
+        print(
+            f"  gateway RSS: idle {base / 2**20:.0f} MiB, peak after {SIZE / GIB:.0f} GiB "
+            f"{after_one / 2**20:.0f} MiB, after {BIG / GIB:.0f} GiB {after_big / 2**20:.0f} MiB"
+        )
+    subprocess.run(["rm", "-rf", str(root)], check=False)
