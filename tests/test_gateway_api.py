@@ -11,7 +11,7 @@ import pytest
 
 from dstore.gateway import keys
 from dstore.gateway.ranges import RangeNotSatisfiable, parse_range
-from tests.conftest import LocalCluster, chunk_files, tmp_files
+from tests.conftest import LocalCluster, chunk_files, tmp_files, wait_for
 
 CHUNK = 64 * 1024
 
@@ -217,6 +217,14 @@ async def test_concurrent_uploads_never_overfill_nodes(make_cluster) -> None:  #
     for node in cluster.nodes:
         assert node.store.used <= node.store.capacity
     await cluster.wait_reaped()
+
+    def counts_agree() -> bool:  # a delete in flight may have unlinked but not counted yet
+        return all(
+            node.store.used == sum(p.stat().st_size - 32 for p in chunk_files(node.config.data_dir))
+            for node in cluster.nodes
+        )
+
+    await wait_for(counts_agree, timeout=5)
     stored = sum(n.store.used for n in cluster.nodes)
     assert stored == sum(2 * len(blobs[n]) for n, s in statuses.items() if s == 201)
     for name, status in statuses.items():

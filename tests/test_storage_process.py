@@ -57,18 +57,18 @@ async def test_sigterm_finishes_in_flight_request_and_exits_zero(
     client = NodeClient("127.0.0.1", proc.port, SECRET.encode())
     idle = NodeClient("127.0.0.1", proc.port, SECRET.encode())
     await idle.ping()  # an idle pooled connection must not hold up shutdown
-    data = os.urandom(4 << 20)
+    data = os.urandom(8 << 20)  # above the 4 MiB a node gathers before its temp file exists
     chunk_id = new_chunk_id()
     stream = await client._connect()
     await stream.send(
         PutChunk(rid=1, chunk_id=chunk_id, length=len(data), checksum=checksum(data)), flush=False
     )
-    await stream.send_body(memoryview(data)[: 1 << 20])
+    await stream.send_body(memoryview(data)[: 5 << 20])
     await stream.flush()
     await wait_for(lambda: bool(tmp_files(proc.data_dir)))
     proc.signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
-    await stream.send_body(memoryview(data)[1 << 20 :])
+    await stream.send_body(memoryview(data)[5 << 20 :])
     await stream.flush()
     reply = await stream.next_event()
     assert isinstance(reply, Stored) and reply.created

@@ -29,7 +29,6 @@ from dstore.chunk import new_chunk_id
 from dstore.errors import (
     ChecksumMismatch,
     DstoreError,
-    NodeUnavailable,
     NotEnoughNodes,
     OutOfSpace,
 )
@@ -259,7 +258,11 @@ class Uploader:
             try:
                 targets = cluster.place(chunk.size, wanted - len(stored), exclude=tried)
             except (NotEnoughNodes, OutOfSpace) as exc:
-                raise NodeUnavailable(
+                # no node left to take it. If every node that failed was full, the cluster
+                # is out of space (507); otherwise nodes are missing (503)
+                full = all(isinstance(e, OutOfSpace) for _, e in failed)
+                cls = OutOfSpace if full else type(exc)
+                raise cls(
                     f"chunk {chunk.index} could not be stored on {wanted} nodes: {exc}"
                 ) from failed[0][1]
             tried.update(targets)

@@ -271,37 +271,47 @@ class ChunkStore:
         pieces: AsyncIterable[bytes | memoryview],
     ) -> bool:
         """Temp file → fsync → rename → fsync folder, in as few worker-thread hops as
-        possible: one to check for the chunk and create the temp file, one per
-        ``WRITE_SIZE`` of body, one to finish. Received pieces are gathered (not copied)
-        and written with ``writev``. False if an identical chunk was already stored."""
+        possible. Received pieces are gathered (not copied); a chunk of up to
+        ``WRITE_SIZE`` costs one hop that checks for it, writes it with ``writev``,
+        fsyncs and renames it. A larger one is written ``WRITE_SIZE`` at a time as it
+        arrives. False if an identical chunk was already stored."""
         tmp = self.tmp_dir / f"{chunk_id}.{secrets.token_hex(4)}.tmp"
         header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, length, checksum)
         hasher = Hasher()
         received = 0
         gathered: list[bytes | memoryview] = []
         gathered_size = 0
+        existing: tuple[int, bytes] | None = None
         fd = -1
         try:
-            existing, fd = await asyncio.to_thread(self._begin, path, tmp, header)
-            if existing is not None:
-                await self._drain_verified(pieces, checksum)
-                if existing != (length, checksum):
-                    raise ChunkConflict(f"chunk {chunk_id} exists with other content")
-                return False
             async for piece in pieces:
                 hasher.update(piece)
                 received += len(piece)
+                if existing is not None:
+                    continue  # already stored: only verify what is being re-sent
                 gathered.append(piece)
                 gathered_size += len(piece)
                 if gathered_size >= WRITE_SIZE:
+                    if fd < 0:
+                        existing, fd = await asyncio.to_thread(self._begin, path, tmp, header)
+                        if existing is not None:
+                            gathered, gathered_size = [], 0
+                            continue
                     await asyncio.to_thread(_write_all, fd, gathered)
                     gathered, gathered_size = [], 0
             if received != length:
                 raise DstoreError(f"body had {received} bytes, {length} announced")
             if hasher.digest() != checksum:
                 raise ChecksumMismatch(f"chunk {chunk_id}: body does not match its checksum")
-            closing, fd = fd, -1  # _finish closes it, whatever happens
-            await asyncio.to_thread(_finish, closing, gathered, tmp, path)
+            if fd < 0 and existing is None:
+                existing = await asyncio.to_thread(self._store_whole, path, tmp, header, gathered)
+            elif fd >= 0:
+                closing, fd = fd, -1  # _finish closes it, whatever happens
+                await asyncio.to_thread(_finish, closing, gathered, tmp, path)
+            if existing is not None:
+                if existing != (length, checksum):
+                    raise ChunkConflict(f"chunk {chunk_id} exists with other content")
+                return False
             return True
         except OSError as exc:
             await asyncio.to_thread(_abandon, fd, tmp)
@@ -311,6 +321,16 @@ class ChunkStore:
         except BaseException:
             await asyncio.to_thread(_abandon, fd, tmp)
             raise
+
+    def _store_whole(
+        self, path: Path, tmp: Path, header: bytes, pieces: list[bytes | memoryview]
+    ) -> tuple[int, bytes] | None:
+        """One hop for a whole chunk: the stored chunk's header if there is one, else
+        write, fsync, rename and fsync the folder."""
+        existing, fd = self._begin(path, tmp, header)
+        if existing is None:
+            _finish(fd, pieces, tmp, path)
+        return existing
 
     @staticmethod
     async def _drain_verified(pieces: AsyncIterable[bytes | memoryview], checksum: bytes) -> None:
