@@ -255,7 +255,7 @@ async def live_chunk_ids(meta: Any) -> set[str]:
         ).fetchall()
         return {row[0] for row in rows}
 
-    result: set[str] = await meta._run(meta._tx, query)
+    result: set[str] = await meta._submit(query)
     return result
 
 

@@ -52,9 +52,11 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         app[keys.PINS] = pins
         app[keys.REAPER] = reaper
         app[keys.BUDGET] = budget
-        app[keys.UPLOADER] = Uploader(meta, cluster, budget, reaper, settings)
+        uploader = Uploader(meta, cluster, budget, reaper, settings)
+        app[keys.UPLOADER] = uploader
         app[keys.DOWNLOADER] = Downloader(cluster)
         reaper.start()
+        uploader.start()
         log.info(
             "gateway_started",
             nodes=len(cluster.members),
@@ -65,6 +67,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         try:
             yield
         finally:
+            await uploader.stop()
             await reaper.stop()
             await cluster.stop()
             await meta.close()

@@ -20,7 +20,6 @@ import base64
 import hashlib
 import time
 from collections.abc import AsyncIterator
-from contextlib import suppress
 from dataclasses import dataclass
 
 import structlog
@@ -99,9 +98,30 @@ class Uploader:
         self.budget = budget
         self.reaper = reaper
         self.settings = settings
+        self.active: set[int] = set()  # versions being uploaded, whose leases we renew
+        self._keeper: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Uploader chunk={self.settings.chunk_size} replicas={self.settings.replicas}>"
+
+    def start(self) -> None:
+        self._keeper = asyncio.create_task(self._keep_leases(), name="dstore-lease-keeper")
+
+    async def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+            self._keeper = None
+
+    async def _keep_leases(self) -> None:
+        """One task renews every upload's lease in one transaction, every lease/3."""
+        while True:
+            await asyncio.sleep(self.settings.lease / 3)
+            if self.active:
+                try:
+                    await self.meta.renew_leases(sorted(self.active), self.settings.lease)
+                except DstoreError as exc:
+                    log.warning("lease_renewal_failed", error=str(exc))
 
     async def upload(
         self,
@@ -118,7 +138,7 @@ class Uploader:
                 f"{self.cluster.up_count()} storage nodes up, {self.settings.replicas} needed"
             )
         version_id = await self.meta.begin_upload(name, content_type, self.settings.lease)
-        renewer = asyncio.create_task(self._renew(version_id), name=f"lease-{version_id}")
+        self.active.add(version_id)
         committed = False
         started = time.monotonic()
         try:
@@ -133,9 +153,7 @@ class Uploader:
                 self.reaper.wake()
             return result
         finally:
-            renewer.cancel()
-            with suppress(asyncio.CancelledError):
-                await renewer
+            self.active.discard(version_id)
             if not committed:
                 # shielded: a cancelled request must still give up its version
                 await asyncio.shield(self._abort(version_id, time.monotonic() - started))
@@ -146,11 +164,6 @@ class Uploader:
         finally:
             log.info("upload_aborted", version=version_id, seconds=round(seconds, 3))
             self.reaper.wake()
-
-    async def _renew(self, version_id: int) -> None:
-        while True:
-            await asyncio.sleep(self.settings.lease / 3)
-            await self.meta.renew_lease(version_id, self.settings.lease)
 
     async def _store_body(
         self, version_id: int, body: AsyncIterator[bytes], expect: Expectations, trace: str
@@ -275,7 +288,7 @@ class Uploader:
         try:
             await member.client.put_chunk(
                 chunk_id,
-                _iterate(chunk.pieces),
+                chunk.pieces,
                 length=chunk.size,
                 checksum=chunk.checksum,
                 trace=trace,
@@ -283,11 +296,6 @@ class Uploader:
             ok = True
         finally:
             self.cluster.release(node_id, chunk.size, stored=ok)
-
-
-async def _iterate(pieces: list[memoryview]) -> AsyncIterator[memoryview]:
-    for piece in pieces:
-        yield piece
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,7 +95,8 @@ class MetadataStore(abc.ABC):
         """A new pending version with a lease; returns its id."""
 
     @abc.abstractmethod
-    async def renew_lease(self, version_id: int, lease: float) -> None: ...
+    async def renew_leases(self, version_ids: Sequence[int], lease: float) -> None:
+        """Extend the leases of uploads still in progress."""
 
     @abc.abstractmethod
     async def add_chunk(
@@ -203,29 +205,55 @@ CREATE INDEX IF NOT EXISTS replicas_node ON replicas (node_id);
 """
 
 
+class _Op:
+    __slots__ = ("durable", "fn", "future", "loop")
+
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        durable: bool,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+    ) -> None:
+        self.fn = fn
+        self.durable = durable
+        self.loop = loop
+        self.future = future
+
+
 class SQLiteMetadataStore(MetadataStore):
+    """SQLite driven by one dedicated thread with group commit: operations queued while
+    a transaction commits are run together in the next one, each inside its own
+    savepoint (so each stays atomic and a failing one rolls back alone), and share one
+    commit, one fsync for those that must be durable."""
+
+    MAX_GROUP = 128
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.groups = 0
+        self.ops = 0
         self._db: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dstore-sqlite")
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
-        return f"<SQLiteMetadataStore {self.path} {'open' if self._db else 'closed'}>"
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        state = "open" if self._db else "closed"
+        return f"<SQLiteMetadataStore {self.path} {state}, {self.ops} ops in {self.groups} commits>"
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
-        await self._run(self._open)
+        await asyncio.to_thread(self._open)
+        self._thread = threading.Thread(target=self._worker, name="dstore-sqlite", daemon=True)
+        self._thread.start()
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode = WAL")
-        # NORMAL: a commit survives a crash of the process (kill -9); writes that must
-        # survive power loss too (commit, delete) switch to FULL for their transaction.
+        # NORMAL: a commit survives a crash of the process (kill -9); a group holding a
+        # write that must survive power loss too (commit, delete) commits with FULL.
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA foreign_keys = ON")
         db.execute("PRAGMA busy_timeout = 5000")
@@ -233,29 +261,74 @@ class SQLiteMetadataStore(MetadataStore):
         self._db = db
 
     async def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
         if self._db is not None:
-            await self._run(self._db.close)
+            self._db.close()
             self._db = None
-        self._thread.shutdown(wait=True)
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
-        db = self._db
-        if db is None:
+    async def _submit(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        if self._thread is None:
             raise DstoreError("metadata store is closed", code="unavailable")
-        if durable:
-            db.execute("PRAGMA synchronous = FULL")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(fn, durable, loop, future))
+        return await future
+
+    def _worker(self) -> None:
+        db = self._db
+        assert db is not None
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            stop = False
+            while len(group) < self.MAX_GROUP:
+                try:
+                    op = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                group.append(op)
+            self._run_group(db, group)
+            if stop:
+                return
+
+    def _run_group(self, db: sqlite3.Connection, group: list[_Op]) -> None:
+        results: list[tuple[_Op, bool, Any]] = []
+        durable = any(op.durable for op in group)
         try:
+            if durable:
+                db.execute("PRAGMA synchronous = FULL")
             db.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            for op in group:
+                db.execute("SAVEPOINT op")
+                try:
+                    value = op.fn(db)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO op")
+                    db.execute("RELEASE op")
+                    results.append((op, False, exc))
+                else:
+                    db.execute("RELEASE op")
+                    results.append((op, True, value))
             db.execute("COMMIT")
-            return result
+        except Exception as exc:  # the commit itself failed: every op in the group fails
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            results = [(op, False, exc) for op in group]
         finally:
             if durable:
                 db.execute("PRAGMA synchronous = NORMAL")
+        self.groups += 1
+        self.ops += len(group)
+        for op, ok, value in results:
+            op.loop.call_soon_threadsafe(_settle, op.future, ok, value)
 
     # --- uploads --------------------------------------------------------------------------
 
@@ -271,16 +344,18 @@ class SQLiteMetadataStore(MetadataStore):
             assert cur.lastrowid is not None
             return cur.lastrowid
 
-        return await self._run(self._tx, tx)
+        return await self._submit(tx)
 
-    async def renew_lease(self, version_id: int, lease: float) -> None:
+    async def renew_leases(self, version_ids: Sequence[int], lease: float) -> None:
+        expires = time.time() + lease
+
         def tx(db: sqlite3.Connection) -> None:
-            db.execute(
+            db.executemany(
                 "UPDATE versions SET lease_expires = ? WHERE id = ? AND state = 'pending'",
-                (time.time() + lease, version_id),
+                [(expires, version_id) for version_id in version_ids],
             )
 
-        await self._run(self._tx, tx)
+        await self._submit(tx)
 
     async def add_chunk(
         self,
@@ -306,7 +381,7 @@ class SQLiteMetadataStore(MetadataStore):
                 [(chunk_id, node, pos) for pos, node in enumerate(nodes)],
             )
 
-        await self._run(self._tx, tx)
+        await self._submit(tx)
 
     async def add_replicas(self, chunk_id: str, nodes: Sequence[str]) -> None:
         def tx(db: sqlite3.Connection) -> None:
@@ -318,7 +393,7 @@ class SQLiteMetadataStore(MetadataStore):
                 [(chunk_id, node, last + 1 + i) for i, node in enumerate(nodes)],
             )
 
-        await self._run(self._tx, tx)
+        await self._submit(tx)
 
     async def commit(
         self, version_id: int, size: int, etag: str, *, if_absent: bool = False
@@ -361,7 +436,7 @@ class SQLiteMetadataStore(MetadataStore):
             version = FileVersion(name, version_id, size, etag, content_type, now)
             return CommitResult(version, replaced, {"chunks": chunks})
 
-        return await self._run(lambda: self._tx(tx, durable=True))
+        return await self._submit(tx, durable=True)
 
     async def abort(self, version_id: int) -> None:
         def tx(db: sqlite3.Connection) -> None:
@@ -371,7 +446,7 @@ class SQLiteMetadataStore(MetadataStore):
                 (time.time(), version_id),
             )
 
-        await self._run(self._tx, tx)
+        await self._submit(tx)
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -386,7 +461,7 @@ class SQLiteMetadataStore(MetadataStore):
         return FileVersion(name, *row)
 
     async def head(self, name: str) -> FileVersion:
-        return await self._run(self._tx, lambda db: self._current(db, name))
+        return await self._submit(lambda db: self._current(db, name))
 
     async def lookup(self, name: str) -> FileVersion:
         def tx(db: sqlite3.Connection) -> FileVersion:
@@ -412,7 +487,7 @@ class SQLiteMetadataStore(MetadataStore):
                 chunks,
             )
 
-        return await self._run(self._tx, tx)
+        return await self._submit(tx)
 
     async def delete(self, name: str) -> int:
         def tx(db: sqlite3.Connection) -> int:
@@ -423,7 +498,7 @@ class SQLiteMetadataStore(MetadataStore):
             _kill(db, row[0], time.time())
             return int(row[0])
 
-        return await self._run(lambda: self._tx(tx, durable=True))
+        return await self._submit(tx, durable=True)
 
     async def list_files(
         self, prefix: str, start_after: str, limit: int
@@ -449,7 +524,7 @@ class SQLiteMetadataStore(MetadataStore):
             files = [FileInfo(*row) for row in rows[:limit]]
             return files, (files[-1].name if len(rows) > limit else None)
 
-        return await self._run(self._tx, tx)
+        return await self._submit(tx)
 
     async def totals(self) -> tuple[int, int]:
         def tx(db: sqlite3.Connection) -> tuple[int, int]:
@@ -459,7 +534,7 @@ class SQLiteMetadataStore(MetadataStore):
             ).fetchone()
             return int(files), int(size)
 
-        return await self._run(self._tx, tx)
+        return await self._submit(tx)
 
     # --- reclaiming -----------------------------------------------------------------------
 
@@ -476,7 +551,7 @@ class SQLiteMetadataStore(MetadataStore):
                 _kill(db, version_id, now)
             return ids
 
-        return await self._run(self._tx, tx)
+        return await self._submit(tx)
 
     async def dead_chunks(self, dead_before: float, limit: int) -> list[DeadChunk]:
         def tx(db: sqlite3.Connection) -> list[DeadChunk]:
@@ -494,7 +569,7 @@ class SQLiteMetadataStore(MetadataStore):
                 for vid, cid, nodes, since in rows
             ]
 
-        return await self._run(self._tx, tx)
+        return await self._submit(tx)
 
     async def forget_replica(self, chunk_id: str, node_id: str) -> None:
         def tx(db: sqlite3.Connection) -> None:
@@ -502,7 +577,7 @@ class SQLiteMetadataStore(MetadataStore):
                 "DELETE FROM replicas WHERE chunk_id = ? AND node_id = ?", (chunk_id, node_id)
             )
 
-        await self._run(self._tx, tx)
+        await self._submit(tx)
 
     async def purge_dead(self) -> int:
         def tx(db: sqlite3.Connection) -> int:
@@ -517,7 +592,7 @@ class SQLiteMetadataStore(MetadataStore):
             )
             return cur.rowcount
 
-        return await self._run(self._tx, tx)
+        return await self._submit(tx)
 
     async def known_chunk_ids(self, chunk_ids: Sequence[str]) -> set[str]:
         def tx(db: sqlite3.Connection) -> set[str]:
@@ -534,7 +609,16 @@ class SQLiteMetadataStore(MetadataStore):
                 )
             return known
 
-        return await self._run(self._tx, tx)
+        return await self._submit(tx)
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.cancelled():
+        return  # the caller gave up waiting; the transaction stands as it was decided
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
 def _kill(db: sqlite3.Connection, version_id: int, now: float) -> None:

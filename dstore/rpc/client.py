@@ -51,7 +51,7 @@ from dstore.protocol import (
     Stored,
     Welcome,
 )
-from dstore.rpc.transport import Connector, FramedStream, open_tcp
+from dstore.rpc.transport import CORK_LIMIT, Connector, FramedStream, open_tcp
 
 BODY_PIECE = 1 << 20
 
@@ -205,28 +205,37 @@ class NodeClient:
     async def put_chunk(
         self,
         chunk_id: str,
-        data: bytes | bytearray | memoryview | AsyncIterable[bytes | memoryview],
+        data: bytes | bytearray | memoryview | list[memoryview] | AsyncIterable[bytes | memoryview],
         *,
         length: int,
         checksum: bytes,
         trace: str = "",
     ) -> bool:
-        """Store a chunk durably on the node; returns False if it was there already."""
+        """Store a chunk durably on the node; returns False if it was there already.
+        ``data`` is the whole body, a list of its pieces, or an async iterable of them."""
         request = PutChunk(
             rid=self._rid(), trace=trace, chunk_id=chunk_id, length=length, checksum=checksum
         )
         async with self._request() as stream:
+            if length <= CORK_LIMIT:
+                stream.cork()
             await stream.send(request, flush=False)
             if isinstance(data, bytes | bytearray | memoryview):
                 view = memoryview(data)
                 for start in range(0, len(view), BODY_PIECE):
                     await stream.send_body(view[start : start + BODY_PIECE])
-            else:
-                async for piece in data:
+            elif isinstance(data, list):
+                for piece in data:
                     await stream.send_body(piece)
+            else:
+                async for streamed in data:
+                    await stream.send_body(streamed)
             if stream.conn.body_owed:
                 raise DstoreError(f"chunk body ended {stream.conn.body_owed} bytes short")
-            await stream.flush()
+            if length <= CORK_LIMIT:
+                await stream.uncork()
+            else:
+                await stream.flush()
             stored: Stored = _expect(await stream.next_event(), Stored)
             return stored.created
 

@@ -15,6 +15,7 @@ from dstore.protocol import NEED_DATA, Connection, Event, Message
 
 READ_SIZE = 1 << 20
 STREAM_LIMIT = 1 << 20  # asyncio buffers up to 2x this before pausing the socket
+CORK_LIMIT = 256 << 10  # messages up to this size are sent with one system call
 
 StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Connector = Callable[[str, int], Awaitable[StreamPair]]
@@ -50,6 +51,7 @@ class FramedStream:
         self._reader = reader
         self._writer = writer
         self._closed = False
+        self._corked: list[bytes | bytearray | memoryview] | None = None
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
@@ -80,9 +82,26 @@ class FramedStream:
         except OSError as exc:
             raise NodeUnavailable(f"read from {self.peer} failed: {exc}") from exc
 
+    def cork(self) -> None:
+        """Hold writes back until ``uncork``: a small request or reply (header, body and
+        trailer) then leaves in one system call instead of several."""
+        self._corked = []
+
+    async def uncork(self) -> None:
+        pieces, self._corked = self._corked, None
+        if pieces:
+            try:
+                self._writer.writelines(pieces)
+            except (OSError, RuntimeError) as exc:
+                raise NodeUnavailable(f"write to {self.peer} failed: {exc}") from exc
+        await self.flush()
+
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise NodeUnavailable(f"connection to {self.peer} is closed")
+        if self._corked is not None:
+            self._corked.append(data)
+            return
         try:
             self._writer.write(data)
             if self._writer.transport.get_write_buffer_size() > STREAM_LIMIT:
@@ -104,7 +123,7 @@ class FramedStream:
 
     async def send(self, message: Message, *, flush: bool = True) -> None:
         await self.write(self.conn.send(message))
-        if flush:
+        if flush and self._corked is None:
             await self.flush()
 
     async def send_body(self, data: bytes | bytearray | memoryview) -> None:

@@ -35,7 +35,7 @@ from dstore.protocol import (
     Stored,
 )
 from dstore.rpc.server import BodyReader, RpcServer
-from dstore.rpc.transport import FramedStream
+from dstore.rpc.transport import CORK_LIMIT, FramedStream
 from dstore.storage.chunkstore import ChunkStore
 
 log = structlog.get_logger("dstore.storage")
@@ -134,19 +134,29 @@ class StorageNode:
             return request.length
         if isinstance(request, GetChunk):
             async with store.reader(request.chunk_id, request.offset, request.length) as reader:
-                await stream.send(
-                    ChunkData(
-                        rid=rid, length=reader.length, size=reader.size, checksum=reader.checksum
-                    ),
-                    flush=False,
-                )
+                small = reader.length <= CORK_LIMIT
+                if small:
+                    stream.cork()
                 try:
-                    async for piece in reader:
-                        await stream.send_body(piece)
-                except ChunkCorrupt:
-                    log.error("chunk_corrupt", chunk=request.chunk_id)
-                    raise
-                await stream.send(Done(rid=rid))
+                    await stream.send(
+                        ChunkData(
+                            rid=rid,
+                            length=reader.length,
+                            size=reader.size,
+                            checksum=reader.checksum,
+                        ),
+                        flush=False,
+                    )
+                    try:
+                        async for piece in reader:
+                            await stream.send_body(piece)
+                    except ChunkCorrupt:
+                        log.error("chunk_corrupt", chunk=request.chunk_id)
+                        raise
+                    await stream.send(Done(rid=rid))
+                finally:
+                    if small:  # also on errors: what was written goes out before them
+                        await stream.uncork()
                 return reader.length
         if isinstance(request, DeleteChunk):
             existed = await store.delete(request.chunk_id)
