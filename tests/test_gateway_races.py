@@ -136,3 +136,14 @@ async def test_request_id_reaches_the_storage_nodes_logs(cluster: LocalCluster) 
     http = [e for e in logs if e.get("event") == "http_request" and e.get("req") == "trace-me-42"]
     assert http and http[0]["status"] == 201 and http[0]["name"] == "traced"
     assert http[0]["bytes_in"] == 2 * CHUNK
+
+
+async def test_downloads_share_the_memory_budget(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster = await make_cluster(memory_budget=4 * CHUNK, window=2, budget_wait=30.0)
+    data = os.urandom(30 * CHUNK + 17)
+    await cluster.put("shared", data)
+    budget = cluster.app[keys.BUDGET]
+    budget.peak = 0
+    results = await asyncio.gather(*(cluster.get("shared") for _ in range(10)))
+    assert all(r.status == 200 and body == data for r, body in results)
+    assert 0 < budget.peak <= 4 * CHUNK and budget.in_use == 0

@@ -54,7 +54,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         app[keys.BUDGET] = budget
         uploader = Uploader(meta, cluster, budget, reaper, settings)
         app[keys.UPLOADER] = uploader
-        app[keys.DOWNLOADER] = Downloader(cluster)
+        app[keys.DOWNLOADER] = Downloader(cluster, budget)
         reaper.start()
         uploader.start()
         log.info(

@@ -14,6 +14,7 @@ No aiohttp here: bytes are handed to any async ``write`` callable.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import structlog
 
 from dstore.chunk import Hasher
 from dstore.errors import ChunkCorrupt, DstoreError, NodeUnavailable
+from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster, NodeState
 from dstore.master.metadata import ChunkRef, FileVersion
 from dstore.rpc.client import NodeClient
@@ -60,35 +62,78 @@ def spans(version: FileVersion, start: int, end: int) -> list[Span]:
 
 
 class Downloader:
-    def __init__(self, cluster: Cluster, *, read_ahead: int = 3) -> None:
+    """Streams versions out of the cluster. Chunk buffers (the one being sent and the
+    read-ahead) come from the gateway's memory budget, shared with uploads: the next
+    chunk waits for room; read-ahead only happens while there is room to spare."""
+
+    def __init__(self, cluster: Cluster, budget: MemoryBudget, *, read_ahead: int = 4) -> None:
         self.cluster = cluster
+        self.budget = budget
         self.read_ahead = read_ahead
         self.failovers = 0
 
     def __repr__(self) -> str:
         return f"<Downloader read_ahead={self.read_ahead}, {self.failovers} failovers>"
 
-    async def stream(
-        self, version: FileVersion, start: int, end: int, write: Write, *, trace: str = ""
-    ) -> None:
-        """Write bytes ``[start, end)`` of ``version``; raises ``NoReplica`` if a chunk
-        cannot be read from any replica (before or after some bytes were written)."""
-        todo = spans(version, start, end)
-        pending: list[asyncio.Task[list[memoryview]]] = []
+    async def read_small(self, span: Span, trace: str = "") -> list[memoryview]:
+        """One span, fetched within the budget, for a response sent in one piece."""
+        await self.budget.acquire(span.length)
         try:
-            for i in range(len(todo)):
-                while len(pending) < self.read_ahead and i + len(pending) < len(todo):
-                    ahead = todo[i + len(pending)]
-                    pending.append(asyncio.create_task(self.fetch(ahead, trace)))
-                pieces = await pending.pop(0)
+            return await self.fetch(span, trace)
+        finally:
+            self.budget.release(span.length)
+
+    async def stream(
+        self,
+        todo: list[Span],
+        write: Write,
+        *,
+        trace: str = "",
+        before_first_write: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Write the spans in order. ``before_first_write`` runs once the first chunk is
+        in hand and verified (the HTTP layer sends its status line then). Raises
+        ``NoReplica`` when a chunk cannot be read from any replica, ``Overloaded`` when
+        no memory frees up for the next chunk in time."""
+        pending: deque[tuple[Span, asyncio.Task[list[memoryview]]]] = deque()
+        held = 0
+        upcoming = 0
+
+        def launch(span: Span) -> None:
+            nonlocal held, upcoming
+            held += span.length
+            upcoming += 1
+            pending.append((span, asyncio.create_task(self.fetch(span, trace))))
+
+        try:
+            while pending or upcoming < len(todo):
+                if not pending:
+                    await self.budget.acquire(todo[upcoming].length)
+                    launch(todo[upcoming])
+                while (
+                    len(pending) < self.read_ahead
+                    and upcoming < len(todo)
+                    and self.budget.try_acquire(todo[upcoming].length)
+                ):
+                    launch(todo[upcoming])
+                span, task = pending.popleft()
+                pieces = await task
+                if before_first_write is not None:
+                    await before_first_write()
+                    before_first_write = None
                 for piece in pieces:
                     await write(piece)
+                del pieces
+                held -= span.length
+                self.budget.release(span.length)
         finally:
-            for task in pending:
+            for _, task in pending:
                 task.cancel()
-            for task in pending:
+            for _, task in pending:
                 with suppress(asyncio.CancelledError, DstoreError):
                     await task
+            if held:
+                self.budget.release(held)
 
     def _replica_order(self, chunk: ChunkRef) -> list[str]:
         """Up nodes first, then suspect ones; down nodes are not tried. Otherwise the

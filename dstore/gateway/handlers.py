@@ -239,21 +239,21 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
     downloader = request.app[keys.DOWNLOADER]
     trace = structlog.contextvars.get_contextvars().get("req", "")
     todo = spans(version, start, end)
-    # the first chunk is fetched and verified before the status line goes out, so a file
-    # that cannot be read at all is a clean 503, not a broken 200
-    first = await downloader.fetch(todo[0], trace)
     if len(todo) == 1 and end - start <= SMALL_RESPONSE:
-        # all of it in hand: headers and body leave in one write
-        return web.Response(status=status, headers=headers, body=b"".join(first))
-    await response.prepare(request)
+        # small: fetched and verified first, then headers and body leave in one write
+        pieces = await downloader.read_small(todo[0], trace)
+        return web.Response(status=status, headers=headers, body=b"".join(pieces))
+
+    async def send_status() -> None:
+        # only once the first chunk is in hand and verified: a file that cannot be
+        # read at all is a clean 503, not a broken 200
+        await response.prepare(request)
+
     try:
-        for piece in first:
-            await response.write(piece)
-        if len(todo) > 1:
-            await downloader.stream(
-                version, todo[1].chunk.offset + todo[1].offset, end, response.write, trace=trace
-            )
+        await downloader.stream(todo, response.write, trace=trace, before_first_write=send_status)
     except DstoreError as exc:
+        if not response.prepared:
+            raise
         # too late for a status: cut the connection so the client sees a short body
         log.error(
             "download_aborted",

@@ -47,6 +47,13 @@ class MemoryBudget:
                 raise Overloaded("the gateway is busy: no memory for another chunk") from exc
             raise
 
+    def try_acquire(self, n: int) -> bool:
+        """Take ``n`` bytes only if they are free now and nobody is waiting."""
+        if self._waiters or self.in_use + n > self.limit:
+            return False
+        self._take(n)
+        return True
+
     def _take(self, n: int) -> None:
         self.in_use += n
         self.peak = max(self.peak, self.in_use)
