@@ -1,0 +1,81 @@
+"""Configuration: precedence flag > env > file > default, parsing, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dstore.config import (
+    GatewayConfig,
+    StorageConfig,
+    load,
+    parse_duration,
+    parse_size,
+)
+from dstore.errors import ConfigError
+
+
+def test_sizes_and_durations() -> None:
+    assert parse_size("4MiB") == 4 << 20
+    assert parse_size("10GiB") == 10 << 30
+    assert parse_size("1.5G") == 1_500_000_000
+    assert parse_size("4096") == 4096 and parse_size(7) == 7
+    assert parse_duration("10m") == 600 and parse_duration("1h30m") == 5400
+    assert parse_duration("250ms") == 0.25 and parse_duration("5") == 5
+    for bad in ("lots", "4XB", "-1", ""):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    for bad in ("soon", "10x", "m10", "-3s"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
+    toml = tmp_path / "storage.toml"
+    toml.write_text('zone = "file"\nport = 7001\ncapacity = "1GiB"\ncluster_secret = "f"\n')
+    env = {"DSTORE_ZONE": "env", "DSTORE_PORT": "7002"}
+    config = load(StorageConfig, {"zone": "flag"}, env=env, config_file=toml)
+    assert config.zone == "flag"  # flag beats env and file
+    assert config.port == 7002  # env beats file
+    assert config.capacity == 1 << 30  # file beats default
+    assert config.host == "127.0.0.1"  # default
+
+
+def test_list_settings_from_env_and_file(tmp_path: Path) -> None:
+    env = {"DSTORE_CLUSTER_SECRET": "s", "DSTORE_STORAGE": "a:1, b:2"}
+    assert load(GatewayConfig, {}, env=env).storage == ["a:1", "b:2"]
+    flags = {"storage": ["c:3"]}
+    assert load(GatewayConfig, flags, env=env).storage == ["c:3"]
+
+
+@pytest.mark.parametrize(
+    ("cls", "flags", "message"),
+    [
+        (StorageConfig, {}, "cluster secret"),
+        (StorageConfig, {"cluster_secret": "s", "capacity": "lots"}, "--capacity"),
+        (StorageConfig, {"cluster_secret": "s", "port": "70000"}, "port"),
+        (GatewayConfig, {"cluster_secret": "s", "listen": "0.0.0.0:8080"}, "non-loopback"),
+        (GatewayConfig, {"cluster_secret": "s", "listen": "nonsense"}, "host:port"),
+        (GatewayConfig, {"cluster_secret": "s", "replicas": "0"}, "replicas"),
+        (GatewayConfig, {"cluster_secret": "s", "chunk_size": "1GiB"}, "chunk size"),
+        (GatewayConfig, {"cluster_secret": "s", "gc_grace": "soon"}, "--gc-grace"),
+    ],
+)
+def test_bad_values_are_refused_with_a_reason(cls: type, flags: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError, match=message):
+        load(cls, flags, env={})
+
+
+def test_unknown_file_setting_is_refused(tmp_path: Path) -> None:
+    toml = tmp_path / "g.toml"
+    toml.write_text('cluster_secret = "s"\nreplicaz = 3\n')
+    with pytest.raises(ConfigError, match="replicaz"):
+        load(GatewayConfig, {}, env={}, config_file=toml)
+
+
+def test_example_configs_load() -> None:
+    root = Path(__file__).resolve().parent.parent / "configs"
+    env = {"DSTORE_CLUSTER_SECRET": "s"}
+    assert load(GatewayConfig, {}, env=env, config_file=root / "gateway.toml").replicas == 2
+    assert load(StorageConfig, {}, env=env, config_file=root / "storage.toml").port == 9001
