@@ -105,20 +105,25 @@ class Downloader:
             upcoming += 1
             pending.append((span, asyncio.create_task(self.fetch(span, trace))))
 
+        def read_ahead() -> None:
+            while (
+                len(pending) < self.read_ahead
+                and upcoming < len(todo)
+                and self.budget.try_acquire(todo[upcoming].length)
+            ):
+                launch(todo[upcoming])
+
         try:
             while pending or upcoming < len(todo):
                 if not pending:
                     await self.budget.acquire(todo[upcoming].length)
                     launch(todo[upcoming])
-                while (
-                    len(pending) < self.read_ahead
-                    and upcoming < len(todo)
-                    and self.budget.try_acquire(todo[upcoming].length)
-                ):
-                    launch(todo[upcoming])
+                if before_first_write is None:
+                    read_ahead()  # not before the first chunk: it alone sets time to first byte
                 span, task = pending.popleft()
                 pieces = await task
                 if before_first_write is not None:
+                    read_ahead()  # the later chunks come while the first goes out
                     await before_first_write()
                     before_first_write = None
                 for piece in pieces:
