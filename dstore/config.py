@@ -160,6 +160,9 @@ class GatewayConfig:
     down_after: int = _opt(3, int, "missed heartbeats before a node is down")
     io_timeout: float = _opt(10.0, parse_duration, "timeout on each read/write to a node")
     reaper_interval: float = _opt(1.0, parse_duration, "how often dead chunks are reclaimed")
+    reconcile_interval: float = _opt(
+        600.0, parse_duration, "how often node inventories are checked for orphaned chunks"
+    )
     grace: float = _opt(10.0, parse_duration, "time to finish in-flight requests on SIGTERM")
     log_format: str = _opt("auto", str, "auto, json or console")
     log_level: str = _opt("info", str, "debug, info, warning, error")

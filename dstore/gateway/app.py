@@ -18,6 +18,7 @@ from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster
 from dstore.master.metadata import SQLiteMetadataStore
 from dstore.master.reaper import ReadPins, Reaper
+from dstore.master.reconcile import Reconciler
 from dstore.rpc.transport import Connector, open_tcp
 
 log = structlog.get_logger("dstore.gateway")
@@ -43,6 +44,9 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         await cluster.start()
         pins = ReadPins()
         reaper = Reaper(meta, cluster, pins, grace=config.gc_grace, interval=config.reaper_interval)
+        reconciler = Reconciler(
+            meta, cluster, grace=config.gc_grace, interval=config.reconcile_interval
+        )
         budget = MemoryBudget(config.memory_budget, config.budget_wait)
         settings = UploadSettings(
             config.chunk_size, config.replicas, config.window, config.lease, config.max_object_size
@@ -51,11 +55,13 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         app[keys.CLUSTER] = cluster
         app[keys.PINS] = pins
         app[keys.REAPER] = reaper
+        app[keys.RECONCILER] = reconciler
         app[keys.BUDGET] = budget
         uploader = Uploader(meta, cluster, budget, reaper, settings)
         app[keys.UPLOADER] = uploader
         app[keys.DOWNLOADER] = Downloader(cluster, budget)
         reaper.start()
+        reconciler.start()
         uploader.start()
         log.info(
             "gateway_started",
@@ -68,6 +74,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
             yield
         finally:
             await uploader.stop()
+            await reconciler.stop()
             await reaper.stop()
             await cluster.stop()
             await meta.close()

@@ -11,6 +11,7 @@ from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster
 from dstore.master.metadata import MetadataStore
 from dstore.master.reaper import ReadPins, Reaper
+from dstore.master.reconcile import Reconciler
 
 CONFIG = web.AppKey("config", GatewayConfig)
 META = web.AppKey("meta", MetadataStore)
@@ -18,6 +19,7 @@ CLUSTER = web.AppKey("cluster", Cluster)
 BUDGET = web.AppKey("budget", MemoryBudget)
 PINS = web.AppKey("pins", ReadPins)
 REAPER = web.AppKey("reaper", Reaper)
+RECONCILER = web.AppKey("reconciler", Reconciler)
 UPLOADER = web.AppKey("uploader", Uploader)
 DOWNLOADER = web.AppKey("downloader", Downloader)
 

@@ -13,7 +13,7 @@ import asyncio
 import enum
 import time
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -47,6 +47,9 @@ class StorageMember:
     reserved: int = 0
     last_seen: float | None = None
     missed: int = 0
+    # identities this address had before: a node that came back empty has lost the
+    # replicas recorded under them (repair brings them back)
+    replaced_ids: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return (
@@ -75,6 +78,7 @@ class StorageMember:
             "used": self.used,
             "chunks": self.chunks,
             "last_seen": self.last_seen,
+            "replaced_ids": self.replaced_ids,
         }
 
 

@@ -163,8 +163,8 @@ class MetadataStore(abc.ABC):
         """Drop dead versions with no replica left; returns how many."""
 
     @abc.abstractmethod
-    async def known_chunk_ids(self, chunk_ids: Sequence[str]) -> set[str]:
-        """Which of these chunk ids any version (live, pending or dead) still knows."""
+    async def known_replicas(self, node_id: str, chunk_ids: Sequence[str]) -> set[str]:
+        """Which of these chunk ids a version (live, pending or dead) expects on this node."""
 
 
 SCHEMA = """
@@ -594,7 +594,7 @@ class SQLiteMetadataStore(MetadataStore):
 
         return await self._submit(tx)
 
-    async def known_chunk_ids(self, chunk_ids: Sequence[str]) -> set[str]:
+    async def known_replicas(self, node_id: str, chunk_ids: Sequence[str]) -> set[str]:
         def tx(db: sqlite3.Connection) -> set[str]:
             known: set[str] = set()
             ids = list(chunk_ids)
@@ -604,7 +604,9 @@ class SQLiteMetadataStore(MetadataStore):
                 known.update(
                     row[0]
                     for row in db.execute(
-                        f"SELECT chunk_id FROM chunks WHERE chunk_id IN ({marks})", batch
+                        "SELECT chunk_id FROM replicas"
+                        f" WHERE node_id = ? AND chunk_id IN ({marks})",
+                        [node_id, *batch],
                     )
                 )
             return known
