@@ -164,9 +164,12 @@ class Cluster:
             self._set_state(member, new, error=str(exc))
             return
         if member.node_id and stat.node_id != member.node_id:
+            # the node came back without its data (a new identity): every replica
+            # recorded for the old id is lost
             log.warning(
-                "node_identity_changed", addr=member.addr, old=member.node_id, new=stat.node_id
+                "node_came_back_empty", addr=member.addr, old=member.node_id, new=stat.node_id
             )
+            member.replaced_ids.append(member.node_id)
         member.node_id = stat.node_id
         member.zone = stat.zone or "default"
         member.capacity = stat.capacity

@@ -127,7 +127,7 @@ class RpcServer:
             log.exception("connection_failed", peer=stream.peer)
         finally:
             del self._connections[task]
-            await stream.aclose()
+            stream.close()  # no waiting: this may run while shutdown cancels us
 
     async def _serve(self, stream: FramedStream, state: _ConnectionState) -> None:
         conn = stream.conn

@@ -129,6 +129,12 @@ class FramedStream:
     async def send_body(self, data: bytes | bytearray | memoryview) -> None:
         await self.write(self.conn.send_body(data))
 
+    def close(self) -> None:
+        """Close without waiting: buffered bytes still go out, then the socket closes."""
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+
     async def aclose(self) -> None:
         if self._closed:
             return

@@ -1,0 +1,279 @@
+"""Failures on an in-process cluster: clients that vanish, nodes that die, hang or come
+back empty, and the clean-up that follows. Each test checks what the client sees and
+what is left on the nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from dstore.chunk import checksum, new_chunk_id
+from dstore.gateway import keys
+from dstore.rpc.client import NodeClient
+from tests.conftest import SECRET, LocalCluster, chunk_files, wait_for
+from tests.faults import FaultProxy
+
+CHUNK = 64 * 1024
+
+
+async def proxied_cluster(
+    make_cluster: Any, nodes: int = 3, **gateway: Any
+) -> tuple[LocalCluster, list[FaultProxy]]:
+    """A cluster whose gateway reaches every node through a fault proxy."""
+    cluster = await make_cluster(nodes=nodes, storage=[], **gateway)
+    proxies = [await FaultProxy("127.0.0.1", n.port).start() for n in cluster.nodes]
+    await cluster.restart_gateway(storage=[p.addr for p in proxies])
+    await wait_for(lambda: cluster.app[keys.CLUSTER].up_count() == nodes)
+    return cluster, proxies
+
+
+async def slow_body(data: bytes, piece: int = CHUNK // 2, pause: float = 0.02, on_half: Any = None):  # type: ignore[no-untyped-def]
+    for i, start in enumerate(range(0, len(data), piece)):
+        if on_half is not None and start >= len(data) // 2 and on_half:
+            await on_half()
+            on_half = None
+        yield data[start : start + piece]
+        await asyncio.sleep(pause)
+        del i
+
+
+def nothing_in_flight(cluster: LocalCluster) -> None:
+    app = cluster.app
+    assert all(m.reserved == 0 for m in app[keys.CLUSTER].members.values())
+    assert app[keys.BUDGET].in_use == 0
+    assert not app[keys.UPLOADER].active
+
+
+# --- 1. client gone mid-upload -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_client_gone_mid_upload_leaves_nothing(cluster: LocalCluster, framing: str) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+    head = "PUT /v1/files/vanishing HTTP/1.1\r\nHost: x\r\n"
+    body = os.urandom(5 * CHUNK)
+    if framing == "content-length":
+        writer.write(f"{head}Content-Length: {20 * CHUNK}\r\n\r\n".encode() + body)
+    else:
+        writer.write(
+            f"{head}Transfer-Encoding: chunked\r\n\r\n".encode()
+            + f"{len(body):x}\r\n".encode()
+            + body
+            + b"\r\n"
+        )
+    await writer.drain()
+    await wait_for(lambda: sum(len(chunk_files(n.config.data_dir)) for n in cluster.nodes) >= 4)
+    writer.close()  # gone, without finishing the body
+    started = time.monotonic()
+    await cluster.wait_reaped(timeout=10)
+    assert time.monotonic() - started < 8  # within seconds, not at the next gc grace
+    assert (await cluster.get("vanishing"))[0].status == 404
+    assert sum(len(chunk_files(n.config.data_dir)) for n in cluster.nodes) == 0
+    await wait_for(lambda: not cluster.app[keys.UPLOADER].active)
+    nothing_in_flight(cluster)
+
+
+async def test_body_shorter_than_content_length_is_not_kept(cluster: LocalCluster) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+    writer.write(
+        b"PUT /v1/files/short HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000
+    )
+    await writer.drain()
+    writer.write_eof()  # half-close: the body ends early
+    await asyncio.sleep(0.3)
+    writer.close()
+    await cluster.wait_reaped()
+    assert (await cluster.get("short"))[0].status == 404
+    nothing_in_flight(cluster)
+
+
+# --- 2. membership --------------------------------------------------------------------------
+
+
+async def test_killed_node_is_shown_not_up_within_3_seconds(make_cluster: Any) -> None:
+    cluster = await make_cluster(heartbeat=1.0, suspect_after=1, down_after=3)
+    assert cluster.session is not None
+
+    async def states() -> list[str]:
+        async with cluster.session.get(f"{cluster.url}/v1/cluster") as r:  # type: ignore[union-attr]
+            return [n["state"] for n in (await r.json())["nodes"]]
+
+    assert await states() == ["up"] * 3
+    victim = cluster.nodes[1]
+    port = victim.port
+    await victim.stop(grace=0)
+    started = time.monotonic()
+    while (await states())[1] == "up":
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - started < 3.0
+    while (await states())[1] != "down":
+        await asyncio.sleep(0.1)
+        assert time.monotonic() - started < 10
+    # placement never picks it: every chunk of a new file avoids it
+    await cluster.put("while-down", os.urandom(10 * CHUNK))
+    version = await cluster.app[keys.META].lookup("while-down")
+    assert all(victim.node_id not in c.nodes for c in version.chunks)
+    # it comes back with its data: up again
+    again = await cluster.add_node(port=port, data_dir=victim.config.data_dir)
+    assert again.node_id == victim.node_id
+    await wait_for(lambda: cluster.app[keys.CLUSTER].up_count() == 3, timeout=10)
+
+
+async def test_node_back_empty_is_shown_as_having_lost_its_replicas(
+    make_cluster: Any, tmp_path: Any
+) -> None:
+    cluster = await make_cluster()
+    await cluster.put("f", os.urandom(6 * CHUNK))
+    victim = cluster.nodes[0]
+    old_id, port = victim.node_id, victim.port
+    await victim.stop(grace=0)
+    await cluster.add_node(port=port, data_dir=tmp_path / "empty-node")
+    assert cluster.session is not None
+    for _ in range(100):
+        async with cluster.session.get(f"{cluster.url}/v1/cluster") as r:
+            nodes = (await r.json())["nodes"]
+        entry = next(n for n in nodes if n["addr"].endswith(f":{port}"))
+        if entry["replaced_ids"]:
+            break
+        await asyncio.sleep(0.1)
+    assert entry["replaced_ids"] == [old_id] and entry["id"] != old_id
+    assert entry["state"] == "up"
+    response, body = await cluster.get("f")  # the other replicas still serve every chunk
+    assert response.status == 200 and len(body) == 6 * CHUNK
+
+
+# --- 3. node lost during an upload ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["refuse", "reset", "blackhole"])
+async def test_upload_survives_node_loss_mid_upload(make_cluster: Any, fault: str) -> None:
+    cluster, proxies = await proxied_cluster(make_cluster, nodes=4, io_timeout=1.0)
+    data = os.urandom(24 * CHUNK)
+
+    async def fail() -> None:
+        await proxies[0].set(fault)
+
+    response = await cluster.put("survivor", slow_body(data, on_half=fail))
+    assert response.status == 201, await response.text()
+    got_response, got = await cluster.get("survivor")
+    assert got_response.status == 200 and got == data
+    version = await cluster.app[keys.META].lookup("survivor")
+    lost = cluster.nodes[0].node_id
+    assert all(len(set(chunk.nodes)) == 2 for chunk in version.chunks)
+    assert lost not in version.chunks[-1].nodes  # chunks after the loss went elsewhere
+    await proxies[0].set("ok")
+    await cluster.wait_reaped()
+    nothing_in_flight(cluster)
+
+
+async def test_upload_fails_cleanly_when_no_node_can_take_the_chunk(make_cluster: Any) -> None:
+    cluster, proxies = await proxied_cluster(make_cluster, nodes=2, io_timeout=1.0)
+    data = os.urandom(24 * CHUNK)
+
+    async def fail() -> None:
+        await proxies[1].set("refuse")
+
+    response = await cluster.put("doomed", slow_body(data, on_half=fail))
+    assert response.status == 503, await response.text()
+    assert (await cluster.get("doomed"))[0].status == 404
+    await proxies[1].set("ok")
+    await wait_for(lambda: cluster.app[keys.CLUSTER].up_count() == 2, timeout=10)
+    await cluster.wait_reaped()  # every chunk written for it, on both nodes, is gone
+    assert sum(len(chunk_files(n.config.data_dir)) for n in cluster.nodes) == 0
+    nothing_in_flight(cluster)
+
+
+async def test_upload_with_a_node_cut_mid_chunk(make_cluster: Any) -> None:
+    cluster, proxies = await proxied_cluster(make_cluster, nodes=3, io_timeout=1.0)
+    data = os.urandom(16 * CHUNK)
+    await proxies[2].set("cut", cut_after=CHUNK // 3)  # dies inside a chunk's body
+    response = await cluster.put("cut", data)
+    assert response.status == 201
+    assert (await cluster.get("cut"))[1] == data
+    await proxies[2].set("ok")
+    await cluster.wait_reaped()
+
+
+# --- 4. node lost during a download ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["refuse", "reset", "blackhole"])
+async def test_download_fails_over_mid_stream(make_cluster: Any, fault: str) -> None:
+    cluster, proxies = await proxied_cluster(
+        make_cluster, nodes=3, io_timeout=1.0, memory_budget=4 * CHUNK
+    )
+    data = os.urandom(40 * CHUNK)
+    assert (await cluster.put("read-me", data)).status == 201
+    version = await cluster.app[keys.META].lookup("read-me")
+    # the node that serves the later chunks first
+    first_choice = version.chunks[-1].nodes[0]
+    victim = next(i for i, n in enumerate(cluster.nodes) if n.node_id == first_choice)
+    assert cluster.session is not None
+    async with cluster.session.get(cluster.file_url("read-me")) as response:
+        assert response.status == 200
+        head = await response.content.readexactly(8 * CHUNK)
+        await proxies[victim].set(fault)
+        rest = await response.content.read()
+    assert head + rest == data
+    assert cluster.app[keys.DOWNLOADER].failovers >= 1
+
+
+async def test_download_without_any_replica_is_cut_not_a_short_200(make_cluster: Any) -> None:
+    cluster, proxies = await proxied_cluster(
+        make_cluster, nodes=2, replicas=1, memory_budget=4 * CHUNK
+    )
+    data = os.urandom(40 * CHUNK)
+    assert (await cluster.put("fragile", data)).status == 201
+    version = await cluster.app[keys.META].lookup("fragile")
+    holder = version.chunks[-1].nodes[0]
+    victim = next(i for i, n in enumerate(cluster.nodes) if n.node_id == holder)
+    assert cluster.session is not None
+    received = b""
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with cluster.session.get(cluster.file_url("fragile")) as response:
+            assert response.status == 200
+            assert response.headers["Content-Length"] == str(len(data))
+            received = await response.content.readexactly(4 * CHUNK)
+            await proxies[victim].set("refuse")
+            received += await response.content.read()
+    assert len(received) < len(data)
+
+
+async def test_download_that_cannot_start_is_503(make_cluster: Any) -> None:
+    cluster, proxies = await proxied_cluster(make_cluster, nodes=2, replicas=2)
+    data = os.urandom(3 * CHUNK)
+    assert (await cluster.put("gone", data)).status == 201
+    for proxy in proxies:
+        await proxy.set("refuse")
+    response, _ = await cluster.get("gone")
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "node_unavailable"
+    for proxy in proxies:
+        await proxy.set("ok")
+
+
+# --- 6. inventory reconciliation ------------------------------------------------------------
+
+
+async def test_reconciliation_deletes_old_orphans_only(make_cluster: Any) -> None:
+    cluster = await make_cluster(gc_grace=1.0)
+    data = os.urandom(5 * CHUNK)
+    await cluster.put("keep", data)
+    node = cluster.nodes[0]
+    orphan = new_chunk_id()
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as client:
+        await client.put_chunk(orphan, b"stray", length=5, checksum=checksum(b"stray"))
+        reconciler = cluster.app[keys.RECONCILER]
+        counts = await reconciler.run_once()
+        assert counts.orphans == 1 and counts.young == 1 and counts.deleted == 0
+        await asyncio.sleep(1.2)
+        counts = await reconciler.run_once()
+        assert counts.deleted == 1
+        assert (await client.stat()).chunks == len(chunk_files(node.config.data_dir))
+    assert orphan not in {p.name for p in chunk_files(node.config.data_dir)}
+    assert (await cluster.get("keep"))[1] == data  # live chunks are never touched
