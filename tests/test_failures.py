@@ -54,7 +54,7 @@ def nothing_in_flight(cluster: LocalCluster) -> None:
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 async def test_client_gone_mid_upload_leaves_nothing(cluster: LocalCluster, framing: str) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+    _, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
     head = "PUT /v1/files/vanishing HTTP/1.1\r\nHost: x\r\n"
     body = os.urandom(5 * CHUNK)
     if framing == "content-length":
@@ -79,7 +79,7 @@ async def test_client_gone_mid_upload_leaves_nothing(cluster: LocalCluster, fram
 
 
 async def test_body_shorter_than_content_length_is_not_kept(cluster: LocalCluster) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+    _, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
     writer.write(
         b"PUT /v1/files/short HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000
     )
