@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import sys
 
-BENCHES = ["protocol", "gateway"]
+BENCHES = ["protocol", "gateway", "failures"]
 
 
 def main() -> None:

@@ -277,3 +277,22 @@ async def test_reconciliation_deletes_old_orphans_only(make_cluster: Any) -> Non
         assert (await client.stat()).chunks == len(chunk_files(node.config.data_dir))
     assert orphan not in {p.name for p in chunk_files(node.config.data_dir)}
     assert (await cluster.get("keep"))[1] == data  # live chunks are never touched
+
+
+async def test_hung_node_is_abandoned_after_heartbeats_not_the_io_timeout(
+    make_cluster: Any,
+) -> None:
+    cluster, proxies = await proxied_cluster(make_cluster, nodes=3, io_timeout=30.0)
+    data = os.urandom(24 * CHUNK)
+
+    async def hang() -> None:
+        await proxies[0].set("blackhole")
+
+    started = time.monotonic()
+    response = await cluster.put("patient", slow_body(data, on_half=hang))
+    assert response.status == 201
+    assert time.monotonic() - started < 10  # far below the 30 s I/O timeout
+    started = time.monotonic()
+    got_response, got = await cluster.get("patient")
+    assert got_response.status == 200 and got == data
+    assert time.monotonic() - started < 10

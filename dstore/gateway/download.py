@@ -160,7 +160,10 @@ class Downloader:
             member = self.cluster.by_id(node_id)
             assert member is not None
             try:
-                return await self._fetch_from(member.client, span, trace)
+                fetch = self._fetch_from(member.client, span, trace)
+                if member.state is NodeState.UP:
+                    return await self.cluster.call(member, fetch)
+                return await fetch  # a suspect node is the last resort: let it try
             except DstoreError as exc:
                 self.failovers += 1
                 errors.append(f"{node_id}: {exc.code}")

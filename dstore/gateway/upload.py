@@ -286,12 +286,15 @@ class Uploader:
         assert member is not None
         ok = False
         try:
-            await member.client.put_chunk(
-                chunk_id,
-                chunk.pieces,
-                length=chunk.size,
-                checksum=chunk.checksum,
-                trace=trace,
+            await self.cluster.call(
+                member,
+                member.client.put_chunk(
+                    chunk_id,
+                    chunk.pieces,
+                    length=chunk.size,
+                    checksum=chunk.checksum,
+                    trace=trace,
+                ),
             )
             ok = True
         finally:
