@@ -5,17 +5,23 @@ what is left on the nodes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import signal
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 
 from dstore.chunk import checksum, new_chunk_id
+from dstore.config import GatewayConfig
 from dstore.gateway import keys
+from dstore.gateway.app import start_gateway
+from dstore.log import configure
 from dstore.rpc.client import NodeClient
-from tests.conftest import SECRET, LocalCluster, chunk_files, wait_for
+from tests.conftest import SECRET, LocalCluster, NodeProcess, chunk_files, wait_for
 from tests.faults import FaultProxy
 
 CHUNK = 64 * 1024
@@ -68,8 +74,16 @@ async def test_client_gone_mid_upload_leaves_nothing(cluster: LocalCluster, fram
         )
     await writer.drain()
     await wait_for(lambda: sum(len(chunk_files(n.config.data_dir)) for n in cluster.nodes) >= 4)
-    writer.close()  # gone, without finishing the body
-    started = time.monotonic()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            writer.close()  # gone, without finishing the body
+            started = time.monotonic()
+            await wait_for(lambda: any(e["event"] == "upload_aborted" for e in logs))
+    finally:
+        configure("console", "warning")
+    (line,) = [e for e in logs if e["event"] == "upload_aborted"]
+    assert line["name"] == "vanishing" and line["reason"] == "client_gone"
     await cluster.wait_reaped(timeout=10)
     assert time.monotonic() - started < 8  # within seconds, not at the next gc grace
     assert (await cluster.get("vanishing"))[0].status == 404
@@ -296,3 +310,54 @@ async def test_hung_node_is_abandoned_after_heartbeats_not_the_io_timeout(
     got_response, got = await cluster.get("patient")
     assert got_response.status == 200 and got == data
     assert time.monotonic() - started < 10
+
+
+async def test_node_processes_killed_with_sigkill_during_upload_and_download(
+    node_process: Any, tmp_path: Any
+) -> None:
+    procs: list[NodeProcess] = [node_process(f"proc{i}") for i in range(4)]
+    config = GatewayConfig(
+        listen="127.0.0.1:0",
+        data_dir=tmp_path / "gw",
+        storage=[f"127.0.0.1:{p.port}" for p in procs],
+        cluster_secret=SECRET,
+        chunk_size=CHUNK,
+        heartbeat=0.2,
+        io_timeout=2.0,
+    )
+    config.validate()
+    runner, port = await start_gateway(config)
+    url = f"http://127.0.0.1:{port}/v1/files/"
+    try:
+        await wait_for(lambda: runner.app[keys.CLUSTER].up_count() == 4)
+        data = os.urandom(40 * CHUNK)
+        async with aiohttp.ClientSession() as session:
+
+            async def kill_one() -> None:
+                procs[0].signal(signal.SIGKILL)
+
+            async with session.put(url + "k", data=slow_body(data, on_half=kill_one)) as r:
+                assert r.status == 201, await r.text()
+            version = await runner.app[keys.META].lookup("k")
+            members = runner.app[keys.CLUSTER]
+            ids = {
+                p.port: m.node_id
+                for m in members.members.values()
+                for p in procs
+                if m.addr.endswith(f":{p.port}")
+            }
+            # a second victim that serves later chunks first, while every chunk keeps a
+            # replica on a node that is still alive
+            victim = next(
+                p
+                for p in procs[1:]
+                if any(c.nodes[0] == ids[p.port] for c in version.chunks[8:])
+                and all(set(c.nodes) - {ids[p.port], ids[procs[0].port]} for c in version.chunks)
+            )
+            async with session.get(url + "k") as r:
+                head = await r.content.readexactly(8 * CHUNK)
+                victim.signal(signal.SIGKILL)
+                rest = await r.content.read()
+            assert head + rest == data
+    finally:
+        await runner.cleanup()

@@ -139,7 +139,6 @@ class Uploader:
             )
         version_id = await self.meta.begin_upload(name, content_type, self.settings.lease)
         self.active.add(version_id)
-        committed = False
         started = time.monotonic()
         try:
             size, checksums = await self._store_body(
@@ -148,21 +147,30 @@ class Uploader:
             result = await self.meta.commit(
                 version_id, size, etag_of(checksums), if_absent=if_absent
             )
-            committed = True
-            if result.replaced is not None:
-                self.reaper.wake()
-            return result
+        except BaseException as exc:
+            # shielded: a cancelled request must still give up its version
+            await asyncio.shield(self._abort(version_id, name, exc, started))
+            raise
         finally:
             self.active.discard(version_id)
-            if not committed:
-                # shielded: a cancelled request must still give up its version
-                await asyncio.shield(self._abort(version_id, time.monotonic() - started))
+        if result.replaced is not None:
+            self.reaper.wake()
+        return result
 
-    async def _abort(self, version_id: int, seconds: float) -> None:
+    async def _abort(self, version_id: int, name: str, why: BaseException, started: float) -> None:
+        """Give the version up; one log line says what happened."""
         try:
             await self.meta.abort(version_id)
         finally:
-            log.info("upload_aborted", version=version_id, seconds=round(seconds, 3))
+            code = why.code if isinstance(why, DstoreError) else type(why).__name__
+            log.info(
+                "upload_aborted",
+                name=name,
+                version=version_id,
+                reason=code,
+                error=str(why),
+                seconds=round(time.monotonic() - started, 3),
+            )
             self.reaper.wake()
 
     async def _store_body(
