@@ -147,3 +147,28 @@ async def test_downloads_share_the_memory_budget(make_cluster) -> None:  # type:
     results = await asyncio.gather(*(cluster.get("shared") for _ in range(10)))
     assert all(r.status == 200 and body == data for r, body in results)
     assert 0 < budget.peak <= 4 * CHUNK and budget.in_use == 0
+
+
+async def test_a_stalled_download_holds_deleted_chunks_only_for_the_grace_period(
+    make_cluster,  # type: ignore[no-untyped-def]
+) -> None:
+    cluster = await make_cluster(gc_grace=1.5, memory_budget=4 * CHUNK)
+    await cluster.put("held", os.urandom(40 * CHUNK))
+    assert cluster.session is not None
+    async with cluster.session.get(cluster.file_url("held")) as response:
+        await response.content.readexactly(CHUNK)  # started, then stalls
+        async with cluster.session.delete(cluster.file_url("held")) as deleted:
+            assert deleted.status == 204
+        pins = cluster.app[keys.PINS]
+        assert pins.pinned((await _version_ids(cluster))[0])
+        await asyncio.sleep(0.8)  # within the grace period: still there
+        assert sum(n.store.count for n in cluster.nodes) == 80
+        await cluster.wait_reaped(timeout=10)  # past it: reclaimed although still pinned
+        response.close()
+
+
+async def _version_ids(cluster: LocalCluster) -> list[int]:
+    def query(db):  # type: ignore[no-untyped-def]
+        return [row[0] for row in db.execute("SELECT id FROM versions ORDER BY id")]
+
+    return await cluster.app[keys.META]._submit(query)  # type: ignore[no-any-return, attr-defined]
