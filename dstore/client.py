@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -154,3 +155,26 @@ class Client:
 
     async def cluster(self) -> Any:
         return await self._request("GET", f"{self.url}/v1/cluster")
+
+
+async def join_cluster(url: str, addr: str, secret: bytes, *, attempts: int = 10) -> Any:
+    """Register a storage node at ``addr`` with the gateway at ``url`` (``--join``)."""
+    from dstore.protocol.handshake import join_proof
+
+    last: Exception | None = None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for attempt in range(attempts):
+            stamp = int(time.time())
+            body = {"addr": addr, "time": stamp, "proof": join_proof(secret, addr, stamp)}
+            try:
+                async with session.post(f"{url.rstrip('/')}/v1/cluster/nodes", json=body) as r:
+                    if r.status == 201:
+                        return await r.json()
+                    text = await r.text()
+                    if r.status in (400, 401, 403):
+                        raise DstoreError(f"join refused: {r.status} {text}", code="join_refused")
+                    last = DstoreError(f"join failed: {r.status} {text}")
+            except aiohttp.ClientError as exc:
+                last = exc
+            await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
+    raise DstoreError(f"could not join {url}: {last}", code="join_failed")

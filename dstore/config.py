@@ -160,6 +160,12 @@ class GatewayConfig:
     down_after: int = _opt(3, int, "missed heartbeats before a node is down")
     io_timeout: float = _opt(10.0, parse_duration, "timeout on each read/write to a node")
     reaper_interval: float = _opt(1.0, parse_duration, "how often dead chunks are reclaimed")
+    repair_delay: float = _opt(
+        300.0, parse_duration, "how long a node may be down before its chunks are re-replicated"
+    )
+    repair_bandwidth: int = _opt(
+        50 << 20, parse_size, "bytes per second repair, drain and rebalance may copy"
+    )
     reconcile_interval: float = _opt(
         600.0, parse_duration, "how often node inventories are checked for orphaned chunks"
     )

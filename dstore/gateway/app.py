@@ -19,6 +19,7 @@ from dstore.master.cluster import Cluster
 from dstore.master.metadata import SQLiteMetadataStore
 from dstore.master.reaper import ReadPins, Reaper
 from dstore.master.reconcile import Reconciler
+from dstore.master.repair import Repairer
 from dstore.rpc.transport import Connector, open_tcp
 
 log = structlog.get_logger("dstore.gateway")
@@ -32,8 +33,11 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
     async def services(app: web.Application) -> AsyncIterator[None]:
         meta = SQLiteMetadataStore(config.data_dir / "meta.db")
         await meta.open()
+        records = {r.addr: r.state for r in await meta.members()}
+        addrs = [a for a in config.storage or [] if records.get(a) != "removed"]
+        addrs += [a for a, state in records.items() if state != "removed" and a not in addrs]
         cluster = Cluster(
-            config.storage or [],
+            addrs,
             config.cluster_secret.encode(),
             heartbeat=config.heartbeat,
             suspect_after=config.suspect_after,
@@ -41,11 +45,22 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
             io_timeout=config.io_timeout,
             connector=connector,
         )
+        for addr, state in records.items():
+            if state == "draining" and addr in cluster.members:
+                cluster.drain(cluster.members[addr])
         await cluster.start()
         pins = ReadPins()
         reaper = Reaper(meta, cluster, pins, grace=config.gc_grace, interval=config.reaper_interval)
         reconciler = Reconciler(
             meta, cluster, grace=config.gc_grace, interval=config.reconcile_interval
+        )
+        repairer = Repairer(
+            meta,
+            cluster,
+            reconciler,
+            replicas=config.replicas,
+            repair_delay=config.repair_delay,
+            bandwidth=config.repair_bandwidth,
         )
         budget = MemoryBudget(config.memory_budget, config.budget_wait)
         settings = UploadSettings(
@@ -56,12 +71,14 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         app[keys.PINS] = pins
         app[keys.REAPER] = reaper
         app[keys.RECONCILER] = reconciler
+        app[keys.REPAIRER] = repairer
         app[keys.BUDGET] = budget
         uploader = Uploader(meta, cluster, budget, reaper, settings)
         app[keys.UPLOADER] = uploader
-        app[keys.DOWNLOADER] = Downloader(cluster, budget)
+        app[keys.DOWNLOADER] = Downloader(cluster, budget, on_bad_replica=repairer.report_bad)
         reaper.start()
         reconciler.start()
+        repairer.start()
         uploader.start()
         log.info(
             "gateway_started",
@@ -74,6 +91,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
             yield
         finally:
             await uploader.stop()
+            await repairer.stop()
             await reconciler.stop()
             await reaper.stop()
             await cluster.stop()
@@ -87,6 +105,8 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
     app.router.add_delete(files, handlers.delete_file)
     app.router.add_get("/v1/files", handlers.list_files)
     app.router.add_get("/v1/cluster", handlers.cluster_info)
+    app.router.add_post("/v1/cluster/nodes", handlers.add_node)
+    app.router.add_delete("/v1/cluster/nodes/{node_id}", handlers.drain_node)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     return app

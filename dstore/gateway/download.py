@@ -66,9 +66,17 @@ class Downloader:
     read-ahead) come from the gateway's memory budget, shared with uploads: the next
     chunk waits for room; read-ahead only happens while there is room to spare."""
 
-    def __init__(self, cluster: Cluster, budget: MemoryBudget, *, read_ahead: int = 4) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        budget: MemoryBudget,
+        *,
+        read_ahead: int = 4,
+        on_bad_replica: Callable[[str, str, str], None] | None = None,
+    ) -> None:
         self.cluster = cluster
         self.budget = budget
+        self.on_bad_replica = on_bad_replica  # read-repair: (chunk id, node id, reason)
         self.read_ahead = read_ahead
         self.failovers = 0
 
@@ -167,6 +175,8 @@ class Downloader:
             except DstoreError as exc:
                 self.failovers += 1
                 errors.append(f"{node_id}: {exc.code}")
+                if exc.code in ("chunk_corrupt", "chunk_not_found") and self.on_bad_replica:
+                    self.on_bad_replica(span.chunk.chunk_id, node_id, exc.code)
                 log.warning(
                     "replica_read_failed",
                     chunk=span.chunk.chunk_id,

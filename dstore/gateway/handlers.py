@@ -15,6 +15,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from dstore.config import parse_hostport
 from dstore.errors import (
     ChecksumMismatch,
     DstoreError,
@@ -29,6 +30,7 @@ from dstore.gateway.ranges import RangeNotSatisfiable, parse_range
 from dstore.gateway.upload import ClientGone, Expectations, TooLarge
 from dstore.master.budget import Overloaded
 from dstore.master.metadata import FileNotFound, FileVersion, PreconditionFailed
+from dstore.protocol import handshake
 
 log = structlog.get_logger("dstore.http")
 
@@ -311,7 +313,13 @@ async def cluster_info(request: web.Request) -> web.StreamResponse:
     files, size = await app[keys.META].totals()
     nodes: list[dict[str, Any]] = [m.as_json() for m in app[keys.CLUSTER].members.values()]
     return web.json_response(
-        {"nodes": nodes, "replicas": app[keys.CONFIG].replicas, "files": files, "bytes": size}
+        {
+            "nodes": nodes,
+            "replicas": app[keys.CONFIG].replicas,
+            "files": files,
+            "bytes": size,
+            "repair": app[keys.REPAIRER].stats(),
+        }
     )
 
 
@@ -325,3 +333,36 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     if up < wanted:
         return error_response(503, "not_ready", f"{up} storage nodes up, {wanted} needed")
     return web.json_response({"status": "ready", "nodes_up": up})
+
+
+async def add_node(request: web.Request) -> web.StreamResponse:
+    """A storage node registers itself (``--join``), proving it knows the cluster secret."""
+    app = request.app
+    try:
+        body = await request.json()
+        addr, stamp, proof = str(body["addr"]), int(body["time"]), str(body["proof"])
+        parse_hostport(addr)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DstoreError(f"expected {{addr, time, proof}}: {exc}", code="bad_request") from None
+    secret = app[keys.CONFIG].cluster_secret.encode()
+    if not handshake.verify_join(secret, addr, stamp, proof, time.time()):
+        return error_response(401, "unauthorized", "join proof does not match the cluster secret")
+    cluster = app[keys.CLUSTER]
+    member = cluster.add(addr)
+    await app[keys.META].set_member(addr, "active")
+    await cluster.refresh()
+    log.info("node_joined", addr=addr, node_id=member.node_id, state=member.state.value)
+    return web.json_response(member.as_json(), status=201)
+
+
+async def drain_node(request: web.Request) -> web.StreamResponse:
+    """Stop placing chunks on a node, copy its chunks away, then remove it."""
+    app = request.app
+    node_id = request.match_info["node_id"]
+    member = app[keys.CLUSTER].by_id(node_id)
+    if member is None:
+        raise FileNotFound(f"no storage node {node_id!r}")
+    app[keys.CLUSTER].drain(member)
+    await app[keys.META].set_member(member.addr, "draining")
+    app[keys.REPAIRER].wake()
+    return web.json_response(member.as_json(), status=202)

@@ -12,6 +12,7 @@ from dstore.master.cluster import Cluster
 from dstore.master.metadata import MetadataStore
 from dstore.master.reaper import ReadPins, Reaper
 from dstore.master.reconcile import Reconciler
+from dstore.master.repair import Repairer
 
 CONFIG = web.AppKey("config", GatewayConfig)
 META = web.AppKey("meta", MetadataStore)
@@ -20,6 +21,7 @@ BUDGET = web.AppKey("budget", MemoryBudget)
 PINS = web.AppKey("pins", ReadPins)
 REAPER = web.AppKey("reaper", Reaper)
 RECONCILER = web.AppKey("reconciler", Reconciler)
+REPAIRER = web.AppKey("repairer", Repairer)
 UPLOADER = web.AppKey("uploader", Uploader)
 DOWNLOADER = web.AppKey("downloader", Downloader)
 

@@ -50,6 +50,7 @@ class StorageMember:
     chunks: int = 0
     reserved: int = 0
     last_seen: float | None = None
+    down_since: float | None = None  # monotonic time it went down
     missed: int = 0
     # identities this address had before: a node that came back empty has lost the
     # replicas recorded under them (repair brings them back)
@@ -132,6 +133,17 @@ class Cluster:
         self.members[addr] = member
         return member
 
+    async def remove(self, addr: str) -> None:
+        member = self.members.pop(addr, None)
+        if member is not None:
+            await member.client.aclose()
+
+    def drain(self, member: StorageMember) -> None:
+        log.info("node_draining", node_id=member.node_id, addr=member.addr)
+        if member.state is NodeState.UP:
+            member.lost.set()
+        member.state = NodeState.DRAINING
+
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -194,6 +206,7 @@ class Cluster:
             member.lost.set()
         elif state is NodeState.UP:
             member.lost = asyncio.Event()
+        member.down_since = time.monotonic() if state is NodeState.DOWN else None
         log.info(
             "node_state",
             addr=member.addr,

@@ -74,6 +74,24 @@ class DeadChunk:
     dead_since: float
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkReplicas:
+    """A chunk as repair sees it: where its copies are meant to be."""
+
+    chunk_id: str
+    size: int
+    checksum: bytes
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRecord:
+    """A storage node the gateway was told about at run time (join, drain)."""
+
+    addr: str
+    state: str  # "active", "draining" or "removed"
+
+
 @dataclass(slots=True)
 class CommitResult:
     version: FileVersion
@@ -163,6 +181,24 @@ class MetadataStore(abc.ABC):
         """Drop dead versions with no replica left; returns how many."""
 
     @abc.abstractmethod
+    async def chunks_on(self, node_ids: Sequence[str], limit: int) -> list[ChunkReplicas]:
+        """Chunks of live or pending versions with a replica on any of these nodes."""
+
+    @abc.abstractmethod
+    async def chunk_replicas(self, chunk_id: str) -> ChunkReplicas | None: ...
+
+    @abc.abstractmethod
+    async def replica_count(self, node_id: str) -> int:
+        """How many replicas are recorded on a node."""
+
+    @abc.abstractmethod
+    async def members(self) -> list[MemberRecord]: ...
+
+    @abc.abstractmethod
+    async def set_member(self, addr: str, state: str | None) -> None:
+        """Record a run-time member (state None: forget it)."""
+
+    @abc.abstractmethod
     async def known_replicas(self, node_id: str, chunk_ids: Sequence[str]) -> set[str]:
         """Which of these chunk ids a version (live, pending or dead) expects on this node."""
 
@@ -202,6 +238,10 @@ CREATE TABLE IF NOT EXISTS replicas (
     PRIMARY KEY (chunk_id, node_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS replicas_node ON replicas (node_id);
+CREATE TABLE IF NOT EXISTS members (
+    addr        TEXT PRIMARY KEY,
+    state       TEXT NOT NULL CHECK (state IN ('active', 'draining', 'removed'))
+) WITHOUT ROWID;
 """
 
 
@@ -593,6 +633,77 @@ class SQLiteMetadataStore(MetadataStore):
             return cur.rowcount
 
         return await self._submit(tx)
+
+    async def chunks_on(self, node_ids: Sequence[str], limit: int) -> list[ChunkReplicas]:
+        ids = list(node_ids)
+        if not ids:
+            return []
+
+        def tx(db: sqlite3.Connection) -> list[ChunkReplicas]:
+            marks = ",".join("?" * len(ids))
+            rows = db.execute(
+                "SELECT c.chunk_id, c.size, c.checksum,"
+                " (SELECT group_concat(node_id, ',') FROM (SELECT node_id FROM replicas r2"
+                "  WHERE r2.chunk_id = c.chunk_id ORDER BY r2.pos))"
+                " FROM chunks c JOIN versions v ON v.id = c.version_id"
+                " WHERE v.state IN ('live', 'pending') AND c.chunk_id IN"
+                f" (SELECT chunk_id FROM replicas WHERE node_id IN ({marks}))"
+                " LIMIT ?",
+                (*ids, limit),
+            ).fetchall()
+            return [
+                ChunkReplicas(cid, size, bytes(cs), tuple(n for n in (nodes or "").split(",") if n))
+                for cid, size, cs, nodes in rows
+            ]
+
+        return await self._submit(tx)
+
+    async def chunk_replicas(self, chunk_id: str) -> ChunkReplicas | None:
+        def tx(db: sqlite3.Connection) -> ChunkReplicas | None:
+            row = db.execute(
+                "SELECT c.chunk_id, c.size, c.checksum,"
+                " (SELECT group_concat(node_id, ',') FROM (SELECT node_id FROM replicas r2"
+                "  WHERE r2.chunk_id = c.chunk_id ORDER BY r2.pos))"
+                " FROM chunks c JOIN versions v ON v.id = c.version_id"
+                " WHERE c.chunk_id = ? AND v.state IN ('live', 'pending')",
+                (chunk_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            cid, size, cs, nodes = row
+            return ChunkReplicas(
+                cid, size, bytes(cs), tuple(n for n in (nodes or "").split(",") if n)
+            )
+
+        return await self._submit(tx)
+
+    async def replica_count(self, node_id: str) -> int:
+        def tx(db: sqlite3.Connection) -> int:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM replicas WHERE node_id = ?", (node_id,)
+            ).fetchone()
+            return int(count)
+
+        return await self._submit(tx)
+
+    async def members(self) -> list[MemberRecord]:
+        def tx(db: sqlite3.Connection) -> list[MemberRecord]:
+            return [MemberRecord(*row) for row in db.execute("SELECT addr, state FROM members")]
+
+        return await self._submit(tx)
+
+    async def set_member(self, addr: str, state: str | None) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            if state is None:
+                db.execute("DELETE FROM members WHERE addr = ?", (addr,))
+            else:
+                db.execute(
+                    "INSERT INTO members (addr, state) VALUES (?, ?)"
+                    " ON CONFLICT (addr) DO UPDATE SET state = excluded.state",
+                    (addr, state),
+                )
+
+        await self._submit(tx, durable=True)
 
     async def known_replicas(self, node_id: str, chunk_ids: Sequence[str]) -> set[str]:
         def tx(db: sqlite3.Connection) -> set[str]:

@@ -77,7 +77,7 @@ class Reconciler:
             if member.state is not NodeState.UP or not member.node_id:
                 continue
             try:
-                counts = await self._reconcile(member)
+                counts = await self.reconcile_member(member)
             except DstoreError as exc:
                 log.warning("reconcile_node_failed", node=member.node_id, error=str(exc))
                 continue
@@ -95,7 +95,11 @@ class Reconciler:
         self.deleted += total.deleted
         return total
 
-    async def _reconcile(self, member: StorageMember) -> ReconcileCounts:
+    async def reconcile_member(
+        self, member: StorageMember, *, grace: float | None = None
+    ) -> ReconcileCounts:
+        """One node's pass; ``grace`` overrides the age below which orphans are kept."""
+        grace = self.grace if grace is None else grace
         counts = ReconcileCounts()
         after = ""
         while True:
@@ -103,7 +107,7 @@ class Reconciler:
             rows = page.chunks
             counts.listed += len(rows)
             known = await self.meta.known_replicas(member.node_id, [r[0] for r in rows])
-            cutoff = time.time() - self.grace
+            cutoff = time.time() - grace
             for chunk_id, _size, mtime in rows:
                 if chunk_id in known:
                     continue

@@ -33,3 +33,21 @@ def client_proof(secret: bytes, client_nonce: bytes, node_nonce: bytes) -> bytes
 
 def verify(expected: bytes, received: bytes) -> bool:
     return hmac.compare_digest(expected, received)
+
+
+JOIN_LABEL = b"dstore-join\x00"
+JOIN_WINDOW = 300.0  # seconds a join request's timestamp may be off
+
+
+def join_proof(secret: bytes, addr: str, timestamp: int) -> str:
+    """What a storage node sends to register with a gateway's admin API: proof that it
+    knows the cluster secret, bound to its address and the time."""
+    return hmac.new(
+        secret, JOIN_LABEL + f"{addr}\x00{timestamp}".encode(), hashlib.sha256
+    ).hexdigest()
+
+
+def verify_join(secret: bytes, addr: str, timestamp: int, proof: str, now: float) -> bool:
+    if abs(now - timestamp) > JOIN_WINDOW:
+        return False
+    return hmac.compare_digest(join_proof(secret, addr, timestamp), proof)

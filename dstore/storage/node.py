@@ -201,5 +201,14 @@ async def run_storage(config: StorageConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"dstore storage node {node.node_id} listening on {node.addr}", flush=True)
+    if config.join:
+        from dstore.client import join_cluster
+
+        try:
+            joined = await join_cluster(config.join, node.addr, config.cluster_secret.encode())
+            log.info("joined_cluster", gateway=config.join, state=joined.get("state"))
+        except DstoreError:
+            await node.stop(grace=0)
+            raise
     await stop.wait()
     await node.stop()

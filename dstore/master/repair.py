@@ -1,0 +1,297 @@
+"""Re-replication: every chunk back to ``replicas`` healthy copies, without an operator.
+
+A replica needs repair when its node has been ``down`` longer than ``repair_delay``, when
+its node came back empty (a new identity at the same address), when a read or the
+node's scrubber found it missing or corrupt, or when its node is draining. Chunks with
+the fewest healthy copies go first. A copy is read from a healthy replica (or the
+draining node), verified against the checksum in the metadata, and written to a node
+chosen by placement (least loaded, not already holding the chunk, another zone where
+possible), throttled to ``bandwidth`` bytes per second so client requests keep their
+latency. Then the metadata moves the replica, and a bad or drained copy is deleted.
+
+A node that returns after its chunks were re-replicated holds surplus copies that no
+version expects there any more: the reconciler trims them (right away for such a node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from dstore.chunk import Hasher
+from dstore.errors import ChunkCorrupt, DstoreError, NotEnoughNodes, OutOfSpace
+from dstore.master.cluster import Cluster, NodeState
+from dstore.master.metadata import ChunkReplicas, MetadataStore
+from dstore.master.reconcile import Reconciler
+
+log = structlog.get_logger("dstore.repair")
+
+
+@dataclass
+class RepairItem:
+    chunk: ChunkReplicas
+    healthy: list[str]  # copies that count
+    leaving: list[str]  # copies on draining nodes: readable, to be moved
+    drop: list[str] = field(default_factory=list)  # copies lost or bad: to be forgotten
+
+
+class Repairer:
+    def __init__(
+        self,
+        meta: MetadataStore,
+        cluster: Cluster,
+        reconciler: Reconciler,
+        *,
+        replicas: int,
+        repair_delay: float,
+        bandwidth: float,
+        interval: float = 1.0,
+        batch: int = 256,
+    ) -> None:
+        self.meta = meta
+        self.cluster = cluster
+        self.reconciler = reconciler
+        self.replicas = replicas
+        self.repair_delay = repair_delay
+        self.bandwidth = bandwidth
+        self.interval = interval
+        self.batch = batch
+        self.bad: dict[str, set[str]] = {}  # chunk id -> nodes whose copy is missing/corrupt
+        self.queue = 0
+        self.queue_bytes = 0
+        self.chunks_repaired = 0
+        self.bytes_repaired = 0
+        self.unrecoverable = 0
+        self._rate = 0.0  # bytes/s of recent repairs, for the ETA
+        self._lost: set[str] = set()  # nodes whose replicas were given up on
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Repairer queue={self.queue}, {self.chunks_repaired} chunks /"
+            f" {self.bytes_repaired} bytes repaired>"
+        )
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="dstore-repair")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def report_bad(self, chunk_id: str, node_id: str, reason: str) -> None:
+        """Read-repair and the scrubber: this copy is missing or corrupt."""
+        log.warning("replica_bad", chunk=chunk_id, node=node_id, reason=reason)
+        self.bad.setdefault(chunk_id, set()).add(node_id)
+        self.wake()
+
+    def stats(self) -> dict[str, object]:
+        eta = self.queue_bytes / self._rate if self._rate > 0 and self.queue_bytes else 0.0
+        return {
+            "queue": self.queue,
+            "queue_bytes": self.queue_bytes,
+            "chunks_repaired": self.chunks_repaired,
+            "bytes_repaired": self.bytes_repaired,
+            "unrecoverable": self.unrecoverable,
+            "eta_seconds": round(eta, 1),
+        }
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                while await self.run_once():
+                    pass  # more work queued behind the batch just done
+            except Exception:
+                log.exception("repair_failed")  # and try again next interval
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    def lost_nodes(self) -> set[str]:
+        now = time.monotonic()
+        lost: set[str] = set()
+        for member in self.cluster.members.values():
+            lost.update(member.replaced_ids)
+            if (
+                member.state is NodeState.DOWN
+                and member.node_id
+                and member.down_since is not None
+                and now - member.down_since >= self.repair_delay
+            ):
+                lost.add(member.node_id)
+        return lost
+
+    async def run_once(self) -> int:
+        """One batch; returns how many chunks were repaired."""
+        await self._trim_returned()
+        lost = self.lost_nodes()
+        self._lost |= lost
+        draining = {
+            m.node_id
+            for m in self.cluster.members.values()
+            if m.state is NodeState.DRAINING and m.node_id
+        }
+        chunks = {
+            c.chunk_id: c for c in await self.meta.chunks_on(sorted(lost | draining), self.batch)
+        }
+        for chunk_id in list(self.bad):
+            found = await self.meta.chunk_replicas(chunk_id)
+            if found is None:
+                del self.bad[chunk_id]  # the chunk itself is gone: nothing to repair
+            else:
+                chunks[chunk_id] = found
+        items = [self._assess(c, lost, draining) for c in chunks.values()]
+        items = [i for i in items if i.drop or i.leaving or len(i.healthy) < self.replicas]
+        items.sort(key=lambda i: len(i.healthy))  # least redundant first
+        self.queue = len(items)
+        self.queue_bytes = sum(i.chunk.size for i in items)
+        done = 0
+        for item in items:
+            if await self._repair(item):
+                done += 1
+            self.queue -= 1
+            self.queue_bytes -= item.chunk.size
+        await self._finish_drains(draining)
+        return done
+
+    def _assess(self, chunk: ChunkReplicas, lost: set[str], draining: set[str]) -> RepairItem:
+        bad = self.bad.get(chunk.chunk_id, set())
+        item = RepairItem(chunk, healthy=[], leaving=[])
+        for node_id in chunk.nodes:
+            if node_id in lost or node_id in bad:
+                item.drop.append(node_id)
+            elif node_id in draining:
+                item.leaving.append(node_id)
+            else:
+                item.healthy.append(node_id)
+        return item
+
+    async def _repair(self, item: RepairItem) -> bool:
+        chunk = item.chunk
+        sources = [n for n in item.healthy + item.leaving if self._usable(n)]
+        missing = self.replicas - len(item.healthy)
+        data: list[memoryview] | None = None
+        started = time.monotonic()
+        if missing > 0:
+            data = await self._read(chunk, sources)
+            if data is None:
+                if not any(self._usable(n) for n in item.healthy + item.leaving):
+                    self.unrecoverable += 1
+                    log.error("chunk_unrecoverable", chunk=chunk.chunk_id, nodes=chunk.nodes)
+                return False
+            exclude = set(chunk.nodes)
+            for _ in range(missing):
+                try:
+                    (target,) = self.cluster.place(chunk.size, 1, exclude=exclude)
+                except (NotEnoughNodes, OutOfSpace) as exc:
+                    log.warning("repair_no_target", chunk=chunk.chunk_id, error=str(exc))
+                    return False
+                exclude.add(target)
+                # the intent first, as for uploads: a copy on a node is always known
+                await self.meta.add_replicas(chunk.chunk_id, [target])
+                if await self._write(chunk, data, target):
+                    item.healthy.append(target)
+                    self.bytes_repaired += chunk.size
+                else:
+                    await self.meta.forget_replica(chunk.chunk_id, target)
+        if len(item.healthy) < self.replicas:
+            return False
+        for node_id in item.drop + item.leaving:
+            await self.meta.forget_replica(chunk.chunk_id, node_id)
+            await self._delete(chunk.chunk_id, node_id)
+        self.bad.pop(chunk.chunk_id, None)
+        self.chunks_repaired += 1
+        if data is not None:
+            elapsed = time.monotonic() - started
+            self._rate = 0.8 * self._rate + 0.2 * (chunk.size / max(elapsed, 1e-6))
+            # throttle: at most `bandwidth` bytes per second of repair traffic
+            await asyncio.sleep(max(0.0, chunk.size / self.bandwidth - elapsed))
+        return True
+
+    def _usable(self, node_id: str) -> bool:
+        member = self.cluster.by_id(node_id)
+        return member is not None and member.state in (NodeState.UP, NodeState.DRAINING)
+
+    async def _read(self, chunk: ChunkReplicas, sources: list[str]) -> list[memoryview] | None:
+        for node_id in sources:
+            member = self.cluster.by_id(node_id)
+            assert member is not None
+            try:
+                async with member.client.open_chunk(chunk.chunk_id, trace="repair") as body:
+                    if body.checksum != chunk.checksum:
+                        raise ChunkCorrupt("stored checksum differs from the metadata")
+                    hasher = Hasher()
+                    pieces = []
+                    async for piece in body:
+                        hasher.update(piece)
+                        pieces.append(piece)
+                if hasher.digest() != chunk.checksum:
+                    raise ChunkCorrupt("bytes differ from their checksum")
+                return pieces
+            except DstoreError as exc:
+                if exc.code in ("chunk_corrupt", "chunk_not_found"):
+                    self.bad.setdefault(chunk.chunk_id, set()).add(node_id)
+                log.warning(
+                    "repair_source_failed", chunk=chunk.chunk_id, node=node_id, error=str(exc)
+                )
+        return None
+
+    async def _write(self, chunk: ChunkReplicas, data: list[memoryview], node_id: str) -> bool:
+        member = self.cluster.by_id(node_id)
+        assert member is not None
+        ok = False
+        try:
+            await self.cluster.call(
+                member,
+                member.client.put_chunk(
+                    chunk.chunk_id, data, length=chunk.size, checksum=chunk.checksum, trace="repair"
+                ),
+            )
+            ok = True
+        except DstoreError as exc:
+            log.warning("repair_write_failed", chunk=chunk.chunk_id, node=node_id, error=str(exc))
+        finally:
+            self.cluster.release(node_id, chunk.size, stored=ok)
+        return ok
+
+    async def _delete(self, chunk_id: str, node_id: str) -> None:
+        member = self.cluster.by_id(node_id)
+        if member is None or member.state is NodeState.DOWN:
+            return  # gone, or trimmed by the reconciler when it returns
+        try:
+            await member.client.delete_chunk(chunk_id, trace="repair")
+        except DstoreError as exc:
+            log.info("repair_delete_deferred", chunk=chunk_id, node=node_id, error=str(exc))
+
+    async def _trim_returned(self) -> None:
+        """A node given up on that is back: its surplus copies go now, not at the next
+        reconciliation."""
+        for member in list(self.cluster.members.values()):
+            if member.node_id in self._lost and member.state is NodeState.UP:
+                self._lost.discard(member.node_id)
+                log.info("trimming_returned_node", node=member.node_id)
+                try:
+                    await self.reconciler.reconcile_member(member, grace=0.0)
+                except DstoreError as exc:
+                    log.warning("trim_failed", node=member.node_id, error=str(exc))
+
+    async def _finish_drains(self, draining: set[str]) -> None:
+        for node_id in draining:
+            member = self.cluster.by_id(node_id)
+            if member is None or await self.meta.replica_count(node_id):
+                continue
+            await self.meta.set_member(member.addr, "removed")
+            await self.cluster.remove(member.addr)
+            log.info("node_drained_and_removed", node=node_id, addr=member.addr)
