@@ -168,6 +168,7 @@ class StorageNode:
                 StatReply(
                     rid=rid,
                     node_id=self.node_id,
+                    zone=self.config.zone,
                     capacity=stats.capacity,
                     used=stats.used,
                     reserved=stats.reserved,

@@ -1,0 +1,171 @@
+"""Replication that heals itself: lost nodes, rotten replicas, drains, joins, zones."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from dstore.gateway import keys
+from dstore.storage.chunkstore import HEADER_SIZE
+from tests.conftest import LocalCluster, chunk_files, wait_for
+
+CHUNK = 64 * 1024
+
+
+async def healthy_copies(cluster: LocalCluster, name: str) -> list[int]:
+    """For each chunk of a file: how many up nodes really hold a good copy of it."""
+    version = await cluster.app[keys.META].lookup(name)
+    alive = {n.node_id: n for n in cluster.nodes if n.server is not None and n.server._server}
+    counts = []
+    for chunk in version.chunks:
+        good = 0
+        for node_id in set(chunk.nodes):
+            node = alive.get(node_id)
+            if node is None:
+                continue
+            try:
+                async with node.store.reader(chunk.chunk_id) as reader:
+                    async for _ in reader:
+                        pass
+                good += 1
+            except Exception:
+                pass
+        counts.append(good)
+    return counts
+
+
+async def repair_done(cluster: LocalCluster, names: list[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = [c for name in names for c in await healthy_copies(cluster, name)]
+        if all(c == 2 for c in counts):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"copies per chunk: {counts}")
+        await asyncio.sleep(0.2)
+
+
+async def test_a_node_lost_for_good_is_re_replicated(make_cluster: Any) -> None:
+    cluster = await make_cluster(nodes=3, repair_delay=0.5)
+    files = {f"f{i}": os.urandom(7 * CHUNK + i) for i in range(5)}
+    for name, data in files.items():
+        assert (await cluster.put(name, data)).status == 201
+    victim = cluster.nodes[0]
+    await victim.stop(grace=0)
+    victim.server._server = None  # type: ignore[union-attr]
+    await repair_done(cluster, list(files))
+    for name, data in files.items():
+        response, got = await cluster.get(name)
+        assert response.status == 200 and got == data
+        version = await cluster.app[keys.META].lookup(name)
+        assert all(victim.node_id not in c.nodes and len(c.nodes) == 2 for c in version.chunks)
+    stats = cluster.app[keys.REPAIRER].stats()
+    assert stats["chunks_repaired"] > 0 and stats["queue"] == 0
+    assert cluster.session is not None
+    async with cluster.session.get(f"{cluster.url}/v1/cluster") as r:
+        assert (await r.json())["repair"]["bytes_repaired"] > 0
+
+
+async def test_a_node_back_after_re_replication_is_trimmed(make_cluster: Any) -> None:
+    cluster = await make_cluster(nodes=3, repair_delay=0.5)
+    data = os.urandom(9 * CHUNK)
+    await cluster.put("f", data)
+    victim = cluster.nodes[0]
+    port, data_dir = victim.port, victim.config.data_dir
+    held = len(chunk_files(data_dir))
+    assert held > 0
+    await victim.stop(grace=0)
+    victim.server._server = None  # type: ignore[union-attr]
+    await repair_done(cluster, ["f"])
+    back = await cluster.add_node(port=port, data_dir=data_dir)
+    assert back.node_id == victim.node_id
+    await wait_for(lambda: len(chunk_files(data_dir)) == 0, timeout=20)  # surplus gone
+    assert (await cluster.get("f"))[1] == data
+
+
+async def test_rotten_replicas_are_never_served_and_are_repaired(make_cluster: Any) -> None:
+    cluster = await make_cluster(nodes=3)
+    data = os.urandom(12 * CHUNK)
+    await cluster.put("rot", data)
+    version = await cluster.app[keys.META].lookup("rot")
+    # flip a byte in the first-choice replica of every chunk
+    by_id = {n.node_id: n for n in cluster.nodes}
+    for chunk in version.chunks:
+        path = by_id[chunk.nodes[0]].store.path_of(chunk.chunk_id)
+        raw = bytearray(path.read_bytes())
+        raw[HEADER_SIZE + len(raw) // 3] ^= 0x01
+        path.write_bytes(raw)
+    response, got = await cluster.get("rot")
+    assert response.status == 200 and got == data  # read from the good copies
+    await repair_done(cluster, ["rot"])  # and the bad ones were replaced
+    assert (await cluster.get("rot"))[1] == data
+
+
+async def test_drain_under_concurrent_reads_empties_and_removes_the_node(
+    make_cluster: Any,
+) -> None:
+    cluster = await make_cluster(nodes=4)
+    files = {f"d{i}": os.urandom(6 * CHUNK + i) for i in range(6)}
+    for name, data in files.items():
+        await cluster.put(name, data)
+    victim = cluster.nodes[0]
+    assert victim.store.count > 0
+    assert cluster.session is not None
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def reader() -> None:
+        while not stop.is_set():
+            for name, data in files.items():
+                response, got = await cluster.get(name)
+                if response.status != 200 or got != data:
+                    failures.append(name)
+
+    readers = [asyncio.create_task(reader()) for _ in range(3)]
+    async with cluster.session.delete(f"{cluster.url}/v1/cluster/nodes/{victim.node_id}") as r:
+        assert r.status == 202 and (await r.json())["state"] == "draining"
+    await wait_for(lambda: victim.addr not in cluster.app[keys.CLUSTER].members, timeout=30)
+    stop.set()
+    await asyncio.gather(*readers)
+    assert failures == []
+    assert victim.store.count == 0
+    await repair_done(cluster, list(files))
+    # a new upload avoids it; the drain survives a gateway restart
+    await cluster.restart_gateway()
+    assert victim.addr not in cluster.app[keys.CLUSTER].members
+
+
+async def test_a_joining_node_takes_new_writes(make_cluster: Any) -> None:
+    from dstore.client import join_cluster
+    from tests.conftest import SECRET
+
+    cluster = await make_cluster(nodes=2)
+    newcomer = await cluster.add_node()
+    joined = await join_cluster(cluster.url, newcomer.addr, SECRET.encode())
+    assert joined["id"] == newcomer.node_id and joined["state"] == "up"
+    await cluster.put("after-join", os.urandom(12 * CHUNK))
+    assert newcomer.store.count > 0  # least loaded: it gets chunks at once
+    # a wrong secret is refused
+    import aiohttp
+    import pytest
+
+    with pytest.raises(Exception, match="join refused"):
+        await join_cluster(cluster.url, "127.0.0.1:1", b"wrong", attempts=1)
+    await cluster.restart_gateway()  # joined nodes are remembered
+    assert newcomer.addr in cluster.app[keys.CLUSTER].members
+    del aiohttp
+
+
+async def test_replicas_go_to_distinct_zones(make_cluster: Any) -> None:
+    zones = ["east", "east", "west", "west"]
+    cluster = await make_cluster(nodes=4, node_settings=[{"zone": z} for z in zones])
+    await wait_for(
+        lambda: all(m.zone != "default" for m in cluster.app[keys.CLUSTER].members.values())
+    )
+    await cluster.put("z", os.urandom(20 * CHUNK))
+    zone_of = {n.node_id: n.config.zone for n in cluster.nodes}
+    version = await cluster.app[keys.META].lookup("z")
+    for chunk in version.chunks:
+        assert {zone_of[n] for n in chunk.nodes} == {"east", "west"}
