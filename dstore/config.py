@@ -127,6 +127,9 @@ class StorageConfig:
     grace: float = _opt(10.0, parse_duration, "time to finish in-flight requests on SIGTERM")
     io_timeout: float = _opt(30.0, parse_duration, "timeout on each network read or write")
     max_chunk_size: int = _opt(256 << 20, parse_size, "largest chunk this node accepts")
+    scrub_rate: int = _opt(
+        8 << 20, parse_size, "bytes per second the scrubber re-reads and verifies (0: off)"
+    )
     log_format: str = _opt("auto", str, "auto, json or console")
     log_level: str = _opt("info", str, "debug, info, warning, error")
 

@@ -20,6 +20,7 @@ from dstore.protocol import (
     ChunkData,
     ChunkList,
     Connection,
+    CorruptList,
     DeleteChunk,
     Deleted,
     Done,
@@ -36,6 +37,7 @@ from dstore.protocol import (
     Stat,
     StatReply,
     Stored,
+    TakeCorrupt,
 )
 from dstore.protocol.codec import encode_frame
 from dstore.protocol.messages import MESSAGE_TYPES, to_header
@@ -95,6 +97,7 @@ REQUESTS: list[tuple[Message, bytes]] = [
     (Stat(rid=6), b""),
     (ListChunks(rid=7, after="00", limit=10), b""),
     (Ping(rid=8, trace="t"), b""),
+    (TakeCorrupt(rid=9), b""),
 ]
 REPLIES: list[tuple[Message, bytes]] = [
     (Stored(rid=1, created=False), b""),
@@ -104,6 +107,20 @@ REPLIES: list[tuple[Message, bytes]] = [
     (StatReply(rid=4, node_id="n", capacity=10, used=3, reserved=1, chunks=2), b""),
     (ChunkList(rid=5, chunks=[["ab" * 16, 3, 1.5]], next="ab" * 16), b""),
     (Pong(rid=6, time=12.5), b""),
+    (CorruptList(rid=8, chunks=["ab" * 16]), b""),
+    (
+        StatReply(
+            rid=9,
+            node_id="n",
+            zone="z",
+            scrub_bytes=5,
+            scrub_passes=1,
+            scrub_last_pass=3.5,
+            corrupt_found=2,
+            corrupt_pending=1,
+        ),
+        b"",
+    ),
     (Error(rid=7, code="chunk_not_found", message="no such chunk"), b""),
 ]
 

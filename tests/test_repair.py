@@ -169,3 +169,30 @@ async def test_replicas_go_to_distinct_zones(make_cluster: Any) -> None:
     version = await cluster.app[keys.META].lookup("z")
     for chunk in version.chunks:
         assert {zone_of[n] for n in chunk.nodes} == {"east", "west"}
+
+
+async def test_scrubber_finds_rot_and_repair_heals_it(make_cluster: Any) -> None:
+    cluster = await make_cluster(nodes=3, node_settings=[{"scrub_rate": 1 << 30}] * 3)
+    data = os.urandom(10 * CHUNK)
+    await cluster.put("scrubbed", data)
+    version = await cluster.app[keys.META].lookup("scrubbed")
+    by_id = {n.node_id: n for n in cluster.nodes}
+    for chunk in version.chunks:  # rot the second replica: reads would never notice
+        path = by_id[chunk.nodes[1]].store.path_of(chunk.chunk_id)
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0x80
+        path.write_bytes(raw)
+    for node in cluster.nodes:
+        await node.scrubber.run_pass()
+    assert sum(n.scrubber.corrupt_found for n in cluster.nodes) == len(version.chunks)
+    assert all(
+        len(list((n.config.data_dir / "corrupt").iterdir())) == n.scrubber.corrupt_found
+        for n in cluster.nodes
+    )
+    await repair_done(cluster, ["scrubbed"])
+    assert (await cluster.get("scrubbed"))[1] == data
+    assert cluster.session is not None
+    async with cluster.session.get(f"{cluster.url}/v1/cluster") as r:
+        nodes = (await r.json())["nodes"]
+    assert sum(n["scrub"]["corrupt_found"] for n in nodes) == len(version.chunks)
+    assert all(n["scrub"]["passes"] >= 1 for n in nodes)

@@ -62,6 +62,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
             repair_delay=config.repair_delay,
             bandwidth=config.repair_bandwidth,
         )
+        cluster.on_corrupt = repairer.report_bad
         budget = MemoryBudget(config.memory_budget, config.budget_wait)
         settings = UploadSettings(
             config.chunk_size, config.replicas, config.window, config.lease, config.max_object_size

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Awaitable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -51,6 +51,7 @@ class StorageMember:
     reserved: int = 0
     last_seen: float | None = None
     down_since: float | None = None  # monotonic time it went down
+    scrub: dict[str, object] = field(default_factory=dict)
     missed: int = 0
     # identities this address had before: a node that came back empty has lost the
     # replicas recorded under them (repair brings them back)
@@ -87,6 +88,7 @@ class StorageMember:
             "chunks": self.chunks,
             "last_seen": self.last_seen,
             "replaced_ids": self.replaced_ids,
+            "scrub": self.scrub,
         }
 
 
@@ -109,6 +111,8 @@ class Cluster:
         self._io_timeout = io_timeout
         self._connector = connector
         self.members: dict[str, StorageMember] = {}
+        # told of every chunk a node's scrubber found corrupt: (chunk id, node id, reason)
+        self.on_corrupt: Callable[[str, str, str], None] | None = None
         self._task: asyncio.Task[None] | None = None
         for addr in addrs:
             self.add(addr)
@@ -194,10 +198,28 @@ class Cluster:
         member.capacity = stat.capacity
         member.used = stat.used
         member.chunks = stat.chunks
+        member.scrub = {
+            "bytes_scanned": stat.scrub_bytes,
+            "passes": stat.scrub_passes,
+            "last_full_pass": stat.scrub_last_pass,
+            "corrupt_found": stat.corrupt_found,
+        }
         member.last_seen = time.time()
+        if stat.corrupt_pending:
+            await self._take_corrupt(member)
         member.missed = 0
         if member.state is not NodeState.DRAINING:
             self._set_state(member, NodeState.UP)
+
+    async def _take_corrupt(self, member: StorageMember) -> None:
+        try:
+            chunks = await member.client.take_corrupt(trace="heartbeat")
+        except DstoreError as exc:
+            log.warning("take_corrupt_failed", node=member.node_id, error=str(exc))
+            return
+        for chunk_id in chunks:
+            if self.on_corrupt is not None:
+                self.on_corrupt(chunk_id, member.node_id, "scrub")
 
     def _set_state(self, member: StorageMember, state: NodeState, error: str = "") -> None:
         if state is member.state:

@@ -16,6 +16,7 @@ from dstore.protocol.messages import (
     Challenge,
     ChunkData,
     ChunkList,
+    CorruptList,
     DeleteChunk,
     Deleted,
     Done,
@@ -32,6 +33,7 @@ from dstore.protocol.messages import (
     Stat,
     StatReply,
     Stored,
+    TakeCorrupt,
     Welcome,
 )
 
@@ -46,6 +48,7 @@ __all__ = [
     "ChunkData",
     "ChunkList",
     "Connection",
+    "CorruptList",
     "DeleteChunk",
     "Deleted",
     "Done",
@@ -65,5 +68,6 @@ __all__ = [
     "Stat",
     "StatReply",
     "Stored",
+    "TakeCorrupt",
     "Welcome",
 ]

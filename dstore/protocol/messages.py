@@ -132,6 +132,14 @@ class Ping(Request):
     OP = "ping"
 
 
+@dataclass(frozen=True)
+class TakeCorrupt(Request):
+    """Ask for the chunks the scrubber found corrupt since the last ask (and moved
+    aside); the node forgets them once they are handed over."""
+
+    OP = "take_corrupt"
+
+
 # --- replies -----------------------------------------------------------------------------
 
 
@@ -175,6 +183,11 @@ class StatReply(Reply):
     used: int = 0
     reserved: int = 0
     chunks: int = 0
+    scrub_bytes: int = 0  # bytes verified by the scrubber since start
+    scrub_passes: int = 0  # full passes over every chunk since start
+    scrub_last_pass: float | None = None  # when the last full pass ended (unix time)
+    corrupt_found: int = 0  # corrupt chunks the scrubber moved aside since start
+    corrupt_pending: int = 0  # of those, not yet taken by the gateway
 
 
 @dataclass(frozen=True)
@@ -184,6 +197,12 @@ class ChunkList(Reply):
     OP = "chunk_list"
     chunks: list[list[Any]] = field(default_factory=list)
     next: str | None = None
+
+
+@dataclass(frozen=True)
+class CorruptList(Reply):
+    OP = "corrupt_list"
+    chunks: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -214,12 +233,14 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Stat,
         ListChunks,
         Ping,
+        TakeCorrupt,
         Stored,
         ChunkData,
         Done,
         Deleted,
         StatReply,
         ChunkList,
+        CorruptList,
         Pong,
         Error,
     )

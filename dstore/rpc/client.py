@@ -33,6 +33,7 @@ from dstore.protocol import (
     ChunkData,
     ChunkList,
     Connection,
+    CorruptList,
     DeleteChunk,
     Deleted,
     Done,
@@ -49,6 +50,7 @@ from dstore.protocol import (
     Stat,
     StatReply,
     Stored,
+    TakeCorrupt,
     Welcome,
 )
 from dstore.rpc.transport import CORK_LIMIT, Connector, FramedStream, open_tcp
@@ -280,6 +282,13 @@ class NodeClient:
             ListChunks(rid=self._rid(), trace=trace, after=after, limit=limit), ChunkList
         )
         return reply
+
+    async def take_corrupt(self, *, trace: str = "") -> list[str]:
+        """Chunks the node's scrubber found corrupt and moved aside since the last call."""
+        reply: CorruptList = await self._call(
+            TakeCorrupt(rid=self._rid(), trace=trace), CorruptList
+        )
+        return reply.chunks
 
     async def ping(self, *, trace: str = "") -> float:
         """Round-trip time in seconds."""

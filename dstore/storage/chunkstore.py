@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import struct
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -147,6 +148,7 @@ class ChunkStore:
         self.root = Path(root)
         self.chunk_dir = self.root / "chunks"
         self.tmp_dir = self.root / "tmp"
+        self.corrupt_dir = self.root / "corrupt"
         self._capacity_setting = capacity
         self.capacity = capacity or 0
         self.used = 0
@@ -177,6 +179,7 @@ class ChunkStore:
     def _open_sync(self) -> None:
         self.chunk_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.corrupt_dir.mkdir(parents=True, exist_ok=True)
         made = False
         for i in range(256):
             folder = self.chunk_dir / f"{i:02x}"
@@ -380,6 +383,56 @@ class ChunkStore:
             yield reader
         finally:
             reader.close()
+
+    # --- scrubbing -----------------------------------------------------------------------
+
+    async def verify(self, chunk_id: str) -> int | None:
+        """Re-read a chunk and check it: its size if good, None if it is gone, and
+        ``ChunkCorrupt`` if it is damaged."""
+        path = self.path_of(chunk_id)
+
+        def check() -> int | None:
+            try:
+                reader = ChunkReader.open(path, chunk_id)
+            except ChunkNotFound:
+                return None
+            try:
+                pos = len(reader._first)
+                while pos < reader.size:
+                    data = reader._read_and_hash(pos)
+                    if not data:
+                        break
+                    pos += len(data)
+                if pos != reader.size or reader._hasher.digest() != reader.checksum:
+                    raise ChunkCorrupt(f"chunk {chunk_id} failed its checksum")
+                return reader.size
+            finally:
+                reader.close()
+
+        return await asyncio.to_thread(check)
+
+    async def quarantine(self, chunk_id: str) -> bool:
+        """Move a corrupt chunk aside (``corrupt/``): never served again, kept for a
+        post-mortem, no longer counted as used."""
+        path = self.path_of(chunk_id)
+        async with self._locked(chunk_id):
+
+            def move() -> int | None:
+                try:
+                    size = max(os.stat(path).st_size - HEADER_SIZE, 0)
+                    os.rename(path, self.corrupt_dir / f"{chunk_id}.{int(time.time())}")
+                except FileNotFoundError:
+                    return None
+                _fsync_dir(path.parent)
+                _fsync_dir(self.corrupt_dir)
+                return size
+
+            size = await asyncio.to_thread(move)
+            if size is None:
+                return False
+            self.used -= size
+            self.count -= 1
+            return True
 
     # --- deletes and listing --------------------------------------------------------------
 

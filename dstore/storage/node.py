@@ -20,6 +20,7 @@ from dstore.errors import ChunkCorrupt, DstoreError, NodeUnavailable, ProtocolEr
 from dstore.protocol import (
     ChunkData,
     ChunkList,
+    CorruptList,
     DeleteChunk,
     Deleted,
     Done,
@@ -33,10 +34,12 @@ from dstore.protocol import (
     Stat,
     StatReply,
     Stored,
+    TakeCorrupt,
 )
 from dstore.rpc.server import BodyReader, RpcServer
 from dstore.rpc.transport import CORK_LIMIT, FramedStream
 from dstore.storage.chunkstore import ChunkStore
+from dstore.storage.scrub import Scrubber
 
 log = structlog.get_logger("dstore.storage")
 
@@ -60,6 +63,7 @@ class StorageNode:
     def __init__(self, config: StorageConfig) -> None:
         self.config = config
         self.store = ChunkStore(config.data_dir, config.capacity)
+        self.scrubber = Scrubber(self.store, rate=config.scrub_rate)
         self.node_id = ""
         self.server: RpcServer | None = None
 
@@ -87,11 +91,13 @@ class StorageNode:
             max_body=self.config.max_chunk_size,
         )
         await self.server.start()
+        self.scrubber.start()
         log.info(
             "storage_node_started", node_id=self.node_id, addr=self.addr, zone=self.config.zone
         )
 
     async def stop(self, grace: float | None = None) -> None:
+        await self.scrubber.stop()
         if self.server is not None:
             await self.server.close(self.config.grace if grace is None else grace)
         log.info("storage_node_stopped", node_id=self.node_id)
@@ -173,6 +179,11 @@ class StorageNode:
                     used=stats.used,
                     reserved=stats.reserved,
                     chunks=stats.chunks,
+                    scrub_bytes=self.scrubber.bytes_scanned,
+                    scrub_passes=self.scrubber.passes,
+                    scrub_last_pass=self.scrubber.last_pass,
+                    corrupt_found=self.scrubber.corrupt_found,
+                    corrupt_pending=len(self.scrubber.pending),
                 )
             )
             return 0
@@ -186,6 +197,9 @@ class StorageNode:
                     rid=rid, chunks=[[r.chunk_id, r.size, r.mtime] for r in page], next=next_after
                 )
             )
+            return 0
+        if isinstance(request, TakeCorrupt):
+            await stream.send(CorruptList(rid=rid, chunks=self.scrubber.take()))
             return 0
         if isinstance(request, Ping):
             await stream.send(Pong(rid=rid, time=time.time()))
