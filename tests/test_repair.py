@@ -196,3 +196,29 @@ async def test_scrubber_finds_rot_and_repair_heals_it(make_cluster: Any) -> None
         nodes = (await r.json())["nodes"]
     assert sum(n["scrub"]["corrupt_found"] for n in nodes) == len(version.chunks)
     assert all(n["scrub"]["passes"] >= 1 for n in nodes)
+
+
+async def test_rebalance_after_a_join_evens_out_used_space(make_cluster: Any) -> None:
+    from dstore.client import join_cluster
+    from tests.conftest import SECRET
+
+    cap = 80 * CHUNK
+    cluster = await make_cluster(nodes=2, node_settings=[{"capacity": cap}] * 2)
+    for i in range(6):
+        await cluster.put(f"r{i}", os.urandom(10 * CHUNK))
+    newcomer = await cluster.add_node(capacity=cap)
+    await join_cluster(cluster.url, newcomer.addr, SECRET.encode())
+    assert newcomer.store.used == 0
+    assert cluster.session is not None
+    async with cluster.session.post(f"{cluster.url}/v1/cluster/rebalance") as r:
+        assert r.status == 202
+    repairer = cluster.app[keys.REPAIRER]
+    await wait_for(lambda: repairer.rebalance_state == "balanced", timeout=30)
+    fractions = [n.store.used / cap for n in cluster.nodes]
+    assert max(fractions) - min(fractions) <= 0.05, fractions
+    for i in range(6):  # every file still whole, every chunk still on 2 distinct nodes
+        response, body = await cluster.get(f"r{i}")
+        assert response.status == 200 and len(body) == 10 * CHUNK
+        version = await cluster.app[keys.META].lookup(f"r{i}")
+        assert all(len(set(c.nodes)) == 2 for c in version.chunks)
+    await cluster.wait_reaped()  # and nothing was left behind on the nodes moved from

@@ -108,6 +108,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
     app.router.add_get("/v1/cluster", handlers.cluster_info)
     app.router.add_post("/v1/cluster/nodes", handlers.add_node)
     app.router.add_delete("/v1/cluster/nodes/{node_id}", handlers.drain_node)
+    app.router.add_post("/v1/cluster/rebalance", handlers.rebalance)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     return app

@@ -366,3 +366,10 @@ async def drain_node(request: web.Request) -> web.StreamResponse:
     await app[keys.META].set_member(member.addr, "draining")
     app[keys.REPAIRER].wake()
     return web.json_response(member.as_json(), status=202)
+
+
+async def rebalance(request: web.Request) -> web.StreamResponse:
+    """Even out used space: chunks move from the fullest nodes to the emptiest."""
+    started = request.app[keys.REPAIRER].start_rebalance()
+    status = 202 if started else 409
+    return web.json_response(request.app[keys.REPAIRER].stats()["rebalance"], status=status)

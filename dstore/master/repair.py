@@ -23,7 +23,7 @@ import structlog
 
 from dstore.chunk import Hasher
 from dstore.errors import ChunkCorrupt, DstoreError, NotEnoughNodes, OutOfSpace
-from dstore.master.cluster import Cluster, NodeState
+from dstore.master.cluster import Cluster, NodeState, StorageMember
 from dstore.master.metadata import ChunkReplicas, MetadataStore
 from dstore.master.reconcile import Reconciler
 
@@ -69,6 +69,9 @@ class Repairer:
         self._lost: set[str] = set()  # nodes whose replicas were given up on
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._rebalance: asyncio.Task[None] | None = None
+        self.rebalance_moved = 0
+        self.rebalance_state = "idle"
 
     def __repr__(self) -> str:
         return (
@@ -80,10 +83,76 @@ class Repairer:
         self._task = asyncio.create_task(self._loop(), name="dstore-repair")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._task, self._rebalance):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._rebalance = None
+
+    # --- rebalance ------------------------------------------------------------------------
+
+    def start_rebalance(self, tolerance: float = 0.03) -> bool:
+        """Start moving chunks from the fullest nodes to the emptiest; False if a
+        rebalance is already running."""
+        if self._rebalance is not None and not self._rebalance.done():
+            return False
+        self.rebalance_state = "running"
+        self._rebalance = asyncio.create_task(
+            self._run_rebalance(tolerance), name="dstore-rebalance"
+        )
+        return True
+
+    async def _run_rebalance(self, tolerance: float) -> None:
+        try:
+            while await self._rebalance_step(tolerance):
+                pass
+            self.rebalance_state = "balanced"
+        except Exception:
+            self.rebalance_state = "failed"
+            log.exception("rebalance_failed")
+            return
+        log.info("rebalanced", moved=self.rebalance_moved)
+
+    async def _rebalance_step(self, tolerance: float) -> bool:
+        """Move one chunk from the fullest up node to the emptiest; False when the used
+        fractions are within ``tolerance`` or nothing can move."""
+        nodes = [
+            m
+            for m in self.cluster.members.values()
+            if m.state is NodeState.UP and m.capacity > 0 and m.node_id
+        ]
+        if len(nodes) < 2:
+            return False
+
+        def load(member: StorageMember) -> float:
+            return (member.used + member.reserved) / member.capacity
+
+        nodes.sort(key=load)
+        emptiest, fullest = nodes[0], nodes[-1]
+        if load(fullest) - load(emptiest) <= tolerance:
+            return False
+        for chunk in await self.meta.chunks_on([fullest.node_id], self.batch):
+            if emptiest.node_id in chunk.nodes or chunk.size == 0:
+                continue
+            # moving must not leave the chunk fuller than before on the target side
+            if load(emptiest) + chunk.size / emptiest.capacity > load(fullest):
+                continue
+            data = await self._read(chunk, [fullest.node_id])
+            if data is None:
+                continue
+            emptiest.reserved += chunk.size
+            await self.meta.add_replicas(chunk.chunk_id, [emptiest.node_id])
+            if not await self._write(chunk, data, emptiest.node_id):
+                await self.meta.forget_replica(chunk.chunk_id, emptiest.node_id)
+                return False
+            await self.meta.forget_replica(chunk.chunk_id, fullest.node_id)
+            await self._delete(chunk.chunk_id, fullest.node_id)
+            fullest.used -= chunk.size
+            fullest.chunks -= 1
+            self.rebalance_moved += 1
+            await asyncio.sleep(chunk.size / self.bandwidth)
+            return True
+        return False
 
     def wake(self) -> None:
         self._wake.set()
@@ -103,6 +172,7 @@ class Repairer:
             "bytes_repaired": self.bytes_repaired,
             "unrecoverable": self.unrecoverable,
             "eta_seconds": round(eta, 1),
+            "rebalance": {"state": self.rebalance_state, "moved": self.rebalance_moved},
         }
 
     async def _loop(self) -> None:
