@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import sys
 
-BENCHES = ["protocol", "gateway", "failures"]
+BENCHES = ["protocol", "gateway", "failures", "repair"]
 
 
 def main() -> None:
