@@ -222,3 +222,17 @@ async def test_rebalance_after_a_join_evens_out_used_space(make_cluster: Any) ->
         version = await cluster.app[keys.META].lookup(f"r{i}")
         assert all(len(set(c.nodes)) == 2 for c in version.chunks)
     await cluster.wait_reaped()  # and nothing was left behind on the nodes moved from
+
+
+async def test_storage_process_joins_with_the_join_flag(
+    make_cluster: Any, node_process: Any
+) -> None:
+    cluster = await make_cluster(nodes=2)
+    proc = node_process("joiner", "--join", cluster.url)
+    members = cluster.app[keys.CLUSTER].members
+    await wait_for(lambda: f"127.0.0.1:{proc.port}" in members, timeout=20)
+    await wait_for(lambda: members[f"127.0.0.1:{proc.port}"].state.value == "up", timeout=10)
+    await cluster.put("to-three", os.urandom(12 * CHUNK))
+    version = await cluster.app[keys.META].lookup("to-three")
+    joined_id = members[f"127.0.0.1:{proc.port}"].node_id
+    assert any(joined_id in c.nodes for c in version.chunks)
