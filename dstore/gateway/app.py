@@ -80,7 +80,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         reaper.start()
         reconciler.start()
         repairer.start()
-        uploader.start()
+        uploader.lease_keeper.start()
         log.info(
             "gateway_started",
             nodes=len(cluster.members),
@@ -91,7 +91,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         try:
             yield
         finally:
-            await uploader.stop()
+            await uploader.lease_keeper.stop()
             await repairer.stop()
             await reconciler.stop()
             await reaper.stop()

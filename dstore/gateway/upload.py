@@ -34,6 +34,7 @@ from dstore.errors import (
 from dstore.master.budget import MemoryBudget
 from dstore.master.chunker import Chunk, Chunker
 from dstore.master.cluster import Cluster
+from dstore.master.jobs import PeriodicJob
 from dstore.master.metadata import CommitResult, MetadataStore
 from dstore.master.reaper import Reaper
 
@@ -84,6 +85,22 @@ def etag_of(checksums: list[bytes]) -> str:
     return '"' + hashlib.blake2b(b"".join(checksums), digest_size=16).hexdigest() + '"'
 
 
+class LeaseKeeper(PeriodicJob):
+    """One task renews every upload's lease in one transaction, every lease/3."""
+
+    NAME = "lease-keeper"
+
+    def __init__(self, meta: MetadataStore, active: set[int], lease: float) -> None:
+        super().__init__(lease / 3, run_at_start=False)
+        self.meta = meta
+        self.active = active
+        self.lease = lease
+
+    async def cycle(self) -> None:
+        if self.active:
+            await self.meta.renew_leases(sorted(self.active), self.lease)
+
+
 class Uploader:
     def __init__(
         self,
@@ -99,29 +116,10 @@ class Uploader:
         self.reaper = reaper
         self.settings = settings
         self.active: set[int] = set()  # versions being uploaded, whose leases we renew
-        self._keeper: asyncio.Task[None] | None = None
+        self.lease_keeper = LeaseKeeper(meta, self.active, settings.lease)
 
     def __repr__(self) -> str:
         return f"<Uploader chunk={self.settings.chunk_size} replicas={self.settings.replicas}>"
-
-    def start(self) -> None:
-        self._keeper = asyncio.create_task(self._keep_leases(), name="dstore-lease-keeper")
-
-    async def stop(self) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
-            self._keeper = None
-
-    async def _keep_leases(self) -> None:
-        """One task renews every upload's lease in one transaction, every lease/3."""
-        while True:
-            await asyncio.sleep(self.settings.lease / 3)
-            if self.active:
-                try:
-                    await self.meta.renew_leases(sorted(self.active), self.settings.lease)
-                except DstoreError as exc:
-                    log.warning("lease_renewal_failed", error=str(exc))
 
     async def upload(
         self,
@@ -290,23 +288,9 @@ class Uploader:
             await meta.add_replicas(chunk_id, targets)
 
     async def _put_one(self, node_id: str, chunk_id: str, chunk: Chunk, trace: str) -> None:
-        member = self.cluster.by_id(node_id)
-        assert member is not None
-        ok = False
-        try:
-            await self.cluster.call(
-                member,
-                member.client.put_chunk(
-                    chunk_id,
-                    chunk.pieces,
-                    length=chunk.size,
-                    checksum=chunk.checksum,
-                    trace=trace,
-                ),
-            )
-            ok = True
-        finally:
-            self.cluster.release(node_id, chunk.size, stored=ok)
+        await self.cluster.store_chunk(
+            node_id, chunk_id, chunk.pieces, length=chunk.size, checksum=chunk.checksum, trace=trace
+        )
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -265,6 +265,33 @@ class Cluster:
             await work
         raise NodeUnavailable(f"{member.addr} stopped answering heartbeats")
 
+    async def store_chunk(
+        self,
+        node_id: str,
+        chunk_id: str,
+        data: list[memoryview],
+        *,
+        length: int,
+        checksum: bytes,
+        trace: str = "",
+    ) -> None:
+        """Put a chunk on a node whose space ``place`` reserved; the reservation is given
+        back, as used space if the put succeeded."""
+        member = self.by_id(node_id)
+        if member is None:
+            raise NodeUnavailable(f"node {node_id} is no longer a member")
+        ok = False
+        try:
+            await self.call(
+                member,
+                member.client.put_chunk(
+                    chunk_id, data, length=length, checksum=checksum, trace=trace
+                ),
+            )
+            ok = True
+        finally:
+            self.release(node_id, length, stored=ok)
+
     # --- queries --------------------------------------------------------------------------
 
     def by_id(self, node_id: str) -> StorageMember | None:

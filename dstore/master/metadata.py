@@ -508,13 +508,12 @@ class SQLiteMetadataStore(MetadataStore):
             version = self._current(db, name)
             rows = db.execute(
                 "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
-                " (SELECT group_concat(node_id, ',') FROM (SELECT node_id FROM replicas r"
-                "  WHERE r.chunk_id = c.chunk_id ORDER BY r.pos))"
+                f" {_REPLICA_LIST}"
                 " FROM chunks c WHERE c.version_id = ? ORDER BY c.idx",
                 (version.version_id,),
             ).fetchall()
             chunks = tuple(
-                ChunkRef(idx, cid, off, size, bytes(cs), tuple((nodes or "").split(",")))
+                ChunkRef(idx, cid, off, size, bytes(cs), _node_ids(nodes))
                 for idx, cid, off, size, cs, nodes in rows
             )
             return FileVersion(
@@ -597,17 +596,12 @@ class SQLiteMetadataStore(MetadataStore):
         def tx(db: sqlite3.Connection) -> list[DeadChunk]:
             rows = db.execute(
                 "SELECT c.version_id, c.chunk_id,"
-                " (SELECT group_concat(node_id, ',') FROM replicas r"
-                " WHERE r.chunk_id = c.chunk_id),"
-                " v.dead_since"
+                f" {_REPLICA_LIST}, v.dead_since"
                 " FROM versions v JOIN chunks c ON c.version_id = v.id"
                 " WHERE v.state = 'dead' AND v.dead_since < ? ORDER BY v.dead_since LIMIT ?",
                 (dead_before, limit),
             ).fetchall()
-            return [
-                DeadChunk(vid, cid, tuple(n for n in (nodes or "").split(",") if n), since)
-                for vid, cid, nodes, since in rows
-            ]
+            return [DeadChunk(vid, cid, _node_ids(nodes), since) for vid, cid, nodes, since in rows]
 
         return await self._submit(tx)
 
@@ -643,8 +637,7 @@ class SQLiteMetadataStore(MetadataStore):
             marks = ",".join("?" * len(ids))
             rows = db.execute(
                 "SELECT c.chunk_id, c.size, c.checksum,"
-                " (SELECT group_concat(node_id, ',') FROM (SELECT node_id FROM replicas r2"
-                "  WHERE r2.chunk_id = c.chunk_id ORDER BY r2.pos))"
+                f" {_REPLICA_LIST}"
                 " FROM chunks c JOIN versions v ON v.id = c.version_id"
                 " WHERE v.state IN ('live', 'pending') AND c.chunk_id IN"
                 f" (SELECT chunk_id FROM replicas WHERE node_id IN ({marks}))"
@@ -652,7 +645,7 @@ class SQLiteMetadataStore(MetadataStore):
                 (*ids, limit),
             ).fetchall()
             return [
-                ChunkReplicas(cid, size, bytes(cs), tuple(n for n in (nodes or "").split(",") if n))
+                ChunkReplicas(cid, size, bytes(cs), _node_ids(nodes))
                 for cid, size, cs, nodes in rows
             ]
 
@@ -662,8 +655,7 @@ class SQLiteMetadataStore(MetadataStore):
         def tx(db: sqlite3.Connection) -> ChunkReplicas | None:
             row = db.execute(
                 "SELECT c.chunk_id, c.size, c.checksum,"
-                " (SELECT group_concat(node_id, ',') FROM (SELECT node_id FROM replicas r2"
-                "  WHERE r2.chunk_id = c.chunk_id ORDER BY r2.pos))"
+                f" {_REPLICA_LIST}"
                 " FROM chunks c JOIN versions v ON v.id = c.version_id"
                 " WHERE c.chunk_id = ? AND v.state IN ('live', 'pending')",
                 (chunk_id,),
@@ -671,9 +663,7 @@ class SQLiteMetadataStore(MetadataStore):
             if row is None:
                 return None
             cid, size, cs, nodes = row
-            return ChunkReplicas(
-                cid, size, bytes(cs), tuple(n for n in (nodes or "").split(",") if n)
-            )
+            return ChunkReplicas(cid, size, bytes(cs), _node_ids(nodes))
 
         return await self._submit(tx)
 
@@ -723,6 +713,17 @@ class SQLiteMetadataStore(MetadataStore):
             return known
 
         return await self._submit(tx)
+
+
+# a chunk's replica node ids in placement order, comma-separated (chunk aliased as c)
+_REPLICA_LIST = (
+    "(SELECT group_concat(node_id, ',') FROM (SELECT node_id FROM replicas r"
+    " WHERE r.chunk_id = c.chunk_id ORDER BY r.pos))"
+)
+
+
+def _node_ids(joined: str | None) -> tuple[str, ...]:
+    return tuple(n for n in (joined or "").split(",") if n)
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -18,6 +18,7 @@ import structlog
 
 from dstore.errors import DstoreError
 from dstore.master.cluster import Cluster, NodeState
+from dstore.master.jobs import PeriodicJob
 from dstore.master.metadata import DeadChunk, MetadataStore
 
 log = structlog.get_logger("dstore.reaper")
@@ -46,7 +47,9 @@ class ReadPins:
         return self._counts[version_id] > 0 if version_id in self._counts else False
 
 
-class Reaper:
+class Reaper(PeriodicJob):
+    NAME = "reaper"
+
     def __init__(
         self,
         meta: MetadataStore,
@@ -58,48 +61,24 @@ class Reaper:
         settle: float = 2.0,
         batch: int = 500,
     ) -> None:
+        # woken (by a delete, an overwrite, an abort): let the dead version settle first
+        super().__init__(interval, after_wake=settle)
         self.meta = meta
         self.cluster = cluster
         self.pins = pins
         self.grace = grace
-        self.interval = interval
         self.settle = settle
         self.batch = batch
         self.deleted = 0
         self.leases_expired = 0
         self.runs = 0
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        state = "running" if self._task and not self._task.done() else "stopped"
+        state = "running" if self.running else "stopped"
         return f"<Reaper {state}, {self.deleted} chunks deleted, {self.runs} runs>"
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="dstore-reaper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("reaper_failed")  # and try again next interval
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(self.interval):
-                    await self._wake.wait()
-                await asyncio.sleep(self.settle)  # woken: let the dead version settle first
-            except TimeoutError:
-                pass
+    async def cycle(self) -> None:
+        await self.run_once()
 
     async def run_once(self) -> int:
         """One pass; returns how many replicas were deleted."""

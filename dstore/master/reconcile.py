@@ -17,6 +17,7 @@ import structlog
 
 from dstore.errors import DstoreError
 from dstore.master.cluster import Cluster, NodeState, StorageMember
+from dstore.master.jobs import PeriodicJob
 from dstore.master.metadata import MetadataStore
 
 log = structlog.get_logger("dstore.reconcile")
@@ -30,7 +31,9 @@ class ReconcileCounts:
     young: int = 0  # orphans kept because they are younger than the grace period
 
 
-class Reconciler:
+class Reconciler(PeriodicJob):
+    NAME = "reconciler"
+
     def __init__(
         self,
         meta: MetadataStore,
@@ -41,35 +44,20 @@ class Reconciler:
         deletes_per_second: float = 50.0,
         page: int = 1000,
     ) -> None:
+        super().__init__(interval, run_at_start=False)
         self.meta = meta
         self.cluster = cluster
         self.grace = grace
-        self.interval = interval
         self.deletes_per_second = deletes_per_second
         self.page = page
         self.passes = 0
         self.deleted = 0
-        self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Reconciler {self.passes} passes, {self.deleted} orphans deleted>"
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="dstore-reconciler")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.run_once()
-            except Exception:
-                log.exception("reconcile_failed")  # and try again next interval
+    async def cycle(self) -> None:
+        await self.run_once()
 
     async def run_once(self) -> ReconcileCounts:
         total = ReconcileCounts()

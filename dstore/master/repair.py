@@ -24,6 +24,7 @@ import structlog
 from dstore.chunk import Hasher
 from dstore.errors import ChunkCorrupt, DstoreError, NotEnoughNodes, OutOfSpace
 from dstore.master.cluster import Cluster, NodeState, StorageMember
+from dstore.master.jobs import PeriodicJob
 from dstore.master.metadata import ChunkReplicas, MetadataStore
 from dstore.master.reconcile import Reconciler
 
@@ -38,7 +39,9 @@ class RepairItem:
     drop: list[str] = field(default_factory=list)  # copies lost or bad: to be forgotten
 
 
-class Repairer:
+class Repairer(PeriodicJob):
+    NAME = "repair"
+
     def __init__(
         self,
         meta: MetadataStore,
@@ -51,13 +54,13 @@ class Repairer:
         interval: float = 1.0,
         batch: int = 256,
     ) -> None:
+        super().__init__(interval)
         self.meta = meta
         self.cluster = cluster
         self.reconciler = reconciler
         self.replicas = replicas
         self.repair_delay = repair_delay
         self.bandwidth = bandwidth
-        self.interval = interval
         self.batch = batch
         self.bad: dict[str, set[str]] = {}  # chunk id -> nodes whose copy is missing/corrupt
         self.queue = 0
@@ -67,8 +70,6 @@ class Repairer:
         self.unrecoverable = 0
         self._rate = 0.0  # bytes/s of recent repairs, for the ETA
         self._lost: set[str] = set()  # nodes whose replicas were given up on
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._rebalance: asyncio.Task[None] | None = None
         self.rebalance_moved = 0
         self.rebalance_state = "idle"
@@ -79,15 +80,12 @@ class Repairer:
             f" {self.bytes_repaired} bytes repaired>"
         )
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="dstore-repair")
-
     async def stop(self) -> None:
-        for task in (self._task, self._rebalance):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._task = self._rebalance = None
+        if self._rebalance is not None:
+            self._rebalance.cancel()
+            await asyncio.gather(self._rebalance, return_exceptions=True)
+            self._rebalance = None
+        await super().stop()
 
     # --- rebalance ------------------------------------------------------------------------
 
@@ -154,9 +152,6 @@ class Repairer:
             return True
         return False
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def report_bad(self, chunk_id: str, node_id: str, reason: str) -> None:
         """Read-repair and the scrubber: this copy is missing or corrupt."""
         log.warning("replica_bad", chunk=chunk_id, node=node_id, reason=reason)
@@ -175,19 +170,9 @@ class Repairer:
             "rebalance": {"state": self.rebalance_state, "moved": self.rebalance_moved},
         }
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                while await self.run_once():
-                    pass  # more work queued behind the batch just done
-            except Exception:
-                log.exception("repair_failed")  # and try again next interval
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(self.interval):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+    async def cycle(self) -> None:
+        while await self.run_once():
+            pass  # more work queued behind the batch just done
 
     def lost_nodes(self) -> set[str]:
         now = time.monotonic()
@@ -319,22 +304,19 @@ class Repairer:
         return None
 
     async def _write(self, chunk: ChunkReplicas, data: list[memoryview], node_id: str) -> bool:
-        member = self.cluster.by_id(node_id)
-        assert member is not None
-        ok = False
         try:
-            await self.cluster.call(
-                member,
-                member.client.put_chunk(
-                    chunk.chunk_id, data, length=chunk.size, checksum=chunk.checksum, trace="repair"
-                ),
+            await self.cluster.store_chunk(
+                node_id,
+                chunk.chunk_id,
+                data,
+                length=chunk.size,
+                checksum=chunk.checksum,
+                trace="repair",
             )
-            ok = True
         except DstoreError as exc:
             log.warning("repair_write_failed", chunk=chunk.chunk_id, node=node_id, error=str(exc))
-        finally:
-            self.cluster.release(node_id, chunk.size, stored=ok)
-        return ok
+            return False
+        return True
 
     async def _delete(self, chunk_id: str, node_id: str) -> None:
         member = self.cluster.by_id(node_id)
