@@ -236,3 +236,16 @@ async def test_storage_process_joins_with_the_join_flag(
     version = await cluster.app[keys.META].lookup("to-three")
     joined_id = members[f"127.0.0.1:{proc.port}"].node_id
     assert any(joined_id in c.nodes for c in version.chunks)
+
+
+async def test_a_node_down_when_the_gateway_starts_is_repaired_too(make_cluster: Any) -> None:
+    cluster = await make_cluster(nodes=3, repair_delay=0.5)
+    data = os.urandom(8 * CHUNK)
+    await cluster.put("early", data)
+    await cluster.stop_gateway()
+    victim = cluster.nodes[2]
+    await victim.stop(grace=0)
+    victim.server._server = None  # type: ignore[union-attr]
+    await cluster.start_gateway(**cluster.gateway_settings)  # the node never answers it
+    await repair_done(cluster, ["early"])
+    assert (await cluster.get("early"))[1] == data

@@ -48,6 +48,12 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         for addr, state in records.items():
             if state == "draining" and addr in cluster.members:
                 cluster.drain(cluster.members[addr])
+        # known before the first heartbeat: a node that never answers again is still
+        # recognised as the holder of its replicas (and repaired after the delay)
+        for addr, node_id in (await meta.identities()).items():
+            if addr in cluster.members:
+                cluster.members[addr].node_id = node_id
+        cluster.on_identity = meta.remember_identity
         await cluster.start()
         pins = ReadPins()
         reaper = Reaper(meta, cluster, pins, grace=config.gc_grace, interval=config.reaper_interval)

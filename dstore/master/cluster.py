@@ -50,7 +50,9 @@ class StorageMember:
     chunks: int = 0
     reserved: int = 0
     last_seen: float | None = None
-    down_since: float | None = None  # monotonic time it went down
+    # monotonic time it went down; a member starts down (until its first heartbeat), so
+    # a node that never answers after a gateway start is repaired after the delay too
+    down_since: float | None = field(default_factory=time.monotonic)
     scrub: dict[str, object] = field(default_factory=dict)
     missed: int = 0
     # identities this address had before: a node that came back empty has lost the
@@ -113,6 +115,8 @@ class Cluster:
         self.members: dict[str, StorageMember] = {}
         # told of every chunk a node's scrubber found corrupt: (chunk id, node id, reason)
         self.on_corrupt: Callable[[str, str, str], None] | None = None
+        # told when an address shows a node id not seen there before: (addr, node id)
+        self.on_identity: Callable[[str, str], Awaitable[None]] | None = None
         self._task: asyncio.Task[None] | None = None
         for addr in addrs:
             self.add(addr)
@@ -193,6 +197,8 @@ class Cluster:
                 "node_came_back_empty", addr=member.addr, old=member.node_id, new=stat.node_id
             )
             member.replaced_ids.append(member.node_id)
+        if stat.node_id != member.node_id and self.on_identity is not None:
+            await self.on_identity(member.addr, stat.node_id)
         member.node_id = stat.node_id
         member.zone = stat.zone or "default"
         member.capacity = stat.capacity

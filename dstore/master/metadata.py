@@ -195,6 +195,17 @@ class MetadataStore(abc.ABC):
     async def members(self) -> list[MemberRecord]: ...
 
     @abc.abstractmethod
+    async def identities(self) -> dict[str, str]:
+        """The node id last seen at each storage address."""
+
+    @abc.abstractmethod
+    async def remember_identity(self, addr: str, node_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def replica_node_ids(self) -> set[str]:
+        """Every node id some replica is recorded on."""
+
+    @abc.abstractmethod
     async def set_member(self, addr: str, state: str | None) -> None:
         """Record a run-time member (state None: forget it)."""
 
@@ -238,6 +249,10 @@ CREATE TABLE IF NOT EXISTS replicas (
     PRIMARY KEY (chunk_id, node_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS replicas_node ON replicas (node_id);
+CREATE TABLE IF NOT EXISTS identities (
+    addr        TEXT PRIMARY KEY,
+    node_id     TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS members (
     addr        TEXT PRIMARY KEY,
     state       TEXT NOT NULL CHECK (state IN ('active', 'draining', 'removed'))
@@ -679,6 +694,28 @@ class SQLiteMetadataStore(MetadataStore):
     async def members(self) -> list[MemberRecord]:
         def tx(db: sqlite3.Connection) -> list[MemberRecord]:
             return [MemberRecord(*row) for row in db.execute("SELECT addr, state FROM members")]
+
+        return await self._submit(tx)
+
+    async def identities(self) -> dict[str, str]:
+        def tx(db: sqlite3.Connection) -> dict[str, str]:
+            return dict(db.execute("SELECT addr, node_id FROM identities").fetchall())
+
+        return await self._submit(tx)
+
+    async def remember_identity(self, addr: str, node_id: str) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO identities (addr, node_id) VALUES (?, ?)"
+                " ON CONFLICT (addr) DO UPDATE SET node_id = excluded.node_id",
+                (addr, node_id),
+            )
+
+        await self._submit(tx)
+
+    async def replica_node_ids(self) -> set[str]:
+        def tx(db: sqlite3.Connection) -> set[str]:
+            return {row[0] for row in db.execute("SELECT DISTINCT node_id FROM replicas")}
 
         return await self._submit(tx)
 

@@ -71,6 +71,9 @@ class Repairer(PeriodicJob):
         self._rate = 0.0  # bytes/s of recent repairs, for the ETA
         self._lost: set[str] = set()  # nodes whose replicas were given up on
         self._rebalance: asyncio.Task[None] | None = None
+        self._stalled = ""  # why the last chunk could not be repaired, if it could not
+        self._started = time.monotonic()
+        self._stall_logged = 0.0
         self.rebalance_moved = 0
         self.rebalance_state = "idle"
 
@@ -192,6 +195,11 @@ class Repairer(PeriodicJob):
         """One batch; returns how many chunks were repaired."""
         await self._trim_returned()
         lost = self.lost_nodes()
+        if time.monotonic() - self._started >= self.repair_delay:
+            # replicas on ids no member has (a node dropped from the configuration
+            # without a drain) are as good as lost once the delay has passed
+            known = {m.node_id for m in self.cluster.members.values() if m.node_id}
+            lost |= await self.meta.replica_node_ids() - known
         self._lost |= lost
         draining = {
             m.node_id
@@ -219,6 +227,10 @@ class Repairer(PeriodicJob):
             self.queue -= 1
             self.queue_bytes -= item.chunk.size
         await self._finish_drains(draining)
+        if done < len(items) and self._stalled and time.monotonic() - self._stall_logged > 60:
+            self._stall_logged = time.monotonic()  # say it once a minute, not once a chunk
+            log.warning("repair_stalled", waiting=len(items) - done, reason=self._stalled)
+        self._stalled = ""
         return done
 
     def _assess(self, chunk: ChunkReplicas, lost: set[str], draining: set[str]) -> RepairItem:
@@ -251,7 +263,7 @@ class Repairer(PeriodicJob):
                 try:
                     (target,) = self.cluster.place(chunk.size, 1, exclude=exclude)
                 except (NotEnoughNodes, OutOfSpace) as exc:
-                    log.warning("repair_no_target", chunk=chunk.chunk_id, error=str(exc))
+                    self._stalled = str(exc)
                     return False
                 exclude.add(target)
                 # the intent first, as for uploads: a copy on a node is always known
