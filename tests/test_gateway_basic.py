@@ -176,3 +176,25 @@ async def test_health_and_readiness(make_cluster) -> None:  # type: ignore[no-un
     await cluster.restart_gateway(storage=[n.addr for n in cluster.nodes])
     async with cluster.session.get(f"{cluster.url}/readyz") as response:
         assert response.status == 200
+
+
+async def test_metrics_in_prometheus_text_format(cluster: LocalCluster) -> None:
+    await cluster.put("m1", os.urandom(3 * CHUNK))
+    await cluster.get("m1")
+    await cluster.get("missing")
+    assert cluster.session is not None
+    async with cluster.session.get(f"{cluster.url}/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await response.text()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['dstore_http_requests_total{method="PUT",status="201"}'] == 1
+    assert samples['dstore_http_requests_total{method="GET",status="404"}'] == 1
+    assert samples["dstore_http_received_bytes_total"] == 3 * CHUNK
+    assert samples["dstore_files"] == 1 and samples["dstore_file_bytes"] == 3 * CHUNK
+    assert samples['dstore_storage_nodes{state="up"}'] == 3
+    assert "dstore_repair_queue_chunks" in samples

@@ -12,7 +12,9 @@ from aiohttp import web
 
 from dstore.config import GatewayConfig
 from dstore.gateway import handlers, keys
+from dstore.gateway.counters import HttpCounters
 from dstore.gateway.download import Downloader
+from dstore.gateway.metrics import metrics
 from dstore.gateway.upload import Uploader, UploadSettings
 from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster
@@ -28,6 +30,7 @@ log = structlog.get_logger("dstore.gateway")
 def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web.Application:
     app = web.Application(middlewares=[handlers.observe])
     app[keys.CONFIG] = config
+    app[keys.HTTP] = HttpCounters()
     app.on_response_prepare.append(handlers.add_request_id)
 
     async def services(app: web.Application) -> AsyncIterator[None]:
@@ -117,6 +120,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
     app.router.add_post("/v1/cluster/rebalance", handlers.rebalance)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 

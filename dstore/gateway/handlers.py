@@ -99,14 +99,17 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             code = exc.reason.lower().replace(" ", "_")
             response = error_response(status, code, exc.text or exc.reason)
         finally:
+            bytes_in = request.get(keys.REQUEST_BYTES_IN, 0)
+            bytes_out = response.body_length if response is not None and response.prepared else 0
+            request.app[keys.HTTP].observe(request.method, status, bytes_in, bytes_out)
             log.info(
                 "http_request",
                 method=request.method,
                 path=request.path if not request.path.startswith("/v1/files/") else None,
                 name=request.get(keys.REQUEST_NAME),
                 status=status,
-                bytes_in=request.get(keys.REQUEST_BYTES_IN, 0),
-                bytes_out=response.body_length if response is not None and response.prepared else 0,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
                 ms=round((time.monotonic() - started) * 1000, 2),
             )
         return response

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from dstore.config import GatewayConfig
+from dstore.gateway.counters import HttpCounters
 from dstore.gateway.download import Downloader
 from dstore.gateway.upload import Uploader
 from dstore.master.budget import MemoryBudget
@@ -15,6 +16,7 @@ from dstore.master.reconcile import Reconciler
 from dstore.master.repair import Repairer
 
 CONFIG = web.AppKey("config", GatewayConfig)
+HTTP = web.AppKey("http_counters", HttpCounters)
 META = web.AppKey("meta", MetadataStore)
 CLUSTER = web.AppKey("cluster", Cluster)
 BUDGET = web.AppKey("budget", MemoryBudget)

@@ -1,0 +1,89 @@
+"""Prometheus text exposition of the gateway's counters and gauges (``GET /metrics``).
+
+Written by hand (the format is a few lines of text) rather than through a client
+library: everything exported is already counted by the component that owns it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from aiohttp import web
+
+from dstore.gateway import keys
+from dstore.master.cluster import StorageMember
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    http = app[keys.HTTP]
+    cluster = app[keys.CLUSTER]
+    repair = app[keys.REPAIRER]
+    reaper = app[keys.REAPER]
+    budget = app[keys.BUDGET]
+    files, size = await app[keys.META].totals()
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {value}")
+
+    metric(
+        "dstore_http_requests_total",
+        "counter",
+        "HTTP requests by method and status",
+        [(f'{{method="{m}",status="{s}"}}', n) for (m, s), n in sorted(http.requests.items())],
+    )
+    metric(
+        "dstore_http_received_bytes_total", "counter", "request body bytes", [("", http.bytes_in)]
+    )
+    metric("dstore_http_sent_bytes_total", "counter", "response body bytes", [("", http.bytes_out)])
+    metric("dstore_files", "gauge", "files stored", [("", files)])
+    metric("dstore_file_bytes", "gauge", "bytes of files stored (one copy)", [("", size)])
+    members = list(cluster.members.values())
+    states = Counter(m.state.value for m in members)
+    metric(
+        "dstore_storage_nodes",
+        "gauge",
+        "storage nodes by state",
+        [(f'{{state="{s}"}}', states.get(s, 0)) for s in ("up", "suspect", "down", "draining")],
+    )
+
+    def node(m: StorageMember) -> str:
+        return f'{{node="{_label(m.node_id)}",addr="{_label(m.addr)}"}}'
+
+    metric(
+        "dstore_node_capacity_bytes",
+        "gauge",
+        "node capacity",
+        [(node(m), m.capacity) for m in members],
+    )
+    metric(
+        "dstore_node_used_bytes", "gauge", "node used bytes", [(node(m), m.used) for m in members]
+    )
+    metric("dstore_repair_queue_chunks", "gauge", "chunks waiting for repair", [("", repair.queue)])
+    metric(
+        "dstore_repaired_bytes_total",
+        "counter",
+        "bytes re-replicated",
+        [("", repair.bytes_repaired)],
+    )
+    metric(
+        "dstore_repaired_chunks_total", "counter", "chunks repaired", [("", repair.chunks_repaired)]
+    )
+    metric(
+        "dstore_reclaimed_replicas_total",
+        "counter",
+        "replicas deleted by the reaper",
+        [("", reaper.deleted)],
+    )
+    metric("dstore_memory_budget_bytes", "gauge", "chunk memory in use", [("", budget.in_use)])
+    body = ("\n".join(lines) + "\n").encode()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
