@@ -13,7 +13,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from dstore.chunk import new_chunk_id
 from dstore.config import GatewayConfig
 from dstore.gateway import keys
 from dstore.gateway.app import start_gateway
+from dstore.local import storage_argv
 from dstore.log import configure
 from dstore.rpc.client import NodeClient
 
@@ -35,22 +35,7 @@ SECRET = "bench-secret"
 
 def start_node(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dstore",
-            "serve",
-            "--role",
-            "storage",
-            "--port",
-            "0",
-            "--data-dir",
-            str(data_dir),
-            "--log-level",
-            "warning",
-            "--scrub-rate",
-            "0",
-        ],
+        storage_argv(data_dir, "--log-level", "warning", "--scrub-rate", "0"),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -35,6 +35,23 @@ def cluster_secret(data_dir: Path) -> str:
         return secret
 
 
+def storage_argv(data_dir: Path, *extra: str) -> list[str]:
+    """The command that runs a storage node on a free port (it prints the port it got)."""
+    return [
+        sys.executable,
+        "-m",
+        "dstore",
+        "serve",
+        "--role",
+        "storage",
+        "--port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        *extra,
+    ]
+
+
 async def _start_node(
     index: int, data_dir: Path, secret: str
 ) -> tuple[asyncio.subprocess.Process, str]:
@@ -43,18 +60,7 @@ async def _start_node(
     env = dict(os.environ, DSTORE_CLUSTER_SECRET=secret)
     with open(logs / f"storage-{index}.log", "ab") as log_file:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "dstore",
-            "serve",
-            "--role",
-            "storage",
-            "--port",
-            "0",
-            "--data-dir",
-            str(data_dir / f"storage-{index}"),
-            "--log-format",
-            "json",
+            *storage_argv(data_dir / f"storage-{index}", "--log-format", "json"),
             stdout=asyncio.subprocess.PIPE,
             stderr=log_file,
             env=env,

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from dstore.config import StorageConfig
+from dstore.local import storage_argv
 from dstore.log import configure
 from dstore.rpc.client import NodeClient
 from dstore.storage.node import StorageNode
@@ -72,21 +72,7 @@ class NodeProcess:
     def start(self) -> NodeProcess:
         env = dict(os.environ, DSTORE_CLUSTER_SECRET=SECRET, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dstore",
-                "serve",
-                "--role",
-                "storage",
-                "--port",
-                "0",
-                "--data-dir",
-                str(self.data_dir),
-                "--log-format",
-                "json",
-                *self.extra,
-            ],
+            storage_argv(self.data_dir, "--log-format", "json", *self.extra),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
