@@ -85,17 +85,6 @@ def parse_hostport(value: object) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def parse_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {value!r}")
-
-
 def parse_list(value: object) -> list[str]:
     if isinstance(value, list):
         return [str(v) for v in value]
@@ -257,11 +246,3 @@ def load(
     if validate is not None:
         validate()
     return config
-
-
-def file_section(config_file: str | os.PathLike[str] | None, name: str) -> Any:
-    """A nested table of the TOML file (e.g. ``auth``), or None."""
-    if config_file is None:
-        return None
-    with open(config_file, "rb") as fh:
-        return tomllib.load(fh).get(name)

@@ -44,7 +44,7 @@ class ReadPins:
                 del self._counts[version_id]
 
     def pinned(self, version_id: int) -> bool:
-        return self._counts[version_id] > 0 if version_id in self._counts else False
+        return self._counts[version_id] > 0  # a Counter gives 0 for an unknown version
 
 
 class Reaper(PeriodicJob):

@@ -246,8 +246,6 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     )
 }
 
-HANDSHAKE_TYPES = (Hello, Challenge, Auth, Welcome)
-
 
 def _check_type(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)

@@ -335,14 +335,6 @@ class ChunkStore:
             _finish(fd, pieces, tmp, path)
         return existing
 
-    @staticmethod
-    async def _drain_verified(pieces: AsyncIterable[bytes | memoryview], checksum: bytes) -> None:
-        hasher = Hasher()
-        async for piece in pieces:
-            hasher.update(piece)
-        if hasher.digest() != checksum:
-            raise ChecksumMismatch("body does not match its checksum")
-
     def _begin(self, path: Path, tmp: Path, header: bytes) -> tuple[tuple[int, bytes] | None, int]:
         """The stored chunk's (length, checksum) if there is one, else a new temp file."""
         try:
