@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -17,13 +18,21 @@ from dstore.chunk import checksum, new_chunk_id
 from dstore.config import StorageConfig
 from dstore.log import configure
 from dstore.rpc.client import NodeClient
-from dstore.rpc.transport import READ_SIZE, STREAM_LIMIT, tune_socket
+from dstore.rpc.transport import STREAM_LIMIT
 from dstore.storage.node import StorageNode
 
 CHUNK = 4 << 20
 TOTAL = int(os.environ.get("DSTORE_BENCH_MB", "256")) << 20
 ROUNDS = 5
 SECRET = b"bench-secret"
+READ_SIZE = 1 << 20
+
+
+def tune_socket(writer: asyncio.StreamWriter) -> None:
+    """The socket options and buffer limits the dstore transport uses."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    writer.transport.set_write_buffer_limits(high=STREAM_LIMIT)
 
 
 async def raw_streams(total: int) -> tuple[float, float]:

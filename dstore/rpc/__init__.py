@@ -1,11 +1,12 @@
-"""Transport for the cluster protocol: the only code that touches asyncio streams."""
+"""Transport for the cluster protocol: the only code that touches asyncio's network layer."""
 
 from dstore.rpc.client import ChunkStream, NodeClient
 from dstore.rpc.server import BodyReader, RpcServer
-from dstore.rpc.transport import Connector, FramedStream, open_tcp
+from dstore.rpc.transport import Channel, Connector, FramedStream, open_tcp
 
 __all__ = [
     "BodyReader",
+    "Channel",
     "ChunkStream",
     "Connector",
     "FramedStream",

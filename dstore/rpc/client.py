@@ -131,13 +131,13 @@ class NodeClient:
     async def _connect(self) -> FramedStream:
         try:
             async with asyncio.timeout(self.connect_timeout):
-                reader, writer = await self._connector(self.host, self.port)
+                channel = await self._connector(self.host, self.port)
         except TimeoutError as exc:
             raise NodeUnavailable(f"connect to {self.addr} timed out") from exc
         except OSError as exc:
             raise NodeUnavailable(f"connect to {self.addr} failed: {exc}") from exc
         stream = FramedStream(
-            reader, writer, Connection(Role.CLIENT, self._secret), io_timeout=self.io_timeout
+            channel, Connection(Role.CLIENT, self._secret), io_timeout=self.io_timeout
         )
         try:
             async with asyncio.timeout(self.connect_timeout):

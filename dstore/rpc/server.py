@@ -22,7 +22,7 @@ from dstore.protocol import (
     Request,
     Role,
 )
-from dstore.rpc.transport import STREAM_LIMIT, FramedStream, tune_socket
+from dstore.rpc.transport import Channel, FramedStream, serve_tcp
 
 log = structlog.get_logger("dstore.rpc")
 
@@ -98,22 +98,23 @@ class RpcServer:
 
     async def start(self) -> None:
         """Bind and listen; ``port`` 0 picks a free port, reported back in ``self.port``."""
-        self._server = await asyncio.start_server(
-            self._accept, self.host, self.port, limit=STREAM_LIMIT, reuse_address=True
-        )
+        self._server = await serve_tcp(self._spawn, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _spawn(self, channel: Channel) -> None:
+        if self._stopping:
+            assert channel.transport is not None
+            channel.transport.close()
+            return
+        task = asyncio.create_task(self._accept(channel))
+        self._connections[task] = _ConnectionState(task)
+
+    async def _accept(self, channel: Channel) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if self._stopping:
-            writer.close()
-            return
-        state = _ConnectionState(task)
-        self._connections[task] = state
-        tune_socket(writer)
+        state = self._connections[task]
         conn = Connection(Role.NODE, self._secret, node_id=self.node_id, max_body=self.max_body)
-        stream = FramedStream(reader, writer, conn, io_timeout=self.io_timeout)
+        stream = FramedStream(channel, conn, io_timeout=self.io_timeout)
         try:
             await self._serve(stream, state)
         except RemoteProtocolError as exc:

@@ -1,58 +1,173 @@
-"""The only code that touches asyncio streams: it drives a sans-IO protocol ``Connection``
-from a ``StreamReader``/``StreamWriter`` pair, with a timeout on every read and write.
+"""The only code that touches asyncio's network layer: a ``Channel`` (a buffered protocol
+on one TCP connection) and ``FramedStream``, which drives a sans-IO protocol
+``Connection`` over it with a timeout on every read and write.
 
-Library exceptions (resets, EOFs, timeouts) are translated here into ``NodeUnavailable``.
+Received bytes go from the kernel straight into arena buffers (``recv_into``: one copy)
+and travel on as views, so a 4 MiB chunk body reaches the chunk store's ``writev`` or the
+gateway's checksum without being copied again in user space (asyncio's ``StreamReader``
+copies every byte twice more). Library exceptions (resets, EOFs, timeouts) are translated
+here into ``NodeUnavailable``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from dstore.errors import NodeUnavailable
 from dstore.protocol import NEED_DATA, Connection, Event, Message
 
-READ_SIZE = 1 << 20
-STREAM_LIMIT = 1 << 20  # asyncio buffers up to 2x this before pausing the socket
+STREAM_LIMIT = 1 << 20  # bytes buffered each way before the sender is held back
+ARENA_SIZE = 256 << 10  # receive buffers are carved from arenas of this size
+ARENA_MIN_FREE = 16 << 10  # a fresh arena is started when less than this is left
 CORK_LIMIT = 256 << 10  # messages up to this size are sent with one system call
 
-StreamPair = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-Connector = Callable[[str, int], Awaitable[StreamPair]]
+Connector = Callable[[str, int], Awaitable["Channel"]]
 
 
-async def open_tcp(host: str, port: int) -> StreamPair:
+class Channel(asyncio.BufferedProtocol):
+    """One TCP connection: received pieces queued as views into arenas, with flow control
+    both ways (reading pauses past ``STREAM_LIMIT`` unconsumed bytes; writers wait while
+    the transport's buffer is over its high-water mark)."""
+
+    def __init__(self, on_connect: Callable[[Channel], object] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._on_connect = on_connect
+        self._arena = memoryview(bytearray(0))
+        self._pos = 0
+        self._pieces: deque[memoryview] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._error: OSError | None = None  # why the connection was lost, if not a clean close
+        self._reading_paused = False
+        self._writing_paused = False
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def __repr__(self) -> str:
+        state = "lost" if self._closed.done() else "eof" if self._eof else "open"
+        return f"<Channel {state}, {self._buffered} bytes buffered>"
+
+    # --- protocol callbacks (the event loop calls these) ----------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=STREAM_LIMIT)
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self._arena) - self._pos < ARENA_MIN_FREE:
+            self._arena = memoryview(bytearray(ARENA_SIZE))
+            self._pos = 0
+        return self._arena[self._pos :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        start = self._pos
+        self._pos += nbytes
+        self._pieces.append(self._arena[start : self._pos])
+        self._buffered += nbytes
+        if self._buffered > STREAM_LIMIT and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake(self._data_waiter)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake(self._data_waiter)
+        return True  # we close the transport ourselves
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        if exc is not None:
+            self._error = exc if isinstance(exc, OSError) else ConnectionResetError(str(exc))
+        self._wake(self._data_waiter)
+        self._wake(self._drain_waiter)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake(self._drain_waiter)
+
+    @staticmethod
+    def _wake(waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- used by FramedStream -------------------------------------------------------------
+
+    async def read(self) -> list[memoryview]:
+        """Everything received so far (waiting for at least one byte); ``[]`` at EOF.
+        A connection lost to an error raises it once everything before it was read."""
+        while not self._pieces and not self._eof:
+            self._data_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._data_waiter
+            finally:
+                self._data_waiter = None
+        if not self._pieces and self._error is not None:
+            raise self._error
+        pieces = list(self._pieces)
+        self._pieces.clear()
+        self._buffered = 0
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return pieces
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below its low-water mark."""
+        while self._writing_paused and not self._closed.done():
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+        if self._closed.done():
+            raise self._error or ConnectionResetError("connection lost")
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+
+async def open_tcp(host: str, port: int) -> Channel:
     """The default network backend; tests inject their own to add faults."""
-    reader, writer = await asyncio.open_connection(host, port, limit=STREAM_LIMIT)
-    tune_socket(writer)
-    return reader, writer
+    _, channel = await asyncio.get_running_loop().create_connection(Channel, host, port)
+    return channel
 
 
-def tune_socket(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    writer.transport.set_write_buffer_limits(high=STREAM_LIMIT)
+async def serve_tcp(
+    on_connect: Callable[[Channel], object], host: str, port: int
+) -> asyncio.Server:
+    """Listen on ``host:port``; ``on_connect`` is called with each new ``Channel``."""
+    return await asyncio.get_running_loop().create_server(
+        lambda: Channel(on_connect), host, port, reuse_address=True
+    )
 
 
 class FramedStream:
-    """A protocol connection over one asyncio stream pair."""
+    """A protocol connection over one ``Channel``."""
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        conn: Connection,
-        *,
-        io_timeout: float,
-    ) -> None:
+    def __init__(self, channel: Channel, conn: Connection, *, io_timeout: float) -> None:
+        assert channel.transport is not None, "the channel is not connected"
         self.conn = conn
         self.io_timeout = io_timeout
-        self._reader = reader
-        self._writer = writer
+        self._channel = channel
+        self._transport = channel.transport
         self._closed = False
         self._corked: list[bytes | bytearray | memoryview] | None = None
-        peer = writer.get_extra_info("peername")
+        peer = self._transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
     def __repr__(self) -> str:
@@ -61,7 +176,7 @@ class FramedStream:
 
     @property
     def closed(self) -> bool:
-        return self._closed or self._writer.is_closing()
+        return self._closed or self._transport.is_closing()
 
     async def next_event(self, timeout: float | None = None) -> Event:
         """The next protocol event; reads from the socket only when the connection needs
@@ -70,13 +185,17 @@ class FramedStream:
             event = self.conn.next_event()
             if event is not NEED_DATA:
                 return event
-            self.conn.receive_data(await self._read(timeout))
+            pieces = await self._read(timeout)
+            if not pieces:
+                self.conn.receive_data(b"")
+            for piece in pieces:
+                self.conn.receive_data(piece)
             timeout = None  # an idle wait applies to the first byte of a frame only
 
-    async def _read(self, timeout: float | None) -> bytes:
+    async def _read(self, timeout: float | None) -> list[memoryview]:
         try:
             async with asyncio.timeout(self.io_timeout if timeout is None else timeout):
-                return await self._reader.read(READ_SIZE)
+                return await self._channel.read()
         except TimeoutError as exc:
             raise NodeUnavailable(f"read from {self.peer} timed out") from exc
         except OSError as exc:
@@ -90,10 +209,7 @@ class FramedStream:
     async def uncork(self) -> None:
         pieces, self._corked = self._corked, None
         if pieces:
-            try:
-                self._writer.writelines(pieces)
-            except (OSError, RuntimeError) as exc:
-                raise NodeUnavailable(f"write to {self.peer} failed: {exc}") from exc
+            await self.write(b"".join(pieces) if len(pieces) > 1 else pieces[0])
         await self.flush()
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -103,22 +219,19 @@ class FramedStream:
             self._corked.append(data)
             return
         try:
-            self._writer.write(data)
-            if self._writer.transport.get_write_buffer_size() > STREAM_LIMIT:
-                async with asyncio.timeout(self.io_timeout):
-                    await self._writer.drain()
-        except TimeoutError as exc:
-            raise NodeUnavailable(f"write to {self.peer} timed out") from exc
+            self._transport.write(data)
         except (OSError, RuntimeError) as exc:
             raise NodeUnavailable(f"write to {self.peer} failed: {exc}") from exc
+        if self._transport.get_write_buffer_size() > STREAM_LIMIT:
+            await self.flush()
 
     async def flush(self) -> None:
         try:
             async with asyncio.timeout(self.io_timeout):
-                await self._writer.drain()
+                await self._channel.drain()
         except TimeoutError as exc:
             raise NodeUnavailable(f"write to {self.peer} timed out") from exc
-        except (OSError, RuntimeError) as exc:
+        except OSError as exc:
             raise NodeUnavailable(f"write to {self.peer} failed: {exc}") from exc
 
     async def send(self, message: Message, *, flush: bool = True) -> None:
@@ -133,15 +246,15 @@ class FramedStream:
         """Close without waiting: buffered bytes still go out, then the socket closes."""
         if not self._closed:
             self._closed = True
-            self._writer.close()
+            self._transport.close()
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._writer.close()
+        self._transport.close()
         try:
             async with asyncio.timeout(1.0):
-                await self._writer.wait_closed()
-        except (TimeoutError, OSError):
+                await self._channel.wait_closed()
+        except TimeoutError:
             pass
