@@ -145,6 +145,7 @@ class GatewayConfig:
     window: int = _opt(4, int, "chunks in flight per upload")
     memory_budget: int = _opt(256 << 20, parse_size, "chunk bytes all uploads may buffer")
     budget_wait: float = _opt(10.0, parse_duration, "how long an upload waits for memory")
+    cache_size: int = _opt(64 << 20, parse_size, "read cache for small chunks (0: off)")
     max_object_size: int | None = _opt(None, parse_size, "largest file accepted (default none)")
     lease: float = _opt(60.0, parse_duration, "upload lease, renewed while bytes flow")
     heartbeat: float = _opt(1.0, parse_duration, "interval of node heartbeats")

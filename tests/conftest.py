@@ -178,6 +178,9 @@ class LocalCluster:
             "gc_grace": 3.0,
             "reaper_interval": 0.2,
             "grace": 2.0,
+            # off by default, so that fault tests always reach the nodes; on in test_cache,
+            # test_history and the overwrite race
+            "cache_size": 0,
         } | settings
         config = GatewayConfig(**self.gateway_settings)
         config.validate()

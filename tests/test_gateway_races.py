@@ -16,7 +16,11 @@ from tests.conftest import LocalCluster
 CHUNK = 64 * 1024
 
 
-async def test_overwrite_while_readers_read_gives_whole_versions(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize("cache_size", [0, 1 << 20], ids=["no-cache", "read-cache"])
+async def test_overwrite_while_readers_read_gives_whole_versions(
+    make_cluster, cache_size: int
+) -> None:  # type: ignore[no-untyped-def]
+    cluster = await make_cluster(cache_size=cache_size)
     versions = [bytes([i]) * (12 * CHUNK + i * 1000) for i in range(6)]
     await cluster.put("hot", versions[0])
     seen: list[bytes] = []

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
 
+from dstore.gateway import keys
 from tests.conftest import LocalCluster
 
 CHUNK = 64 * 1024
@@ -69,8 +71,12 @@ def test_checker_catches_stale_and_unknown_reads() -> None:
     assert violations([w1], [Read("n", ABSENT, 0.5, 3)]) == []
 
 
+@pytest.mark.parametrize("cache_size", [0, 1 << 20], ids=["no-cache", "read-cache"])
 @pytest.mark.parametrize("seed", [1, 2])
-async def test_random_concurrent_histories_are_consistent(cluster: LocalCluster, seed: int) -> None:
+async def test_random_concurrent_histories_are_consistent(
+    make_cluster: Callable[..., Awaitable[LocalCluster]], seed: int, cache_size: int
+) -> None:
+    cluster = await make_cluster(cache_size=cache_size)
     names = ["alpha", "beta", "gamma"]
     writes: list[Write] = []
     reads: list[Read] = []
@@ -111,4 +117,6 @@ async def test_random_concurrent_histories_are_consistent(cluster: LocalCluster,
     await asyncio.gather(*(client(c) for c in range(5)))
     assert len(reads) > 20 and len(writes) > 20
     assert violations(writes, reads) == []
+    if cache_size:
+        assert cluster.app[keys.DOWNLOADER].cache.hits > 0  # the cache was in play
     await cluster.wait_reaped()

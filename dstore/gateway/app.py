@@ -12,6 +12,7 @@ from aiohttp import web
 
 from dstore.config import GatewayConfig
 from dstore.gateway import handlers, keys
+from dstore.gateway.cache import ChunkCache
 from dstore.gateway.counters import HttpCounters
 from dstore.gateway.download import Downloader
 from dstore.gateway.metrics import metrics
@@ -59,7 +60,15 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         cluster.on_identity = meta.remember_identity
         await cluster.start()
         pins = ReadPins()
-        reaper = Reaper(meta, cluster, pins, grace=config.gc_grace, interval=config.reaper_interval)
+        cache = ChunkCache(config.cache_size)
+        reaper = Reaper(
+            meta,
+            cluster,
+            pins,
+            grace=config.gc_grace,
+            interval=config.reaper_interval,
+            on_reclaim=cache.discard,
+        )
         reconciler = Reconciler(
             meta, cluster, grace=config.gc_grace, interval=config.reconcile_interval
         )
@@ -85,7 +94,9 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         app[keys.BUDGET] = budget
         uploader = Uploader(meta, cluster, budget, reaper, settings)
         app[keys.UPLOADER] = uploader
-        app[keys.DOWNLOADER] = Downloader(cluster, budget, on_bad_replica=repairer.report_bad)
+        app[keys.DOWNLOADER] = Downloader(
+            cluster, budget, on_bad_replica=repairer.report_bad, cache=cache
+        )
         reaper.start()
         reconciler.start()
         repairer.start()

@@ -23,6 +23,7 @@ import structlog
 
 from dstore.chunk import Hasher
 from dstore.errors import ChunkCorrupt, DstoreError, NodeUnavailable
+from dstore.gateway.cache import ChunkCache
 from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster, NodeState
 from dstore.master.metadata import ChunkRef, FileVersion
@@ -73,15 +74,19 @@ class Downloader:
         *,
         read_ahead: int = 4,
         on_bad_replica: Callable[[str, str, str], None] | None = None,
+        cache: ChunkCache | None = None,
     ) -> None:
         self.cluster = cluster
         self.budget = budget
+        self.cache = cache if cache is not None else ChunkCache(0)
         self.on_bad_replica = on_bad_replica  # read-repair: (chunk id, node id, reason)
         self.read_ahead = read_ahead
         self.failovers = 0
 
     def __repr__(self) -> str:
-        return f"<Downloader read_ahead={self.read_ahead}, {self.failovers} failovers>"
+        return (
+            f"<Downloader read_ahead={self.read_ahead}, {self.failovers} failovers, {self.cache!r}>"
+        )
 
     async def read_small(self, span: Span, trace: str = "") -> list[memoryview]:
         """One span, fetched within the budget, for a response sent in one piece."""
@@ -162,7 +167,20 @@ class Downloader:
         return [entry[-1] for entry in sorted(ranked)]
 
     async def fetch(self, span: Span, trace: str = "") -> list[memoryview]:
-        """The verified bytes of one span, from the first replica that delivers them."""
+        """The verified bytes of one span: from the read cache, or from the first replica
+        that delivers them (a whole small chunk is then cached)."""
+        chunk = span.chunk
+        if self.cache.admits(chunk.size):
+            cached = self.cache.get(chunk.chunk_id)
+            if cached is not None:
+                return [memoryview(cached)[span.offset : span.offset + span.length]]
+            if span.whole:
+                data = b"".join(await self._fetch_any(span, trace))  # off the receive buffers
+                self.cache.put(chunk.chunk_id, data)
+                return [memoryview(data)]
+        return await self._fetch_any(span, trace)
+
+    async def _fetch_any(self, span: Span, trace: str) -> list[memoryview]:
         errors = []
         for node_id in self._replica_order(span.chunk):
             member = self.cluster.by_id(node_id)

@@ -85,5 +85,18 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         [("", reaper.deleted)],
     )
     metric("dstore_memory_budget_bytes", "gauge", "chunk memory in use", [("", budget.in_use)])
+    cache = app[keys.DOWNLOADER].cache
+    metric(
+        "dstore_chunk_cache_bytes",
+        "gauge",
+        "small chunks held in the read cache",
+        [("", cache.used)],
+    )
+    metric(
+        "dstore_chunk_cache_lookups_total",
+        "counter",
+        "read cache lookups by result",
+        [('{result="hit"}', cache.hits), ('{result="miss"}', cache.misses)],
+    )
     body = ("\n".join(lines) + "\n").encode()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import structlog
@@ -60,6 +60,7 @@ class Reaper(PeriodicJob):
         interval: float = 1.0,
         settle: float = 2.0,
         batch: int = 500,
+        on_reclaim: Callable[[str], None] | None = None,
     ) -> None:
         # woken (by a delete, an overwrite, an abort): let the dead version settle first
         super().__init__(interval, after_wake=settle)
@@ -69,6 +70,7 @@ class Reaper(PeriodicJob):
         self.grace = grace
         self.settle = settle
         self.batch = batch
+        self.on_reclaim = on_reclaim  # told each chunk id being reclaimed (the read cache)
         self.deleted = 0
         self.leases_expired = 0
         self.runs = 0
@@ -92,6 +94,9 @@ class Reaper(PeriodicJob):
         ready = [
             c for c in dead if not self.pins.pinned(c.version_id) or c.dead_since < now - self.grace
         ]
+        if self.on_reclaim is not None:
+            for chunk in ready:
+                self.on_reclaim(chunk.chunk_id)
         results = await asyncio.gather(*(self._delete(c) for c in ready))
         removed = sum(results)
         purged = await self.meta.purge_dead()

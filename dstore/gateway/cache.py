@@ -1,0 +1,65 @@
+"""The gateway's read cache of small chunks: a byte-bounded LRU of verified chunk bodies.
+
+Chunk ids are never reused and a chunk never changes once stored, so a cached body can
+never be stale: a name still resolves to its current version through the metadata on
+every request, and only the bytes of that version's chunks may come from here. Only
+bodies that passed the gateway's own checksum check go in, so what is served from the
+cache is exactly what was written. Hot small files then cost no node round trip; large
+chunks never enter (they would evict hundreds of small ones for one hit).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+MAX_ENTRY = 1 << 20  # largest chunk kept, at most; smaller for a small cache
+
+
+class ChunkCache:
+    def __init__(self, capacity: int, max_entry: int = MAX_ENTRY) -> None:
+        self.capacity = max(capacity, 0)
+        self.max_entry = min(max_entry, self.capacity // 16)
+        self.used = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return (
+            f"<ChunkCache {len(self._entries)} chunks, {self.used}/{self.capacity} bytes,"
+            f" {self.hits} hits, {self.misses} misses>"
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def admits(self, size: int) -> bool:
+        """Whether a chunk of ``size`` bytes would be kept."""
+        return 0 < size <= self.max_entry
+
+    def get(self, chunk_id: str) -> bytes | None:
+        data = self._entries.get(chunk_id)
+        if data is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(chunk_id)
+        self.hits += 1
+        return data
+
+    def put(self, chunk_id: str, data: bytes) -> None:
+        """Keep a verified chunk body (the whole chunk, never a part)."""
+        if not self.admits(len(data)) or chunk_id in self._entries:
+            return
+        self._entries[chunk_id] = data
+        self.used += len(data)
+        while self.used > self.capacity:
+            _, evicted = self._entries.popitem(last=False)
+            self.used -= len(evicted)
+            self.evictions += 1
+
+    def discard(self, chunk_id: str) -> None:
+        """Forget a chunk (it was deleted): frees its memory at once."""
+        data = self._entries.pop(chunk_id, None)
+        if data is not None:
+            self.used -= len(data)
