@@ -7,6 +7,8 @@ import os
 import time
 from typing import Any
 
+import pytest
+
 from dstore.gateway import keys
 from dstore.storage.chunkstore import HEADER_SIZE
 from tests.conftest import LocalCluster, chunk_files, wait_for
@@ -85,9 +87,18 @@ async def test_a_node_back_after_re_replication_is_trimmed(make_cluster: Any) ->
     assert (await cluster.get("f"))[1] == data
 
 
-async def test_rotten_replicas_are_never_served_and_are_repaired(make_cluster: Any) -> None:
-    cluster = await make_cluster(nodes=3)
-    data = os.urandom(12 * CHUNK)
+@pytest.mark.parametrize(
+    ("chunk_size", "chunks"),
+    # small chunks: the node reads, hashes and refuses the rotten copy; 1 MiB chunks go by
+    # sendfile unverified and the gateway's own hash catches them
+    [(CHUNK, 12), (1 << 20, 3)],
+    ids=["node-verifies", "gateway-verifies"],
+)
+async def test_rotten_replicas_are_never_served_and_are_repaired(
+    make_cluster: Any, chunk_size: int, chunks: int
+) -> None:
+    cluster = await make_cluster(nodes=3, chunk_size=chunk_size, memory_budget=16 << 20)
+    data = os.urandom(chunks * chunk_size)
     await cluster.put("rot", data)
     version = await cluster.app[keys.META].lookup("rot")
     # flip a byte in the first-choice replica of every chunk

@@ -256,6 +256,29 @@ async def test_corrupt_chunk_is_reported_never_served(
     assert await client.ping() >= 0  # and the connection pool is still healthy
 
 
+async def test_unverified_get_sends_a_large_chunk_as_stored(
+    node: StorageNode, client: NodeClient
+) -> None:
+    data = os.urandom(3_000_000)
+    chunk_id = await put(client, data)
+    async with client.open_chunk(chunk_id, verify=False) as body:
+        assert b"".join([bytes(p) async for p in body]) == data
+    got = await client.get_chunk(chunk_id, offset=1_000_000, length=5)
+    assert got == data[1_000_000:1_000_005]
+    # unverified means the reader's hash is the check: rot goes out as it is on disk,
+    # while a verified get of the same chunk refuses it
+    (path,) = chunk_files(node.config.data_dir)
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_SIZE + 2_000_000] ^= 0x40
+    path.write_bytes(raw)
+    async with client.open_chunk(chunk_id, verify=False) as body:
+        sent = b"".join([bytes(p) async for p in body])
+    assert sent == bytes(raw[HEADER_SIZE:]) and sent != data
+    with pytest.raises(ChunkCorrupt):
+        await client.get_chunk(chunk_id)
+    assert await client.ping() >= 0
+
+
 async def test_truncated_chunk_file_is_corrupt(node: StorageNode, client: NodeClient) -> None:
     chunk_id = await put(client, os.urandom(100_000))
     (path,) = chunk_files(node.config.data_dir)

@@ -212,6 +212,7 @@ class Downloader:
             chunk.chunk_id,
             offset=span.offset,
             length=None if span.whole else span.length,
+            verify=not span.whole,  # a whole chunk is hashed here
             trace=trace,
         ) as body:
             if body.checksum != chunk.checksum or body.size != chunk.size:

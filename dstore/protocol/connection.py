@@ -321,6 +321,12 @@ class Connection:
         self._send_body_left = length
         return data
 
+    def body_sent(self, count: int) -> None:
+        """Account for ``count`` body bytes sent around this object (by ``sendfile``)."""
+        if not 0 <= count <= self._send_body_left:
+            raise LocalProtocolError(f"{count} body bytes sent, {self._send_body_left} owed")
+        self._send_body_left -= count
+
     def send_body(self, data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
         """Account for a piece of the body being sent; returns it unchanged (no copy)."""
         if len(data) > self._send_body_left:

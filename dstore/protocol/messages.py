@@ -107,6 +107,9 @@ class GetChunk(Request):
     chunk_id: str = ""
     offset: int = 0
     length: int | None = None
+    # False: the reader hashes the whole chunk itself, so the node may send it straight
+    # from the page cache (sendfile) without reading and hashing it first
+    verify: bool = True
 
 
 @dataclass(frozen=True)

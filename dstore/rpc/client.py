@@ -243,12 +243,25 @@ class NodeClient:
 
     @asynccontextmanager
     async def open_chunk(
-        self, chunk_id: str, *, offset: int = 0, length: int | None = None, trace: str = ""
+        self,
+        chunk_id: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        verify: bool = True,
+        trace: str = "",
     ) -> AsyncIterator[ChunkStream]:
         """Stream (a range of) a chunk. Iterating yields pieces; the node's checksum verdict
-        arrives after the last piece, and a corrupt chunk raises ``ChunkCorrupt`` then."""
+        arrives after the last piece, and a corrupt chunk raises ``ChunkCorrupt`` then.
+        ``verify=False`` when the caller hashes the whole chunk itself: the node then
+        sends it without reading it first (and its verdict vouches for nothing)."""
         request = GetChunk(
-            rid=self._rid(), trace=trace, chunk_id=chunk_id, offset=offset, length=length
+            rid=self._rid(),
+            trace=trace,
+            chunk_id=chunk_id,
+            offset=offset,
+            length=length,
+            verify=verify,
         )
         async with self._request() as stream:
             await stream.send(request)

@@ -48,6 +48,7 @@ FORMAT_VERSION = 1
 WRITE_SIZE = 4 << 20  # body bytes gathered per worker-thread write
 READ_SIZE = 4 << 20  # bytes read and hashed per worker-thread hop (hops are costly)
 SEND_SIZE = 1 << 20  # pieces handed to the network
+SENDFILE_MIN = 256 << 10  # smaller chunks are read in the open hop even when unverified
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,13 +357,18 @@ class ChunkStore:
 
     @asynccontextmanager
     async def reader(
-        self, chunk_id: str, offset: int = 0, length: int | None = None
+        self, chunk_id: str, offset: int = 0, length: int | None = None, *, prefetch: bool = True
     ) -> AsyncIterator[ChunkReader]:
         """Open a chunk for streaming ``[offset, offset+length)``; the whole chunk is hashed
-        while streaming and a mismatch raises ``ChunkCorrupt`` after the last piece."""
+        while streaming and a mismatch raises ``ChunkCorrupt`` after the last piece.
+        Without ``prefetch`` a chunk over ``SENDFILE_MIN`` is not read yet
+        (``reader.prefetched`` is False): the caller may send its bytes unverified with
+        ``sendfile`` (``ChunkReader.file_range``) instead of iterating."""
         if offset < 0 or (length is not None and length < 0):
             raise DstoreError(f"bad range {offset}+{length}", code="bad_range")
-        reader = await asyncio.to_thread(ChunkReader.open, self.path_of(chunk_id), chunk_id)
+        reader = await asyncio.to_thread(
+            ChunkReader.open, self.path_of(chunk_id), chunk_id, prefetch=prefetch
+        )
         try:
             if offset > reader.size:
                 raise DstoreError(
@@ -489,12 +495,13 @@ class ChunkReader:
         self._fd = fd
         self._hasher = Hasher()
         self._first = b""
+        self.prefetched = False  # False: nothing read yet, the bytes may go by sendfile
 
     def __repr__(self) -> str:
         return f"<ChunkReader {self.chunk_id} {self.offset}+{self.length} of {self.size}>"
 
     @classmethod
-    def open(cls, path: Path, chunk_id: str) -> ChunkReader:
+    def open(cls, path: Path, chunk_id: str, *, prefetch: bool = True) -> ChunkReader:
         """Open, check the header and file length, and read the first piece: for chunks of
         up to ``READ_SIZE`` this one worker-thread hop is all the disk work of a get."""
         try:
@@ -507,7 +514,9 @@ class ChunkReader:
             if on_disk != size:
                 raise ChunkCorrupt(f"{chunk_id}: {on_disk} bytes on disk, header says {size}")
             reader = cls(fd, chunk_id, size, checksum)
-            reader._first = reader._read_and_hash(0)
+            if prefetch or size <= SENDFILE_MIN:
+                reader._first = reader._read_and_hash(0)
+                reader.prefetched = True
         except BaseException:
             os.close(fd)
             raise
@@ -517,6 +526,10 @@ class ChunkReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def file_range(self) -> tuple[int, int, int]:
+        """(fd, file offset, byte count) of the range being read, for ``sendfile``."""
+        return self._fd, HEADER_SIZE + self.offset, self.length
 
     def _read_and_hash(self, at: int) -> bytes:
         data = os.pread(self._fd, min(READ_SIZE, self.size - at), HEADER_SIZE + at)
@@ -530,6 +543,8 @@ class ChunkReader:
         start, end = self.offset, self.offset + self.length
         pos = 0
         data: bytes | None = self._first
+        if not self.prefetched:
+            data = await asyncio.to_thread(self._read_and_hash, 0)
         pending: asyncio.Future[bytes] | None = None
         try:
             while data:

@@ -139,20 +139,25 @@ class StorageNode:
             await stream.send(Stored(rid=rid, created=created))
             return request.length
         if isinstance(request, GetChunk):
-            async with store.reader(request.chunk_id, request.offset, request.length) as reader:
+            async with store.reader(
+                request.chunk_id, request.offset, request.length, prefetch=request.verify
+            ) as reader:
+                header = ChunkData(
+                    rid=rid, length=reader.length, size=reader.size, checksum=reader.checksum
+                )
+                if not reader.prefetched:
+                    # the reader verifies: page cache to socket, no copy, no hashing here
+                    await stream.send(header, flush=False)
+                    await stream.send_file_body(*reader.file_range())
+                    if stream.conn.body_owed:
+                        raise NodeUnavailable(f"chunk {request.chunk_id} shrank while sent")
+                    await stream.send(Done(rid=rid))
+                    return reader.length
                 small = reader.length <= CORK_LIMIT
                 if small:
                     stream.cork()
                 try:
-                    await stream.send(
-                        ChunkData(
-                            rid=rid,
-                            length=reader.length,
-                            size=reader.size,
-                            checksum=reader.checksum,
-                        ),
-                        flush=False,
-                    )
+                    await stream.send(header, flush=False)
                     try:
                         async for piece in reader:
                             await stream.send_body(piece)
