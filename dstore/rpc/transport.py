@@ -15,6 +15,7 @@ import asyncio
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from dstore.errors import NodeUnavailable
 from dstore.protocol import NEED_DATA, Connection, Event, Message
@@ -54,12 +55,11 @@ class Channel(asyncio.BufferedProtocol):
     # --- protocol callbacks (the event loop calls these) ----------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
+        self.transport = cast(asyncio.Transport, transport)
+        sock = self.transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=STREAM_LIMIT)
+        self.transport.set_write_buffer_limits(high=STREAM_LIMIT)
         if self._on_connect is not None:
             self._on_connect(self)
 
@@ -177,6 +177,12 @@ class FramedStream:
     @property
     def closed(self) -> bool:
         return self._closed or self._transport.is_closing()
+
+    @property
+    def can_sendfile(self) -> bool:
+        """Whether ``send_file_body`` works here: asyncio's own loops send files from the
+        kernel; uvloop has no ``sendfile``."""
+        return isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop)
 
     async def next_event(self, timeout: float | None = None) -> Event:
         """The next protocol event; reads from the socket only when the connection needs

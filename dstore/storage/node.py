@@ -140,7 +140,10 @@ class StorageNode:
             return request.length
         if isinstance(request, GetChunk):
             async with store.reader(
-                request.chunk_id, request.offset, request.length, prefetch=request.verify
+                request.chunk_id,
+                request.offset,
+                request.length,
+                prefetch=request.verify or not stream.can_sendfile,
             ) as reader:
                 header = ChunkData(
                     rid=rid, length=reader.length, size=reader.size, checksum=reader.checksum
