@@ -98,12 +98,22 @@ async def test_body_shorter_than_content_length_is_not_kept(cluster: LocalCluste
         b"PUT /v1/files/short HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000
     )
     await writer.drain()
-    writer.write_eof()  # half-close: the body ends early
-    await asyncio.sleep(0.3)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            writer.write_eof()  # half-close: the body ends early
+            await wait_for(lambda: any(e["event"] == "upload_aborted" for e in logs))
+    finally:
+        configure("console", "warning")
     writer.close()
     await cluster.wait_reaped()
     assert (await cluster.get("short"))[0].status == 404
     nothing_in_flight(cluster)
+    # the body never filled its first chunk: no version was even begun
+    versions = await cluster.app[keys.META]._submit(
+        lambda db: db.execute("SELECT COUNT(*) FROM versions WHERE name = 'short'").fetchone()[0]
+    )
+    assert versions == 0
 
 
 # --- 2. membership --------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from dstore.master.budget import MemoryBudget
 from dstore.master.chunker import Chunk, Chunker
 from dstore.master.cluster import Cluster
 from dstore.master.jobs import PeriodicJob
-from dstore.master.metadata import CommitResult, MetadataStore
+from dstore.master.metadata import ChunkIntent, CommitResult, MetadataStore
 from dstore.master.reaper import Reaper
 
 log = structlog.get_logger("dstore.upload")
@@ -101,6 +101,13 @@ class LeaseKeeper(PeriodicJob):
             await self.meta.renew_leases(sorted(self.active), self.lease)
 
 
+@dataclass(slots=True)
+class _Upload:
+    name: str
+    content_type: str
+    version_id: int | None = None  # set once the version is begun
+
+
 class Uploader:
     def __init__(
         self,
@@ -135,30 +142,53 @@ class Uploader:
             raise NotEnoughNodes(
                 f"{self.cluster.up_count()} storage nodes up, {self.settings.replicas} needed"
             )
-        version_id = await self.meta.begin_upload(name, content_type, self.settings.lease)
-        self.active.add(version_id)
+        # the version is begun with its first chunk's intent, once that chunk is cut
+        upload = _Upload(name, content_type)
         started = time.monotonic()
         try:
-            size, checksums = await self._store_body(
-                version_id, body, expect or Expectations(), trace
-            )
+            size, checksums = await self._store_body(upload, body, expect or Expectations(), trace)
+            if upload.version_id is None:  # an empty body: no chunk at all
+                await self._begin(upload, None)
+            assert upload.version_id is not None
             result = await self.meta.commit(
-                version_id, size, etag_of(checksums), if_absent=if_absent
+                upload.version_id, size, etag_of(checksums), if_absent=if_absent
             )
         except BaseException as exc:
             # shielded: a cancelled request must still give up its version
-            await asyncio.shield(self._abort(version_id, name, exc, started))
+            await asyncio.shield(self._abort(upload.version_id, name, exc, started))
             raise
         finally:
-            self.active.discard(version_id)
+            if upload.version_id is not None:
+                self.active.discard(upload.version_id)
         if result.replaced is not None:
             self.reaper.wake()
         return result
 
-    async def _abort(self, version_id: int, name: str, why: BaseException, started: float) -> None:
-        """Give the version up; one log line says what happened."""
+    async def _begin(self, upload: _Upload, first: Chunk | None) -> ChunkIntent | None:
+        """Begin the version, with the intent for its first chunk (placed here)."""
+        intent = None
+        if first is not None:
+            targets = self.cluster.place(first.size, self.settings.replicas)
+            intent = ChunkIntent(first.index, new_chunk_id(), first.size, first.checksum, targets)
         try:
-            await self.meta.abort(version_id)
+            upload.version_id = await self.meta.begin_upload(
+                upload.name, upload.content_type, self.settings.lease, first=intent
+            )
+        except BaseException:
+            if intent is not None:
+                for node_id in intent.nodes:
+                    self.cluster.release(node_id, intent.size, stored=False)
+            raise
+        self.active.add(upload.version_id)
+        return intent
+
+    async def _abort(
+        self, version_id: int | None, name: str, why: BaseException, started: float
+    ) -> None:
+        """Give the version up (if it was begun); one log line says what happened."""
+        try:
+            if version_id is not None:
+                await self.meta.abort(version_id)
         finally:
             code = why.code if isinstance(why, DstoreError) else type(why).__name__
             log.info(
@@ -172,7 +202,7 @@ class Uploader:
             self.reaper.wake()
 
     async def _store_body(
-        self, version_id: int, body: AsyncIterator[bytes], expect: Expectations, trace: str
+        self, upload: _Upload, body: AsyncIterator[bytes], expect: Expectations, trace: str
     ) -> tuple[int, list[bytes]]:
         settings = self.settings
         chunker = Chunker(settings.chunk_size)
@@ -184,10 +214,16 @@ class Uploader:
         try:
             async with asyncio.TaskGroup() as group:
 
-                def hand_on(chunk: Chunk) -> None:
+                async def hand_on(chunk: Chunk) -> None:
                     nonlocal holding
+                    intent = None
+                    if upload.version_id is None:
+                        intent = await self._begin(upload, chunk)
+                    assert upload.version_id is not None
                     checksums[chunk.index] = chunk.checksum
-                    task = group.create_task(self._replicate(version_id, chunk, trace))
+                    task = group.create_task(
+                        self._replicate(upload.version_id, chunk, trace, intent)
+                    )
                     # a done callback runs even if the task is cancelled before it starts
                     task.add_done_callback(lambda _: self._give_slot(window, chunk))
                     holding = False
@@ -204,12 +240,12 @@ class Uploader:
                     if sha is not None:
                         sha.update(piece)
                     for chunk in chunker.feed(piece):
-                        hand_on(chunk)
+                        await hand_on(chunk)
                         await self._take_slot(window)
                         holding = True
                 last = chunker.finish()
                 if last is not None:
-                    hand_on(last)
+                    await hand_on(last)
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
         finally:
@@ -235,19 +271,25 @@ class Uploader:
         self.budget.release(self.settings.chunk_size)
         window.release()
 
-    async def _replicate(self, version_id: int, chunk: Chunk, trace: str) -> None:
-        """Put one chunk on ``replicas`` nodes, replacing nodes that fail."""
+    async def _replicate(
+        self, version_id: int, chunk: Chunk, trace: str, intent: ChunkIntent | None = None
+    ) -> None:
+        """Put one chunk on ``replicas`` nodes, replacing nodes that fail. ``intent``: the
+        chunk's id and nodes, already placed and recorded (the first chunk's)."""
         cluster, meta, wanted = self.cluster, self.meta, self.settings.replicas
-        chunk_id = new_chunk_id()
-        targets = cluster.place(chunk.size, wanted)
-        try:
-            await meta.add_chunk(
-                version_id, chunk.index, chunk_id, chunk.size, chunk.checksum, targets
-            )
-        except BaseException:
-            for node_id in targets:
-                cluster.release(node_id, chunk.size, stored=False)
-            raise
+        if intent is not None:
+            chunk_id, targets = intent.chunk_id, list(intent.nodes)
+        else:
+            chunk_id = new_chunk_id()
+            targets = cluster.place(chunk.size, wanted)
+            try:
+                await meta.add_chunk(
+                    version_id, chunk.index, chunk_id, chunk.size, chunk.checksum, targets
+                )
+            except BaseException:
+                for node_id in targets:
+                    cluster.release(node_id, chunk.size, stored=False)
+                raise
         stored: list[str] = []
         tried: set[str] = set(targets)
         while True:

@@ -38,6 +38,17 @@ class FileNotFound(DstoreError):
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkIntent:
+    """A chunk about to be sent: recorded before its bytes leave the gateway."""
+
+    index: int
+    chunk_id: str
+    size: int
+    checksum: bytes
+    nodes: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkRef:
     index: int
     chunk_id: str
@@ -109,8 +120,11 @@ class MetadataStore(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    async def begin_upload(self, name: str, content_type: str, lease: float) -> int:
-        """A new pending version with a lease; returns its id."""
+    async def begin_upload(
+        self, name: str, content_type: str, lease: float, first: ChunkIntent | None = None
+    ) -> int:
+        """A new pending version with a lease, and the intent for its first chunk in the
+        same transaction (one round trip for a one-chunk file); returns its id."""
 
     @abc.abstractmethod
     async def renew_leases(self, version_ids: Sequence[int], lease: float) -> None:
@@ -387,7 +401,9 @@ class SQLiteMetadataStore(MetadataStore):
 
     # --- uploads --------------------------------------------------------------------------
 
-    async def begin_upload(self, name: str, content_type: str, lease: float) -> int:
+    async def begin_upload(
+        self, name: str, content_type: str, lease: float, first: ChunkIntent | None = None
+    ) -> int:
         now = time.time()
 
         def tx(db: sqlite3.Connection) -> int:
@@ -397,6 +413,8 @@ class SQLiteMetadataStore(MetadataStore):
                 (name, content_type, now, now + lease),
             )
             assert cur.lastrowid is not None
+            if first is not None:
+                _insert_chunk(db, cur.lastrowid, first)
             return cur.lastrowid
 
         return await self._submit(tx)
@@ -421,20 +439,10 @@ class SQLiteMetadataStore(MetadataStore):
         checksum: bytes,
         nodes: Sequence[str],
     ) -> None:
+        intent = ChunkIntent(index, chunk_id, size, checksum, nodes)
+
         def tx(db: sqlite3.Connection) -> None:
-            (offset,) = db.execute(
-                "SELECT COALESCE(SUM(size), 0) FROM chunks WHERE version_id = ? AND idx < ?",
-                (version_id, index),
-            ).fetchone()
-            db.execute(
-                "INSERT INTO chunks (version_id, idx, chunk_id, offset, size, checksum)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (version_id, index, chunk_id, offset, size, checksum),
-            )
-            db.executemany(
-                "INSERT INTO replicas (chunk_id, node_id, pos) VALUES (?, ?, ?)",
-                [(chunk_id, node, pos) for pos, node in enumerate(nodes)],
-            )
+            _insert_chunk(db, version_id, intent)
 
         await self._submit(tx)
 
@@ -776,4 +784,20 @@ def _kill(db: sqlite3.Connection, version_id: int, now: float) -> None:
     db.execute(
         "UPDATE versions SET state = 'dead', dead_since = ?, lease_expires = NULL WHERE id = ?",
         (now, version_id),
+    )
+
+
+def _insert_chunk(db: sqlite3.Connection, version_id: int, intent: ChunkIntent) -> None:
+    (offset,) = db.execute(
+        "SELECT COALESCE(SUM(size), 0) FROM chunks WHERE version_id = ? AND idx < ?",
+        (version_id, intent.index),
+    ).fetchone()
+    db.execute(
+        "INSERT INTO chunks (version_id, idx, chunk_id, offset, size, checksum)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (version_id, intent.index, intent.chunk_id, offset, intent.size, intent.checksum),
+    )
+    db.executemany(
+        "INSERT INTO replicas (chunk_id, node_id, pos) VALUES (?, ?, ?)",
+        [(intent.chunk_id, node, pos) for pos, node in enumerate(intent.nodes)],
     )
