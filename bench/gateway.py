@@ -4,7 +4,8 @@
   fsync'd disk write / replicas) measured in the same run;
 - single-stream GET of 1 GiB against the generate-server ceiling;
 - gateway peak RSS while uploading 1 GiB and 4 GiB;
-- 4 KiB objects, 16 concurrent clients, replicas 2: PUT/s and GET/s;
+- 4 KiB objects, 16 concurrent clients, replicas 2: PUT/s and GET/s, with the gateway's
+  read cache on (the default) and off;
 - time to first byte of a GET for a 1 MiB and a 1 GiB file.
 
     python -m bench gateway        DSTORE_BENCH_GIB=1 (file size), DSTORE_BENCH_BIG_GIB=4
@@ -45,9 +46,10 @@ def free_port() -> int:
 class Up:
     """`dstore up` as a process: the gateway is that process (for its RSS)."""
 
-    def __init__(self, data_dir: Path, replicas: int) -> None:
+    def __init__(self, data_dir: Path, replicas: int, **settings: str) -> None:
         self.data_dir = data_dir
         self.replicas = replicas
+        self.env = {f"DSTORE_{k.upper()}": v for k, v in settings.items()}
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
@@ -68,7 +70,7 @@ class Up:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env=dict(os.environ, DSTORE_LOG_LEVEL="warning"),
+            env=dict(os.environ, DSTORE_LOG_LEVEL="warning", **self.env),
         )
         assert self.proc.stdout is not None
         line = await asyncio.to_thread(self.proc.stdout.readline)
@@ -233,6 +235,12 @@ async def main() -> None:
                 print(
                     f"  4 KiB objects, 16 clients: {small_put:6.0f} PUT/s  {small_get:6.0f} GET/s"
                 )
+    async with Up(root / "nocache", 2, cache_size="0") as cluster:
+        small_put, small_get = await small_objects(cluster.url)
+        print(
+            f"  same, read cache off:      {small_put:6.0f} PUT/s  {small_get:6.0f} GET/s"
+            "   (every GET reads a node)"
+        )
     async with Up(root / "rss", 2) as cluster, aiohttp.ClientSession(timeout=timeout) as session:
         base = cluster.rss()
         await put(session, f"{cluster.url}/v1/files/one", SIZE)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import structlog
 
-from dstore.config import GatewayConfig
+from dstore.config import GatewayConfig, load
 from dstore.errors import DstoreError
 from dstore.gateway.app import start_gateway
 from dstore.log import configure
@@ -81,14 +81,17 @@ async def run_local_cluster(nodes: int, replicas: int, port: int, data_dir: str)
     try:
         started = await asyncio.gather(*(_start_node(i + 1, root, secret) for i in range(nodes)))
         procs = [proc for proc, _ in started]
-        config = GatewayConfig(
-            listen=f"127.0.0.1:{port}",
-            data_dir=root / "gateway",
-            storage=[addr for _, addr in started],
-            replicas=replicas,
-            cluster_secret=secret,
+        # the rest of the gateway's settings come from DSTORE_* variables, as for serve
+        config = load(
+            GatewayConfig,
+            {
+                "listen": f"127.0.0.1:{port}",
+                "data_dir": root / "gateway",
+                "storage": [addr for _, addr in started],
+                "replicas": replicas,
+                "cluster_secret": secret,
+            },
         )
-        config.validate()
         runner, bound = await start_gateway(config)
         print(
             f"dstore is up: http://127.0.0.1:{bound}  ({nodes} storage nodes, replicas "

@@ -84,3 +84,17 @@ def test_cli_reports_an_unreachable_gateway_in_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dstore: cannot reach"), result.stderr
+
+
+def test_dstore_up_takes_gateway_settings_from_the_environment(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dstore", "up", "--port", "0", "--data-dir", str(tmp_path / "d")],
+        capture_output=True,
+        env=ENV | {"DSTORE_CACHE_SIZE": "lots"},
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "DSTORE_CACHE_SIZE" in result.stderr.decode().strip().splitlines()[-1]
+    # the storage node processes it started are stopped again
+    out = subprocess.run(["pgrep", "-f", str(tmp_path / "d")], capture_output=True)
+    assert out.stdout == b""
