@@ -457,3 +457,18 @@ async def test_identical_reput_on_a_full_node_succeeds(start_node: NodeFactory) 
         with pytest.raises(OutOfSpace):
             await put(c, b"x")
         assert (await c.stat()).used == 100_000
+
+
+async def test_receive_arenas_are_small_for_replies_and_large_for_bulk(
+    node: StorageNode, client: NodeClient
+) -> None:
+    from dstore.rpc.transport import ARENA_SIZE, SMALL_ARENA
+
+    for _ in range(50):
+        await client.ping()
+    (stream,) = client._idle
+    assert len(stream._channel._arena) == SMALL_ARENA  # an idle connection holds little
+    data = os.urandom(3_000_000)
+    chunk_id = await put(client, data)
+    assert await client.get_chunk(chunk_id) == data
+    assert any(len(s._channel._arena) == ARENA_SIZE for s in client._idle)

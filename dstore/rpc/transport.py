@@ -21,7 +21,10 @@ from dstore.errors import NodeUnavailable
 from dstore.protocol import NEED_DATA, Connection, Event, Message
 
 STREAM_LIMIT = 1 << 20  # bytes buffered each way before the sender is held back
-ARENA_SIZE = 256 << 10  # receive buffers are carved from arenas of this size
+# Receive buffers are carved from arenas: 1 MiB ones while bulk data flows (fewer, larger
+# reads), 64 KiB ones for request/reply traffic, so an idle connection holds little.
+ARENA_SIZE = 1 << 20
+SMALL_ARENA = 64 << 10
 ARENA_MIN_FREE = 16 << 10  # a fresh arena is started when less than this is left
 CORK_LIMIT = 256 << 10  # messages up to this size are sent with one system call
 
@@ -38,6 +41,7 @@ class Channel(asyncio.BufferedProtocol):
         self._on_connect = on_connect
         self._arena = memoryview(bytearray(0))
         self._pos = 0
+        self._last_read = 0
         self._pieces: deque[memoryview] = deque()
         self._buffered = 0
         self._eof = False
@@ -65,13 +69,15 @@ class Channel(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if len(self._arena) - self._pos < ARENA_MIN_FREE:
-            self._arena = memoryview(bytearray(ARENA_SIZE))
+            bulk = self._last_read >= ARENA_MIN_FREE
+            self._arena = memoryview(bytearray(ARENA_SIZE if bulk else SMALL_ARENA))
             self._pos = 0
         return self._arena[self._pos :]
 
     def buffer_updated(self, nbytes: int) -> None:
         start = self._pos
         self._pos += nbytes
+        self._last_read = nbytes
         self._pieces.append(self._arena[start : self._pos])
         self._buffered += nbytes
         if self._buffered > STREAM_LIMIT and not self._reading_paused and self.transport:
