@@ -17,9 +17,11 @@ import structlog
 
 from dstore.chunk import checksum, new_chunk_id
 from dstore.config import GatewayConfig
+from dstore.errors import NodeUnavailable
 from dstore.gateway import keys
 from dstore.gateway.app import start_gateway
 from dstore.log import configure
+from dstore.master.cluster import Cluster, NodeState
 from dstore.rpc.client import NodeClient
 from tests.conftest import SECRET, LocalCluster, NodeProcess, chunk_files, wait_for
 from tests.faults import FaultProxy
@@ -371,3 +373,44 @@ async def test_node_processes_killed_with_sigkill_during_upload_and_download(
             assert head + rest == data
     finally:
         await runner.cleanup()
+
+
+# --- abandoning requests to a lost node (Cluster.call) -------------------------------------
+
+
+async def test_call_turns_a_node_loss_into_node_unavailable_and_cleans_up() -> None:
+    cluster = Cluster(["127.0.0.1:9"], b"secret")
+    member = cluster.members["127.0.0.1:9"]
+    member.state = NodeState.UP
+    cleaned = asyncio.Event()
+
+    async def hung() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleaned.set()
+
+    call = asyncio.create_task(cluster.call(member, hung()))
+    await asyncio.sleep(0.01)
+    member.lost.set()
+    with pytest.raises(NodeUnavailable, match="stopped answering"):
+        await call
+    assert cleaned.is_set() and not call.cancelled()
+    # lost already: refused at once, and the request is never started (nor left unawaited)
+    with pytest.raises(NodeUnavailable):
+        await cluster.call(member, hung())
+    await cluster.stop()
+
+
+async def test_call_lets_an_outside_cancellation_through() -> None:
+    cluster = Cluster(["127.0.0.1:9"], b"secret")
+    member = cluster.members["127.0.0.1:9"]
+    member.state = NodeState.UP
+    call = asyncio.create_task(cluster.call(member, asyncio.sleep(3600)))
+    await asyncio.sleep(0.01)
+    call.cancel()  # the client went away, say
+    member.lost.set()  # and the node is lost in the same turn
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert call.cancelled()
+    await cluster.stop()

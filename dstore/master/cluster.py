@@ -13,9 +13,8 @@ import asyncio
 import enum
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -34,6 +33,49 @@ class NodeState(enum.Enum):
     SUSPECT = "suspect"
     DOWN = "down"
     DRAINING = "draining"
+
+
+class LostSignal:
+    """Set once, when a node stops being up; calls its watchers then (synchronously)."""
+
+    __slots__ = ("_set", "_watchers")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._watchers: set[Callable[[], None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<LostSignal {'set' if self._set else 'clear'}, {len(self._watchers)} watching>"
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            for watcher in list(self._watchers):
+                watcher()
+
+    def watch(self, watcher: Callable[[], None]) -> None:
+        self._watchers.add(watcher)
+
+    def unwatch(self, watcher: Callable[[], None]) -> None:
+        self._watchers.discard(watcher)
+
+
+class _Abandon:
+    """Cancels a task waiting on a node once the node is lost (at most once)."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.fired = False
+
+    def __call__(self) -> None:
+        if not self.fired:
+            self.fired = True
+            self.task.cancel()
 
 
 @dataclass
@@ -60,7 +102,7 @@ class StorageMember:
     replaced_ids: list[str] = field(default_factory=list)
     # set when the node stops being up: requests in flight to it are abandoned at once
     # instead of waiting for their I/O timeout
-    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    lost: LostSignal = field(default_factory=LostSignal)
 
     def __repr__(self) -> str:
         return (
@@ -233,7 +275,7 @@ class Cluster:
         if member.state is NodeState.UP:
             member.lost.set()
         elif state is NodeState.UP:
-            member.lost = asyncio.Event()
+            member.lost = LostSignal()
         member.down_since = time.monotonic() if state is NodeState.DOWN else None
         log.info(
             "node_state",
@@ -250,26 +292,24 @@ class Cluster:
         node stops answering heartbeats: a hung node costs about a heartbeat or two, not
         a whole I/O timeout."""
         lost = member.lost
-        work = asyncio.ensure_future(request)
         if lost.is_set():
-            work.cancel()
-            with suppress(asyncio.CancelledError, DstoreError):
-                await work
+            if asyncio.iscoroutine(request):
+                request.close()  # never started
             raise NodeUnavailable(f"{member.addr} is {member.state.value}")
-        watch = asyncio.ensure_future(lost.wait())
+        # no extra task: the node's loss cancels this one, and the cancellation is turned
+        # into NodeUnavailable here (as asyncio.timeout turns its own into TimeoutError)
+        task = asyncio.current_task()
+        assert task is not None
+        abandon = _Abandon(task)
+        lost.watch(abandon)
         try:
-            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            work.cancel()
+            return await request
+        except asyncio.CancelledError:
+            if abandon.fired and task.uncancel() == 0:
+                raise NodeUnavailable(f"{member.addr} stopped answering heartbeats") from None
             raise
         finally:
-            watch.cancel()
-        if work in done:
-            return work.result()
-        work.cancel()
-        with suppress(asyncio.CancelledError, DstoreError):
-            await work
-        raise NodeUnavailable(f"{member.addr} stopped answering heartbeats")
+            lost.unwatch(abandon)
 
     async def store_chunk(
         self,
