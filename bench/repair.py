@@ -99,6 +99,7 @@ async def main() -> None:
         cluster_secret=SECRET,
         storage=[f"127.0.0.1:{port}" for _, port in nodes],
         repair_delay=0.5,
+        cache_size=0,  # the latency probe must read from the nodes, not the read cache
         repair_bandwidth=int(BANDWIDTH[:-3]) << 30
         if BANDWIDTH.endswith("GiB")
         else int(BANDWIDTH[:-3]) << 20,
