@@ -52,6 +52,9 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--replicas", type=int, default=2)
     up.add_argument("--port", type=int, default=8080)
     up.add_argument("--data-dir", default="./data")
+    up.add_argument(
+        "--auth", action="store_true", help="require tokens: an admin token is made in DATA_DIR"
+    )
 
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
@@ -173,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             return asyncio.run(
-                run_local_cluster(args.nodes, args.replicas, args.port, args.data_dir)
+                run_local_cluster(
+                    args.nodes, args.replicas, args.port, args.data_dir, auth=args.auth
+                )
             )
         except KeyboardInterrupt:
             return 0

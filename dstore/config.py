@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dstore.auth import AuthToken, parse_tokens
 from dstore.errors import ConfigError
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*", re.IGNORECASE)
@@ -146,6 +147,12 @@ class GatewayConfig:
     memory_budget: int = _opt(256 << 20, parse_size, "chunk bytes all uploads may buffer")
     budget_wait: float = _opt(10.0, parse_duration, "how long an upload waits for memory")
     cache_size: int = _opt(64 << 20, parse_size, "read cache for small chunks (0: off)")
+    auth_tokens: list[AuthToken] | None = _opt(
+        None,
+        parse_tokens,
+        "client tokens, TOKEN=read+write,... ([[auth.tokens]] in TOML; none: auth off)",
+        toml="auth.tokens",
+    )
     max_object_size: int | None = _opt(None, parse_size, "largest file accepted (default none)")
     lease: float = _opt(60.0, parse_duration, "upload lease, renewed while bytes flow")
     heartbeat: float = _opt(1.0, parse_duration, "interval of node heartbeats")
@@ -191,7 +198,9 @@ class GatewayConfig:
             raise ConfigError("window must be at least 1")
         if self.memory_budget < self.chunk_size * 2:
             raise ConfigError("memory budget must hold at least two chunks")
-        if not is_loopback(host):
+        if self.auth_tokens is None:
+            self.auth_tokens = []
+        if not is_loopback(host) and not self.auth_tokens:
             raise ConfigError(f"refusing to listen on non-loopback {host} with authentication off")
 
 
@@ -229,6 +238,12 @@ def load(
         if raw is None:
             raw = file_values.get(f.name, file_values.get(f.name.replace("_", "-")))
             source = f"{f.name} in {config_file}"
+        if raw is None and "toml" in f.metadata:  # a nested table, e.g. [[auth.tokens]]
+            nested: Any = file_values
+            for part in f.metadata["toml"].split("."):
+                nested = nested.get(part) if isinstance(nested, dict) else None
+            if nested is not None:
+                raw, source = nested, f"[[{f.metadata['toml']}]] in {config_file}"
         if raw is None:
             continue
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import structlog
 
+from dstore.auth import AuthToken, Scope
 from dstore.config import GatewayConfig, load
 from dstore.errors import DstoreError
 from dstore.gateway.app import start_gateway
@@ -21,9 +22,9 @@ from dstore.log import configure
 log = structlog.get_logger("dstore.up")
 
 
-def cluster_secret(data_dir: Path) -> str:
-    """The secret kept in ``data_dir/cluster-secret``, made on first use (mode 0600)."""
-    path = data_dir / "cluster-secret"
+def cluster_secret(data_dir: Path, name: str = "cluster-secret") -> str:
+    """The secret kept in ``data_dir/<name>``, made on first use (mode 0600)."""
+    path = data_dir / name
     try:
         return path.read_text().strip()
     except FileNotFoundError:
@@ -73,10 +74,14 @@ async def _start_node(
     return proc, line.strip().rsplit(" ", 1)[1]
 
 
-async def run_local_cluster(nodes: int, replicas: int, port: int, data_dir: str) -> int:
+async def run_local_cluster(
+    nodes: int, replicas: int, port: int, data_dir: str, *, auth: bool = False
+) -> int:
     root = Path(data_dir).resolve()
     configure("auto", "info")
     secret = cluster_secret(root)
+    # --auth: an admin token with every scope, kept in data/admin-token
+    admin_token = cluster_secret(root, "admin-token") if auth else None
     procs: list[asyncio.subprocess.Process] = []
     try:
         started = await asyncio.gather(*(_start_node(i + 1, root, secret) for i in range(nodes)))
@@ -90,6 +95,9 @@ async def run_local_cluster(nodes: int, replicas: int, port: int, data_dir: str)
                 "storage": [addr for _, addr in started],
                 "replicas": replicas,
                 "cluster_secret": secret,
+                "auth_tokens": [AuthToken.create(admin_token, [s.value for s in Scope], "admin")]
+                if admin_token
+                else None,
             },
         )
         runner, bound = await start_gateway(config)
@@ -98,6 +106,8 @@ async def run_local_cluster(nodes: int, replicas: int, port: int, data_dir: str)
             f"{replicas}, data in {root})",
             flush=True,
         )
+        if admin_token:
+            print(f"admin token (all scopes): export DSTORE_TOKEN={admin_token}", flush=True)
         print("try: dstore put README.md && dstore ls && dstore get README.md -o -", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

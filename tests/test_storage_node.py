@@ -370,12 +370,13 @@ async def test_client_gone_mid_body_leaves_nothing(node: StorageNode, client: No
     await stream.flush()
     await asyncio.sleep(0.2)
     await stream.aclose()
+    # the node sees the cut when it reads on: wait for its reservation to go
     for _ in range(100):
-        if not tmp_files(node.config.data_dir):
+        if (await client.stat()).reserved == 0:
             break
         await asyncio.sleep(0.05)
-    assert tmp_files(node.config.data_dir) == [] and chunk_files(node.config.data_dir) == []
     assert (await client.stat()).reserved == 0
+    assert tmp_files(node.config.data_dir) == [] and chunk_files(node.config.data_dir) == []
 
 
 async def test_restart_keeps_chunks_and_counts_them_without_rereading(

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
+from dstore.auth import TokenTable
 from dstore.config import GatewayConfig
 from dstore.gateway import handlers, keys
 from dstore.gateway.cache import ChunkCache
@@ -29,8 +30,9 @@ log = structlog.get_logger("dstore.gateway")
 
 
 def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web.Application:
-    app = web.Application(middlewares=[handlers.observe])
+    app = web.Application(middlewares=[handlers.observe, handlers.authenticate])
     app[keys.CONFIG] = config
+    app[keys.TOKENS] = TokenTable(config.auth_tokens or [])
     app[keys.HTTP] = HttpCounters()
     app.on_response_prepare.append(handlers.add_request_id)
 

@@ -15,6 +15,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from dstore.auth import Forbidden, Scope, Unauthorized
 from dstore.config import parse_hostport
 from dstore.errors import (
     ChecksumMismatch,
@@ -36,6 +37,8 @@ log = structlog.get_logger("dstore.http")
 
 STATUS: dict[type[DstoreError], int] = {
     BadName: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
     ChecksumMismatch: 400,
     FileNotFound: 404,
     PreconditionFailed: 412,
@@ -94,6 +97,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             if status >= 500:
                 log.warning("request_failed", code=exc.code, error=str(exc))
             response = error_response(status, exc.code, str(exc))
+            if isinstance(exc, Unauthorized):
+                response.headers["WWW-Authenticate"] = 'Bearer realm="dstore"'
         except web.HTTPException as exc:
             status = exc.status
             code = exc.reason.lower().replace(" ", "_")
@@ -113,6 +118,38 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 ms=round((time.monotonic() - started) * 1000, 2),
             )
         return response
+
+
+_OPEN = frozenset({"/healthz", "/readyz"})
+_ADMIN = frozenset({"/v1/cluster/nodes", "/v1/cluster/nodes/{node_id}", "/v1/cluster/rebalance"})
+_JOIN = "/v1/cluster/nodes"
+
+
+def needed_scope(request: web.Request) -> Scope | None:
+    """The scope a request needs, by its route; None for probes and unknown paths."""
+    resource = request.match_info.route.resource
+    if resource is None or resource.canonical in _OPEN:
+        return None
+    if resource.canonical in _ADMIN:
+        return Scope.ADMIN
+    return Scope.READ if request.method in ("GET", "HEAD") else Scope.WRITE
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer tokens with scopes, when tokens are configured (SPEC §2)."""
+    tokens = request.app[keys.TOKENS]
+    needed = needed_scope(request) if tokens.enabled else None
+    if needed is not None:
+        header = request.headers.get("Authorization")
+        resource = request.match_info.route.resource
+        joining = header is None and request.method == "POST"
+        if not (joining and resource is not None and resource.canonical == _JOIN):
+            # (a node joining proves the cluster secret instead: add_node checks it)
+            token = tokens.check(header, needed)
+            if token is not None:
+                request[keys.REQUEST_TOKEN] = token
+    return await handler(request)
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -339,16 +376,20 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 
 async def add_node(request: web.Request) -> web.StreamResponse:
-    """A storage node registers itself (``--join``), proving it knows the cluster secret."""
+    """A storage node registers itself (``--join``), proving it knows the cluster secret;
+    or an operator adds one with an admin token (``{addr}`` is then enough)."""
     app = request.app
+    admin = request.get(keys.REQUEST_TOKEN) is not None
     try:
         body = await request.json()
-        addr, stamp, proof = str(body["addr"]), int(body["time"]), str(body["proof"])
+        addr = str(body["addr"])
         parse_hostport(addr)
+        if not admin:
+            stamp, proof = int(body["time"]), str(body["proof"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DstoreError(f"expected {{addr, time, proof}}: {exc}", code="bad_request") from None
     secret = app[keys.CONFIG].cluster_secret.encode()
-    if not handshake.verify_join(secret, addr, stamp, proof, time.time()):
+    if not admin and not handshake.verify_join(secret, addr, stamp, proof, time.time()):
         return error_response(401, "unauthorized", "join proof does not match the cluster secret")
     cluster = app[keys.CLUSTER]
     member = cluster.add(addr)

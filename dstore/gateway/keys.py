@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from dstore.auth import AuthToken, TokenTable
 from dstore.config import GatewayConfig
 from dstore.gateway.counters import HttpCounters
 from dstore.gateway.download import Downloader
@@ -26,8 +27,10 @@ RECONCILER = web.AppKey("reconciler", Reconciler)
 REPAIRER = web.AppKey("repairer", Repairer)
 UPLOADER = web.AppKey("uploader", Uploader)
 DOWNLOADER = web.AppKey("downloader", Downloader)
+TOKENS = web.AppKey("tokens", TokenTable)
 
 # per-request values the canonical log line reports
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_NAME = web.RequestKey("name", str)
 REQUEST_BYTES_IN = web.RequestKey("bytes_in", int)
+REQUEST_TOKEN = web.RequestKey("token", AuthToken)  # set when auth is on
