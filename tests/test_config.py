@@ -79,3 +79,11 @@ def test_example_configs_load() -> None:
     env = {"DSTORE_CLUSTER_SECRET": "s"}
     assert load(GatewayConfig, {}, env=env, config_file=root / "gateway.toml").replicas == 2
     assert load(StorageConfig, {}, env=env, config_file=root / "storage.toml").port == 9001
+
+
+@pytest.mark.parametrize("role", ["gateway", "storage"])
+def test_the_example_configs_load(role: str) -> None:
+    cls = GatewayConfig if role == "gateway" else StorageConfig
+    path = Path(__file__).resolve().parent.parent / "configs" / f"{role}.toml"
+    config: object = load(cls, {"cluster_secret": "example"}, env={}, config_file=path)  # type: ignore[arg-type]
+    assert isinstance(config, cls)
