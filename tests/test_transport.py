@@ -1,0 +1,104 @@
+"""The transport's Channel over real TCP: bounded buffering both ways, EOF and resets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+
+import pytest
+
+from dstore.errors import NodeUnavailable
+from dstore.protocol import Connection, Role
+from dstore.rpc.transport import STREAM_LIMIT, Channel, FramedStream, open_tcp
+
+
+async def blaster(total: int) -> tuple[asyncio.Server, int, asyncio.Event]:
+    """A server that writes ``total`` bytes as fast as the peer takes them, then closes."""
+    done = asyncio.Event()
+    payload = os.urandom(1 << 20)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent = 0
+        try:
+            while sent < total:
+                writer.write(payload[: total - sent])
+                sent += min(len(payload), total - sent)
+                await writer.drain()
+            writer.close()
+        finally:
+            done.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], done
+
+
+async def test_a_slow_reader_holds_the_sender_back() -> None:
+    total = 64 << 20
+    server, port, done = await blaster(total)
+    channel = await open_tcp("127.0.0.1", port)
+    received = 0
+    most_buffered = 0
+    while received < total:
+        await asyncio.sleep(0.002)  # a slow consumer
+        most_buffered = max(most_buffered, channel._buffered)
+        pieces = await channel.read()
+        if not pieces:
+            break
+        received += sum(len(p) for p in pieces)
+    assert received == total
+    # reading paused past the limit: never more than the limit plus one receive buffered
+    assert most_buffered <= STREAM_LIMIT + (1 << 20)
+    assert await channel.read() == []  # then a clean EOF
+    assert done.is_set()
+    assert channel.transport is not None
+    channel.transport.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_reset_after_data_delivers_the_data_then_the_error() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"last words")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    channel = await open_tcp("127.0.0.1", server.sockets[0].getsockname()[1])
+    await asyncio.sleep(0.2)
+    assert b"".join(await channel.read()) == b"last words"
+    with pytest.raises(OSError):
+        await channel.read()
+    # and through FramedStream it is a NodeUnavailable, as any lost node is
+    stream = FramedStream(channel, Connection(Role.CLIENT, b"s"), io_timeout=1.0)
+    with pytest.raises(NodeUnavailable):
+        await stream.next_event()
+    await stream.aclose()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_writes_wait_for_a_peer_that_does_not_read() -> None:
+    stalled = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await stalled.wait()  # never reads
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    channel: Channel = await open_tcp("127.0.0.1", server.sockets[0].getsockname()[1])
+    stream = FramedStream(channel, Connection(Role.CLIENT, b"s"), io_timeout=0.3)
+    chunk = os.urandom(1 << 20)
+    with pytest.raises(NodeUnavailable, match="timed out"):
+        for _ in range(256):  # far beyond the socket buffers
+            await stream.write(chunk)
+    assert channel.transport is not None
+    assert channel.transport.get_write_buffer_size() <= 2 * STREAM_LIMIT + len(chunk)
+    stalled.set()
+    await stream.aclose()
+    server.close()
+    await server.wait_closed()
