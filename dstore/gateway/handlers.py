@@ -298,7 +298,8 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
     if len(todo) == 1 and end - start <= SMALL_RESPONSE:
         # small: fetched and verified first, then headers and body leave in one write
         pieces = await downloader.read_small(todo[0], trace)
-        return web.Response(status=status, headers=headers, body=b"".join(pieces))
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # a cache hit: no copy
+        return web.Response(status=status, headers=headers, body=body)
 
     async def send_status() -> None:
         # only once the first chunk is in hand and verified: a file that cannot be
