@@ -24,14 +24,21 @@ async def test_overwrite_while_readers_read_gives_whole_versions(
     versions = [bytes([i]) * (12 * CHUNK + i * 1000) for i in range(6)]
     await cluster.put("hot", versions[0])
     seen: list[bytes] = []
+    writing = True
 
     async def writer() -> None:
+        nonlocal writing
         for data in versions[1:]:
             assert (await cluster.put("hot", data)).status == 201
             await asyncio.sleep(0.01)
+        writing = False
 
     async def reader() -> None:
-        for _ in range(15):
+        # for as long as the writer writes (bounded): fast reads, from the read cache say,
+        # must not all finish before the first overwrite
+        for i in range(2000):
+            if not writing and i >= 15:
+                break
             response, body = await cluster.get("hot")
             assert response.status == 200
             seen.append(body)
