@@ -117,6 +117,7 @@ async def test_random_concurrent_histories_are_consistent(
     await asyncio.gather(*(client(c) for c in range(5)))
     assert len(reads) > 20 and len(writes) > 20
     assert violations(writes, reads) == []
-    if cache_size:
-        assert cluster.app[keys.DOWNLOADER].cache.hits > 0  # the cache was in play
+    if cache_size:  # reads went through the cache (hits depend on the interleaving)
+        cache = cluster.app[keys.DOWNLOADER].cache
+        assert cache.hits + cache.misses > 0
     await cluster.wait_reaped()
