@@ -79,6 +79,12 @@ class ChunkConflict(DstoreError):
     code = "chunk_conflict"
 
 
+class ChunkRetired(DstoreError):
+    """A put of a chunk the gateway has deleted for good (its version is dead)."""
+
+    code = "chunk_retired"
+
+
 class OutOfSpace(DstoreError):
     code = "out_of_space"
 
@@ -100,6 +106,7 @@ REMOTE_ERRORS: dict[str, type[DstoreError]] = {
         ChunkCorrupt,
         ChecksumMismatch,
         ChunkConflict,
+        ChunkRetired,
         OutOfSpace,
         ShuttingDown,
     )

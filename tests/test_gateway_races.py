@@ -9,9 +9,12 @@ import os
 import pytest
 import structlog
 
+from dstore.chunk import checksum
+from dstore.errors import ChunkRetired
 from dstore.gateway import keys
 from dstore.log import configure
-from tests.conftest import LocalCluster
+from dstore.rpc.client import NodeClient
+from tests.conftest import SECRET, LocalCluster
 
 CHUNK = 64 * 1024
 
@@ -183,3 +186,19 @@ async def _version_ids(cluster: LocalCluster) -> list[int]:
         return [row[0] for row in db.execute("SELECT id FROM versions ORDER BY id")]
 
     return await cluster.app[keys.META]._submit(query)  # type: ignore[no-any-return, attr-defined]
+
+
+async def test_the_reaper_retires_dead_chunks_so_a_late_put_cannot_resurrect_one(
+    cluster: LocalCluster,
+) -> None:
+    await cluster.put("f", b"old" * 1000)
+    old = (await cluster.app[keys.META].lookup("f")).chunks[0]
+    await cluster.put("f", b"new" * 1000)  # the old version is dead now
+    await cluster.wait_reaped()
+    node = next(n for n in cluster.nodes if n.node_id == old.nodes[0])
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as client:
+        with pytest.raises(ChunkRetired):  # a put of it still on its way would be refused
+            await client.put_chunk(
+                old.chunk_id, b"old" * 1000, length=3000, checksum=checksum(b"old" * 1000)
+            )
+    assert (await cluster.get("f"))[1] == b"new" * 1000

@@ -18,6 +18,7 @@ from dstore.errors import (
     ChunkConflict,
     ChunkCorrupt,
     ChunkNotFound,
+    ChunkRetired,
     DstoreError,
     InvalidChunkId,
     NodeUnavailable,
@@ -473,3 +474,25 @@ async def test_receive_arenas_are_small_for_replies_and_large_for_bulk(
     chunk_id = await put(client, data)
     assert await client.get_chunk(chunk_id) == data
     assert any(len(s._channel._arena) == ARENA_SIZE for s in client._idle)
+
+
+async def test_a_put_overtaken_by_its_retiring_delete_is_refused(
+    node: StorageNode, client: NodeClient
+) -> None:
+    late = new_chunk_id()
+    # the reaper's delete arrives first (the upload gave up), the put after it
+    assert await client.delete_chunk(late, retire=True) is False
+    with pytest.raises(ChunkRetired):
+        await put(client, os.urandom(300_000), late)
+    assert chunk_files(node.config.data_dir) == [] and tmp_files(node.config.data_dir) == []
+    assert (await client.stat()).reserved == 0 and await client.ping() >= 0
+    # a stored chunk retired is gone and stays gone
+    kept = await put(client, b"kept")
+    assert await client.delete_chunk(kept, retire=True) is True
+    with pytest.raises(ChunkRetired):
+        await put(client, b"kept", kept)
+    # a plain delete (trim, drain, rebalance) retires nothing: the id may come back
+    moved = await put(client, b"moved")
+    assert await client.delete_chunk(moved) is True
+    assert await put(client, b"moved", moved) == moved
+    assert await client.get_chunk(moved) == b"moved"

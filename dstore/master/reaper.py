@@ -112,7 +112,7 @@ class Reaper(PeriodicJob):
             if member is None or member.state is NodeState.DOWN:
                 continue  # tried again on a later pass
             try:
-                await member.client.delete_chunk(chunk.chunk_id, trace="reaper")
+                await member.client.delete_chunk(chunk.chunk_id, retire=True, trace="reaper")
             except DstoreError as exc:
                 log.info(
                     "chunk_delete_deferred", chunk=chunk.chunk_id, node=node_id, error=str(exc)

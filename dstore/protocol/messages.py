@@ -116,6 +116,9 @@ class GetChunk(Request):
 class DeleteChunk(Request):
     OP = "delete"
     chunk_id: str = ""
+    # the id will never be wanted again (its version is dead): a put of it that arrives
+    # later, having been overtaken by this delete, is refused instead of kept as an orphan
+    retire: bool = False
 
 
 @dataclass(frozen=True)

@@ -278,9 +278,11 @@ class NodeClient:
             pieces = [piece async for piece in body]
         return b"".join(pieces)
 
-    async def delete_chunk(self, chunk_id: str, *, trace: str = "") -> bool:
+    async def delete_chunk(self, chunk_id: str, *, retire: bool = False, trace: str = "") -> bool:
+        """Delete a chunk; ``retire``: its id is dead for good, and a put of it that
+        arrives later is refused (``ChunkRetired``)."""
         deleted: Deleted = await self._call(
-            DeleteChunk(rid=self._rid(), trace=trace, chunk_id=chunk_id), Deleted
+            DeleteChunk(rid=self._rid(), trace=trace, chunk_id=chunk_id, retire=retire), Deleted
         )
         return deleted.existed
 

@@ -21,6 +21,7 @@ import secrets
 import shutil
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from dstore.errors import (
     ChunkConflict,
     ChunkCorrupt,
     ChunkNotFound,
+    ChunkRetired,
     DstoreError,
     InvalidChunkId,
     OutOfSpace,
@@ -48,6 +50,8 @@ FORMAT_VERSION = 1
 WRITE_SIZE = 4 << 20  # body bytes gathered per worker-thread write
 READ_SIZE = 4 << 20  # bytes read and hashed per worker-thread hop (hops are costly)
 SEND_SIZE = 1 << 20  # pieces handed to the network
+RETIRE_FOR = 3600.0  # seconds a retired id is refused (a put is never delayed that long)
+MAX_RETIRED = 200_000  # ids remembered at most (~30 MiB); the oldest go first
 SENDFILE_MIN = 256 << 10  # smaller chunks are read in the open hop even when unverified
 
 
@@ -156,6 +160,8 @@ class ChunkStore:
         self.reserved = 0
         self.count = 0
         self._busy_ids: dict[str, _IdLock] = {}
+        # ids deleted for good (``retire``), newest last: a put of one is refused
+        self._retired: OrderedDict[str, float] = OrderedDict()
 
     def __repr__(self) -> str:
         return (
@@ -235,6 +241,20 @@ class ChunkStore:
 
     # --- writes ---------------------------------------------------------------------------
 
+    def _retire(self, chunk_id: str) -> None:
+        now = time.monotonic()
+        self._retired[chunk_id] = now
+        self._retired.move_to_end(chunk_id)
+        while self._retired and (
+            len(self._retired) > MAX_RETIRED
+            or next(iter(self._retired.values())) < now - RETIRE_FOR
+        ):
+            self._retired.popitem(last=False)
+
+    def is_retired(self, chunk_id: str) -> bool:
+        when = self._retired.get(chunk_id)
+        return when is not None and when >= time.monotonic() - RETIRE_FOR
+
     async def write(
         self,
         chunk_id: str,
@@ -249,6 +269,8 @@ class ChunkStore:
         if length < 0 or len(checksum) != CHECKSUM_SIZE:
             raise DstoreError("bad chunk length or checksum size", code="bad_request")
         async with self._locked(chunk_id):
+            if self.is_retired(chunk_id):
+                raise ChunkRetired(f"chunk {chunk_id} was deleted for good")
             no_room = self.used + self.reserved + length > self.capacity
             # (a re-put of a chunk already stored needs no room: _write_new finds it)
             if no_room and not await asyncio.to_thread(path.exists):
@@ -434,9 +456,14 @@ class ChunkStore:
 
     # --- deletes and listing --------------------------------------------------------------
 
-    async def delete(self, chunk_id: str) -> bool:
+    async def delete(self, chunk_id: str, *, retire: bool = False) -> bool:
+        """Remove a chunk; False if it was not there. ``retire``: remember the id for
+        ``RETIRE_FOR`` seconds and refuse puts of it, so a put overtaken by this delete
+        (sent before the upload gave up, arriving after) cannot leave an orphan."""
         path = self.path_of(chunk_id)
         async with self._locked(chunk_id):
+            if retire:
+                self._retire(chunk_id)
             size = await asyncio.to_thread(_unlink_chunk, path)
             if size is None:
                 return False

@@ -173,7 +173,7 @@ class StorageNode:
                         await stream.uncork()
                 return reader.length
         if isinstance(request, DeleteChunk):
-            existed = await store.delete(request.chunk_id)
+            existed = await store.delete(request.chunk_id, retire=request.retire)
             await stream.send(Deleted(rid=rid, existed=existed))
             return 0
         if isinstance(request, Stat):
