@@ -120,6 +120,7 @@ class StorageConfig:
     scrub_rate: int = _opt(
         8 << 20, parse_size, "bytes per second the scrubber re-reads and verifies (0: off)"
     )
+    scrub_pause: float = _opt(60.0, parse_duration, "rest between two full scrub passes")
     log_format: str = _opt("auto", str, "auto, json or console")
     log_level: str = _opt("info", str, "debug, info, warning, error")
 

@@ -30,7 +30,7 @@ from dstore.protocol.messages import Hello, to_header
 from dstore.rpc.client import NodeClient
 from dstore.storage.chunkstore import HEADER_SIZE
 from dstore.storage.node import StorageNode
-from tests.conftest import SECRET, NodeFactory, chunk_files, tmp_files
+from tests.conftest import SECRET, NodeFactory, chunk_files, tmp_files, wait_for
 
 
 async def put(client: NodeClient, data: bytes, chunk_id: str | None = None) -> str:
@@ -496,3 +496,20 @@ async def test_a_put_overtaken_by_its_retiring_delete_is_refused(
     assert await client.delete_chunk(moved) is True
     assert await put(client, b"moved", moved) == moved
     assert await client.get_chunk(moved) == b"moved"
+
+
+async def test_the_scrubber_goes_pass_after_pass_and_catches_later_rot(
+    start_node: NodeFactory,
+) -> None:
+    node = await start_node("scrubbing", scrub_rate=1 << 30, scrub_pause=0.05)
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as c:
+        chunk_id = await put(c, os.urandom(100_000))
+        passes = node.scrubber.passes
+        await wait_for(lambda: node.scrubber.passes >= passes + 2)
+        assert node.scrubber.corrupt_found == 0
+        path = node.store.path_of(chunk_id)
+        raw = bytearray(path.read_bytes())
+        raw[HEADER_SIZE + 5] ^= 0x01
+        path.write_bytes(raw)
+        await wait_for(lambda: node.scrubber.corrupt_found == 1)
+        assert await c.take_corrupt() == [chunk_id]

@@ -63,7 +63,7 @@ class StorageNode:
     def __init__(self, config: StorageConfig) -> None:
         self.config = config
         self.store = ChunkStore(config.data_dir, config.capacity)
-        self.scrubber = Scrubber(self.store, rate=config.scrub_rate)
+        self.scrubber = Scrubber(self.store, rate=config.scrub_rate, idle=config.scrub_pause)
         self.node_id = ""
         self.server: RpcServer | None = None
 
