@@ -405,7 +405,7 @@ async def add_node(request: web.Request) -> web.StreamResponse:
         raise DstoreError(f"expected {{addr, time, proof}}: {exc}", code="bad_request") from None
     secret = app[keys.CONFIG].cluster_secret.encode()
     if not admin and not handshake.verify_join(secret, addr, stamp, proof, time.time()):
-        return error_response(401, "unauthorized", "join proof does not match the cluster secret")
+        raise Unauthorized("join proof does not match the cluster secret")
     cluster = app[keys.CLUSTER]
     member = cluster.add(addr)
     await app[keys.META].set_member(addr, "active")

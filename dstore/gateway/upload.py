@@ -166,21 +166,26 @@ class Uploader:
 
     async def _begin(self, upload: _Upload, first: Chunk | None) -> ChunkIntent | None:
         """Begin the version, with the intent for its first chunk (placed here)."""
-        intent = None
-        if first is not None:
-            targets = self.cluster.place(first.size, self.settings.replicas)
-            intent = ChunkIntent(first.index, new_chunk_id(), first.size, first.checksum, targets)
+        intent = self._place(first) if first is not None else None
         try:
             upload.version_id = await self.meta.begin_upload(
                 upload.name, upload.content_type, self.settings.lease, first=intent
             )
         except BaseException:
             if intent is not None:
-                for node_id in intent.nodes:
-                    self.cluster.release(node_id, intent.size, stored=False)
+                self._unplace(intent)
             raise
         self.active.add(upload.version_id)
         return intent
+
+    def _place(self, chunk: Chunk) -> ChunkIntent:
+        """A fresh id and ``replicas`` nodes for a chunk, its space reserved on them."""
+        targets = self.cluster.place(chunk.size, self.settings.replicas)
+        return ChunkIntent(chunk.index, new_chunk_id(), chunk.size, chunk.checksum, targets)
+
+    def _unplace(self, intent: ChunkIntent) -> None:
+        for node_id in intent.nodes:
+            self.cluster.release(node_id, intent.size, stored=False)
 
     async def _abort(
         self, version_id: int | None, name: str, why: BaseException, started: float
@@ -277,19 +282,14 @@ class Uploader:
         """Put one chunk on ``replicas`` nodes, replacing nodes that fail. ``intent``: the
         chunk's id and nodes, already placed and recorded (the first chunk's)."""
         cluster, meta, wanted = self.cluster, self.meta, self.settings.replicas
-        if intent is not None:
-            chunk_id, targets = intent.chunk_id, list(intent.nodes)
-        else:
-            chunk_id = new_chunk_id()
-            targets = cluster.place(chunk.size, wanted)
+        if intent is None:
+            intent = self._place(chunk)
             try:
-                await meta.add_chunk(
-                    version_id, chunk.index, chunk_id, chunk.size, chunk.checksum, targets
-                )
+                await meta.add_chunk(version_id, intent)
             except BaseException:
-                for node_id in targets:
-                    cluster.release(node_id, chunk.size, stored=False)
+                self._unplace(intent)
                 raise
+        chunk_id, targets = intent.chunk_id, list(intent.nodes)
         stored: list[str] = []
         tried: set[str] = set(targets)
         while True:

@@ -131,15 +131,7 @@ class MetadataStore(abc.ABC):
         """Extend the leases of uploads still in progress."""
 
     @abc.abstractmethod
-    async def add_chunk(
-        self,
-        version_id: int,
-        index: int,
-        chunk_id: str,
-        size: int,
-        checksum: bytes,
-        nodes: Sequence[str],
-    ) -> None:
+    async def add_chunk(self, version_id: int, intent: ChunkIntent) -> None:
         """Record a chunk intent before its bytes are sent: the reaper can always find it."""
 
     @abc.abstractmethod
@@ -430,17 +422,7 @@ class SQLiteMetadataStore(MetadataStore):
 
         await self._submit(tx)
 
-    async def add_chunk(
-        self,
-        version_id: int,
-        index: int,
-        chunk_id: str,
-        size: int,
-        checksum: bytes,
-        nodes: Sequence[str],
-    ) -> None:
-        intent = ChunkIntent(index, chunk_id, size, checksum, nodes)
-
+    async def add_chunk(self, version_id: int, intent: ChunkIntent) -> None:
         def tx(db: sqlite3.Connection) -> None:
             _insert_chunk(db, version_id, intent)
 
