@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from dstore.config import StorageConfig
 from dstore.local import storage_argv
 from dstore.log import configure
 from dstore.rpc.client import NodeClient
+from dstore.storage.chunkstore import HEADER_SIZE
 from dstore.storage.node import StorageNode
+from dstore.storage.volumes import live_needles
 
 SECRET = "test-cluster-secret"
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,8 +117,48 @@ def node_process(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
         proc.kill()
 
 
-def chunk_files(data_dir: Path) -> list[Path]:
-    return sorted(p for p in (data_dir / "chunks").rglob("*") if p.is_file())
+@dataclass(frozen=True)
+class OnDisk:
+    """A chunk as a node's data dir holds it: in its own file, or a record in a volume."""
+
+    name: str  # the chunk id
+    path: Path  # the file its bytes are in
+    offset: int  # where they start in that file
+    length: int
+
+    def flip(self, at: int, bit: int = 0x01) -> None:
+        """Rot: flip a bit of the chunk's byte ``at``."""
+        with self.path.open("r+b") as f:
+            f.seek(self.offset + at)
+            byte = f.read(1)[0]
+            f.seek(self.offset + at)
+            f.write(bytes([byte ^ bit]))
+
+    def cut(self, keep: int) -> None:
+        """Truncate the file holding it after ``keep`` bytes of the chunk."""
+        with self.path.open("r+b") as f:
+            f.truncate(self.offset + keep)
+
+    def remove(self) -> None:
+        """Make it vanish (with the rest of its volume, if it is in one)."""
+        self.path.unlink(missing_ok=True)
+
+
+def chunk_files(data_dir: Path) -> list[OnDisk]:
+    """Every chunk stored under a node's data dir, read from the files alone, by id."""
+    found = {
+        p.name: OnDisk(p.name, p, HEADER_SIZE, p.stat().st_size - HEADER_SIZE)
+        for p in (data_dir / "chunks").rglob("*")
+        if p.is_file()
+    }
+    for chunk_id, (path, at, length) in live_needles(data_dir / "volumes").items():
+        found[chunk_id] = OnDisk(chunk_id, path, at, length)
+    return [found[k] for k in sorted(found)]
+
+
+def on_disk(node: StorageNode, chunk_id: str) -> OnDisk:
+    (chunk,) = [c for c in chunk_files(node.config.data_dir) if c.name == chunk_id]
+    return chunk
 
 
 def tmp_files(data_dir: Path) -> list[Path]:

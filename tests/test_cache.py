@@ -55,8 +55,8 @@ async def test_a_small_file_read_again_comes_from_the_cache(make_cluster: MakeCl
     assert (cache.hits, len(cache)) == (0, 1)
     # the replicas vanish from the nodes: only the cache can still answer
     for node in cluster.nodes:
-        for path in chunk_files(node.config.data_dir):
-            path.unlink()
+        for chunk in chunk_files(node.config.data_dir):
+            chunk.remove()
     response, body = await cluster.get("hot")
     assert response.status == 200 and body == data and cache.hits == 1
     response, body = await cluster.get("hot", headers={"Range": "bytes=100-199"})

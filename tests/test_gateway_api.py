@@ -77,9 +77,9 @@ async def test_range_reads_only_the_chunks_it_overlaps(cluster: LocalCluster) ->
     version = await cluster.app[keys.META].lookup("sparse")
     first = version.chunks[0].chunk_id
     for node in cluster.nodes:
-        for path in chunk_files(node.config.data_dir):
-            if path.name == first:
-                path.write_bytes(path.read_bytes()[:-1] + b"\0")
+        for chunk in chunk_files(node.config.data_dir):
+            if chunk.name == first:
+                chunk.flip(chunk.length - 1)
     response, body = await cluster.get(
         "sparse", headers={"Range": f"bytes={5 * CHUNK}-{5 * CHUNK + 99}"}
     )
@@ -148,8 +148,8 @@ async def test_hostile_names_are_ordinary_names(cluster: LocalCluster, name: str
     got, body = await cluster.get(name)
     assert got.status == 200 and body == data
     for node in cluster.nodes:  # nothing a client sends becomes a path on a node
-        for path in chunk_files(node.config.data_dir):
-            assert path.parent.parent == node.config.data_dir / "chunks"
+        for chunk in chunk_files(node.config.data_dir):
+            assert chunk.path.parent == node.config.data_dir / "volumes"
 
 
 @pytest.mark.parametrize(
@@ -220,7 +220,7 @@ async def test_concurrent_uploads_never_overfill_nodes(make_cluster) -> None:  #
 
     def counts_agree() -> bool:  # a delete in flight may have unlinked but not counted yet
         return all(
-            node.store.used == sum(p.stat().st_size - 32 for p in chunk_files(node.config.data_dir))
+            node.store.used == sum(c.length for c in chunk_files(node.config.data_dir))
             for node in cluster.nodes
         )
 

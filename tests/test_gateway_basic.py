@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.conftest import LocalCluster
+from tests.conftest import LocalCluster, chunk_files
 
 CHUNK = 64 * 1024
 
@@ -50,10 +50,8 @@ async def test_every_chunk_has_replicas_on_distinct_nodes(cluster: LocalCluster)
     assert len(version.chunks) == 20
     for chunk in version.chunks:
         assert len(set(chunk.nodes)) == 2
-    stored = [len(os.listdir(p)) for n in cluster.nodes for p in [n.config.data_dir / "chunks"]]
-    assert stored  # sanity: folders exist
-    on_disk = sum(1 for n in cluster.nodes for _ in n.config.data_dir.glob("chunks/*/*"))
-    assert on_disk == 40
+    on_disk = [c.name for n in cluster.nodes for c in chunk_files(n.config.data_dir)]
+    assert sorted(on_disk) == sorted(c.chunk_id for c in version.chunks for _ in range(2))
 
 
 async def test_content_type_and_metadata_headers(cluster: LocalCluster) -> None:
@@ -131,7 +129,7 @@ async def test_overwrite_replaces_atomically_and_reclaims(cluster: LocalCluster)
     _, got = await cluster.get("o")
     assert got == second
     await cluster.wait_reaped()
-    on_disk = sum(1 for n in cluster.nodes for _ in n.config.data_dir.glob("chunks/*/*"))
+    on_disk = sum(len(chunk_files(n.config.data_dir)) for n in cluster.nodes)
     assert on_disk == 3 * 2
 
 
@@ -142,7 +140,7 @@ async def test_delete_makes_name_vanish_and_reclaims_space(cluster: LocalCluster
         assert response.status == 204
     assert (await cluster.get("d"))[0].status == 404
     await cluster.wait_reaped()
-    assert sum(1 for n in cluster.nodes for _ in n.config.data_dir.glob("chunks/*/*")) == 0
+    assert sum(len(chunk_files(n.config.data_dir)) for n in cluster.nodes) == 0
     for node in cluster.nodes:
         assert node.store.used == 0
 

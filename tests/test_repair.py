@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 from dstore.gateway import keys
-from dstore.storage.chunkstore import HEADER_SIZE
-from tests.conftest import LocalCluster, chunk_files, wait_for
+from tests.conftest import LocalCluster, chunk_files, on_disk, wait_for
 
 CHUNK = 64 * 1024
 
@@ -104,10 +103,8 @@ async def test_rotten_replicas_are_never_served_and_are_repaired(
     # flip a byte in the first-choice replica of every chunk
     by_id = {n.node_id: n for n in cluster.nodes}
     for chunk in version.chunks:
-        path = by_id[chunk.nodes[0]].store.path_of(chunk.chunk_id)
-        raw = bytearray(path.read_bytes())
-        raw[HEADER_SIZE + len(raw) // 3] ^= 0x01
-        path.write_bytes(raw)
+        stored = on_disk(by_id[chunk.nodes[0]], chunk.chunk_id)
+        stored.flip(stored.length // 3)
     response, got = await cluster.get("rot")
     assert response.status == 200 and got == data  # read from the good copies
     await repair_done(cluster, ["rot"])  # and the bad ones were replaced
@@ -189,10 +186,8 @@ async def test_scrubber_finds_rot_and_repair_heals_it(make_cluster: Any) -> None
     version = await cluster.app[keys.META].lookup("scrubbed")
     by_id = {n.node_id: n for n in cluster.nodes}
     for chunk in version.chunks:  # rot the second replica: reads would never notice
-        path = by_id[chunk.nodes[1]].store.path_of(chunk.chunk_id)
-        raw = bytearray(path.read_bytes())
-        raw[-1] ^= 0x80
-        path.write_bytes(raw)
+        stored = on_disk(by_id[chunk.nodes[1]], chunk.chunk_id)
+        stored.flip(stored.length - 1, 0x80)
     for node in cluster.nodes:
         await node.scrubber.run_pass()
     assert sum(n.scrubber.corrupt_found for n in cluster.nodes) == len(version.chunks)

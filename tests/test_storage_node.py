@@ -28,7 +28,6 @@ from dstore.protocol import Error, Ping
 from dstore.protocol.codec import decode_payload, encode_frame
 from dstore.protocol.messages import Hello, to_header
 from dstore.rpc.client import NodeClient
-from dstore.storage.chunkstore import HEADER_SIZE
 from dstore.storage.node import StorageNode
 from tests.conftest import SECRET, NodeFactory, chunk_files, tmp_files, wait_for
 
@@ -204,9 +203,17 @@ async def test_full_disk_is_out_of_space_and_leaves_no_temp(
     def full(fd: int, pieces: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    import dstore.storage.volumes as volumes
+
+    def full_volume(fd: int, pieces: object, offset: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(chunkstore, "_write_all", full)
+    monkeypatch.setattr(volumes, "_pwrite_all", full_volume)
     with pytest.raises(OutOfSpace):
-        await put(client, os.urandom(100_000))
+        await put(client, os.urandom(100_000))  # a small chunk, for a volume
+    with pytest.raises(OutOfSpace):
+        await put(client, os.urandom(1_000_000))  # a chunk of its own
     with pytest.raises(OutOfSpace):
         await put(client, os.urandom(9 << 20))  # fails mid-body, not only at the end
     assert tmp_files(node.config.data_dir) == [] and chunk_files(node.config.data_dir) == []
@@ -242,10 +249,8 @@ async def test_corrupt_chunk_is_reported_never_served(
 ) -> None:
     data = os.urandom(2_000_000)
     chunk_id = await put(client, data)
-    (path,) = chunk_files(node.config.data_dir)
-    raw = bytearray(path.read_bytes())
-    raw[HEADER_SIZE + 1_500_000] ^= 0x40
-    path.write_bytes(raw)
+    (chunk,) = chunk_files(node.config.data_dir)
+    chunk.flip(1_500_000, 0x40)
     with pytest.raises(ChunkCorrupt):
         await client.get_chunk(chunk_id)
     with pytest.raises(ChunkCorrupt):
@@ -268,23 +273,25 @@ async def test_unverified_get_sends_a_large_chunk_as_stored(
     assert got == data[1_000_000:1_000_005]
     # unverified means the reader's hash is the check: rot goes out as it is on disk,
     # while a verified get of the same chunk refuses it
-    (path,) = chunk_files(node.config.data_dir)
-    raw = bytearray(path.read_bytes())
-    raw[HEADER_SIZE + 2_000_000] ^= 0x40
-    path.write_bytes(raw)
+    (chunk,) = chunk_files(node.config.data_dir)
+    chunk.flip(2_000_000, 0x40)
     async with client.open_chunk(chunk_id, verify=False) as body:
         sent = b"".join([bytes(p) async for p in body])
-    assert sent == bytes(raw[HEADER_SIZE:]) and sent != data
+    rotten = bytearray(data)
+    rotten[2_000_000] ^= 0x40
+    assert sent == rotten
     with pytest.raises(ChunkCorrupt):
         await client.get_chunk(chunk_id)
     assert await client.ping() >= 0
 
 
-async def test_truncated_chunk_file_is_corrupt(node: StorageNode, client: NodeClient) -> None:
-    chunk_id = await put(client, os.urandom(100_000))
-    (path,) = chunk_files(node.config.data_dir)
-    with path.open("r+b") as f:
-        f.truncate(HEADER_SIZE + 50_000)
+@pytest.mark.parametrize("size", [100_000, 1_000_000])  # in a volume; in its own file
+async def test_truncated_chunk_file_is_corrupt(
+    node: StorageNode, client: NodeClient, size: int
+) -> None:
+    chunk_id = await put(client, os.urandom(size))
+    (chunk,) = chunk_files(node.config.data_dir)
+    chunk.cut(size // 2)
     with pytest.raises(ChunkCorrupt):
         await client.get_chunk(chunk_id)
 
@@ -507,9 +514,7 @@ async def test_the_scrubber_goes_pass_after_pass_and_catches_later_rot(
         passes = node.scrubber.passes
         await wait_for(lambda: node.scrubber.passes >= passes + 2)
         assert node.scrubber.corrupt_found == 0
-        path = node.store.path_of(chunk_id)
-        raw = bytearray(path.read_bytes())
-        raw[HEADER_SIZE + 5] ^= 0x01
-        path.write_bytes(raw)
+        (chunk,) = chunk_files(node.config.data_dir)
+        chunk.flip(5)
         await wait_for(lambda: node.scrubber.corrupt_found == 1)
         assert await c.take_corrupt() == [chunk_id]

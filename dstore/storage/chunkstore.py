@@ -3,9 +3,12 @@ blocking calls run in the default executor, batched so a chunk costs few thread 
 
 Layout under the data dir::
 
-    chunks/ab/ab…        one file per chunk in 256 fan-out folders made at start: a
-                         32-byte header, then the chunk's bytes
+    chunks/ab/ab…        one file per chunk over ``small_max`` bytes, in 256 fan-out
+                         folders made at start: a 32-byte header, then the chunk's bytes
+    volumes/             chunks of up to ``small_max`` bytes, appended to volume files
+                         with group commit (``volumes.py``)
     tmp/                 writes in progress (removed at start: a crash leaves nothing visible)
+    corrupt/             chunks the scrubber found damaged, kept for a post-mortem
 
 Header: magic ``DSCK``, format version (u16), flags (u16), length (u64), xxh3-128 (16 bytes).
 A write streams into a temp file while hashing, verifies the checksum, fsyncs, renames into
@@ -40,6 +43,7 @@ from dstore.errors import (
     InvalidChunkId,
     OutOfSpace,
 )
+from dstore.storage.volumes import SMALL_MAX, VOLUME_SIZE, Needle, Volumes
 
 log = structlog.get_logger("dstore.chunkstore")
 
@@ -149,16 +153,25 @@ def _abandon(fd: int, tmp: Path) -> None:
 class ChunkStore:
     """The chunks of one storage node."""
 
-    def __init__(self, root: Path, capacity: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        capacity: int | None = None,
+        *,
+        small_max: int = SMALL_MAX,
+        volume_size: int = VOLUME_SIZE,
+    ) -> None:
         self.root = Path(root)
         self.chunk_dir = self.root / "chunks"
         self.tmp_dir = self.root / "tmp"
         self.corrupt_dir = self.root / "corrupt"
         self._capacity_setting = capacity
         self.capacity = capacity or 0
-        self.used = 0
+        self.small_max = small_max
+        self.volumes = Volumes(self.root / "volumes", self._locked, volume_size=volume_size)
+        self._file_used = 0
+        self._file_count = 0
         self.reserved = 0
-        self.count = 0
         self._busy_ids: dict[str, _IdLock] = {}
         # ids deleted for good (``retire``), newest last: a put of one is refused
         self._retired: OrderedDict[str, float] = OrderedDict()
@@ -169,12 +182,22 @@ class ChunkStore:
             f"/{self.capacity} bytes>"
         )
 
+    @property
+    def used(self) -> int:
+        """Bytes of the chunks stored (not counting volume garbage awaiting compaction)."""
+        return self._file_used + self.volumes.live_bytes
+
+    @property
+    def count(self) -> int:
+        return self._file_count + len(self.volumes.index)
+
     # --- start-up -------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Create the layout, drop leftover temp files, and count what is stored from
         file sizes alone (no chunk is re-read)."""
         await asyncio.to_thread(self._open_sync)
+        self.volumes.start()
         log.info(
             "chunk_store_open",
             root=str(self.root),
@@ -210,9 +233,14 @@ class ChunkStore:
         for info in self._walk(""):
             used += info.size
             count += 1
-        self.used, self.count = used, count
+        self._file_used, self._file_count = used, count
+        self.volumes.open_sync()
         if self._capacity_setting is None:
-            self.capacity = shutil.disk_usage(self.root).free + used
+            self.capacity = shutil.disk_usage(self.root).free + self.used
+
+    async def close(self) -> None:
+        """Finish the writes under way (and stop compacting)."""
+        await self.volumes.close()
 
     # --- paths and locks ------------------------------------------------------------------
 
@@ -272,21 +300,59 @@ class ChunkStore:
             if self.is_retired(chunk_id):
                 raise ChunkRetired(f"chunk {chunk_id} was deleted for good")
             no_room = self.used + self.reserved + length > self.capacity
-            # (a re-put of a chunk already stored needs no room: _write_new finds it)
-            if no_room and not await asyncio.to_thread(path.exists):
+            # (a re-put of a chunk already stored needs no room: the write finds it)
+            if (
+                no_room
+                and self.volumes.get(chunk_id) is None
+                and not await asyncio.to_thread(path.exists)
+            ):
                 raise OutOfSpace(
                     f"{length} bytes do not fit: {self.used} used, {self.reserved} reserved"
                     f" of {self.capacity}"
                 )
             self.reserved += length
             try:
+                if length <= self.small_max:
+                    return await self._write_small(chunk_id, length, checksum, pieces)
                 created = await self._write_new(path, chunk_id, length, checksum, pieces)
             finally:
                 self.reserved -= length
             if created:
-                self.used += length
-                self.count += 1
+                self._file_used += length
+                self._file_count += 1
             return created
+
+    async def _write_small(
+        self,
+        chunk_id: str,
+        length: int,
+        checksum: bytes,
+        pieces: AsyncIterable[bytes | memoryview],
+    ) -> bool:
+        """Gather the body (not copied), verify it, and append it to a volume."""
+        hasher = Hasher()
+        gathered: list[bytes | memoryview] = []
+        received = 0
+        async for piece in pieces:
+            hasher.update(piece)
+            received += len(piece)
+            gathered.append(piece)
+        if received != length:
+            raise DstoreError(f"body had {received} bytes, {length} announced")
+        if hasher.digest() != checksum:
+            raise ChecksumMismatch(f"chunk {chunk_id}: body does not match its checksum")
+        existing = self.volumes.get(chunk_id)
+        if existing is not None:
+            if (existing.length, existing.checksum) != (length, checksum):
+                raise ChunkConflict(f"chunk {chunk_id} exists with other content")
+            return False
+        try:
+            await self.volumes.put(chunk_id, length, checksum, gathered)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"disk full while writing chunk {chunk_id}") from exc
+            raise
+        return True
 
     async def _write_new(
         self,
@@ -388,9 +454,7 @@ class ChunkStore:
         ``sendfile`` (``ChunkReader.file_range``) instead of iterating."""
         if offset < 0 or (length is not None and length < 0):
             raise DstoreError(f"bad range {offset}+{length}", code="bad_range")
-        reader = await asyncio.to_thread(
-            ChunkReader.open, self.path_of(chunk_id), chunk_id, prefetch=prefetch
-        )
+        reader = await self._open(chunk_id, prefetch)
         try:
             if offset > reader.size:
                 raise DstoreError(
@@ -404,18 +468,31 @@ class ChunkStore:
         finally:
             reader.close()
 
+    async def _open(self, chunk_id: str, prefetch: bool = True) -> ChunkReader:
+        path = self.path_of(chunk_id)
+        for _ in range(3):
+            needle = self.volumes.get(chunk_id)
+            if needle is None:
+                return await asyncio.to_thread(ChunkReader.open, path, chunk_id, prefetch=prefetch)
+            try:
+                return await asyncio.to_thread(
+                    ChunkReader.open_needle, self.volumes.path(needle.volume), chunk_id, needle
+                )
+            except FileNotFoundError:
+                continue  # its volume was compacted meanwhile: look again
+        raise ChunkNotFound(f"chunk {chunk_id} not found")
+
     # --- scrubbing -----------------------------------------------------------------------
 
     async def verify(self, chunk_id: str) -> int | None:
         """Re-read a chunk and check it: its size if good, None if it is gone, and
         ``ChunkCorrupt`` if it is damaged."""
-        path = self.path_of(chunk_id)
+        try:
+            reader = await self._open(chunk_id)
+        except ChunkNotFound:
+            return None
 
         def check() -> int | None:
-            try:
-                reader = ChunkReader.open(path, chunk_id)
-            except ChunkNotFound:
-                return None
             try:
                 pos = len(reader._first)
                 while pos < reader.size:
@@ -436,6 +513,10 @@ class ChunkStore:
         post-mortem, no longer counted as used."""
         path = self.path_of(chunk_id)
         async with self._locked(chunk_id):
+            needle = self.volumes.get(chunk_id)
+            if needle is not None:
+                await asyncio.to_thread(self._keep_corrupt, chunk_id, needle)
+                return await self.volumes.delete(chunk_id) is not None
 
             def move() -> int | None:
                 try:
@@ -450,9 +531,22 @@ class ChunkStore:
             size = await asyncio.to_thread(move)
             if size is None:
                 return False
-            self.used -= size
-            self.count -= 1
+            self._file_used -= size
+            self._file_count -= 1
             return True
+
+    def _keep_corrupt(self, chunk_id: str, needle: Needle) -> None:
+        """A copy of a damaged small chunk's bytes, for the post-mortem."""
+        fd = os.open(self.volumes.path(needle.volume), os.O_RDONLY)
+        try:
+            data = os.pread(fd, needle.length, needle.offset)
+        finally:
+            os.close(fd)
+        target = self.corrupt_dir / f"{chunk_id}.{int(time.time())}"
+        target.write_bytes(
+            HEADER.pack(MAGIC, FORMAT_VERSION, 0, needle.length, needle.checksum) + data
+        )
+        _fsync_dir(self.corrupt_dir)
 
     # --- deletes and listing --------------------------------------------------------------
 
@@ -464,11 +558,13 @@ class ChunkStore:
         async with self._locked(chunk_id):
             if retire:
                 self._retire(chunk_id)
+            if await self.volumes.delete(chunk_id) is not None:
+                return True
             size = await asyncio.to_thread(_unlink_chunk, path)
             if size is None:
                 return False
-            self.used -= size
-            self.count -= 1
+            self._file_used -= size
+            self._file_count -= 1
             return True
 
     async def list(self, after: str = "", limit: int = 1000) -> list[ChunkInfo]:
@@ -482,7 +578,14 @@ class ChunkStore:
                     break
             return rows
 
-        return await asyncio.to_thread(page)
+        files = await asyncio.to_thread(page)
+        small = [
+            ChunkInfo(chunk_id, needle.length, needle.mtime)
+            for chunk_id, needle in self.volumes.ids_after(after, limit)
+        ]
+        merged = {info.chunk_id: info for info in files}
+        merged.update((info.chunk_id, info) for info in small)
+        return [merged[chunk_id] for chunk_id in sorted(merged)[:limit]]
 
     def _walk(self, after: str) -> Iterator[ChunkInfo]:
         """Chunk files in id order (the fan-out folders are id prefixes), after ``after``."""
@@ -513,13 +616,16 @@ class ChunkReader:
     """One open chunk being streamed: read and hashed ``READ_SIZE`` at a time in worker
     threads, one read ahead, handed out in ``SEND_SIZE`` pieces."""
 
-    def __init__(self, fd: int, chunk_id: str, size: int, checksum: bytes) -> None:
+    def __init__(
+        self, fd: int, chunk_id: str, size: int, checksum: bytes, base: int = HEADER_SIZE
+    ) -> None:
         self.chunk_id = chunk_id
         self.size = size
         self.checksum = checksum
         self.offset = 0
         self.length = size
         self._fd = fd
+        self._base = base  # file offset of the chunk's first byte
         self._hasher = Hasher()
         self._first = b""
         self.prefetched = False  # False: nothing read yet, the bytes may go by sendfile
@@ -542,12 +648,30 @@ class ChunkReader:
                 raise ChunkCorrupt(f"{chunk_id}: {on_disk} bytes on disk, header says {size}")
             reader = cls(fd, chunk_id, size, checksum)
             if prefetch or size <= SENDFILE_MIN:
-                reader._first = reader._read_and_hash(0)
-                reader.prefetched = True
+                reader._prefetch()
         except BaseException:
             os.close(fd)
             raise
         return reader
+
+    @classmethod
+    def open_needle(cls, path: Path, chunk_id: str, needle: Needle) -> ChunkReader:
+        """Open a small chunk in its volume and read it (one hop); FileNotFoundError if the
+        volume is gone."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size < needle.offset + needle.length:
+                raise ChunkCorrupt(f"{chunk_id}: its volume {path.name} is cut short")
+            reader = cls(fd, chunk_id, needle.length, needle.checksum, needle.offset)
+            reader._prefetch()
+        except BaseException:
+            os.close(fd)
+            raise
+        return reader
+
+    def _prefetch(self) -> None:
+        self._first = self._read_and_hash(0)
+        self.prefetched = True
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -556,10 +680,10 @@ class ChunkReader:
 
     def file_range(self) -> tuple[int, int, int]:
         """(fd, file offset, byte count) of the range being read, for ``sendfile``."""
-        return self._fd, HEADER_SIZE + self.offset, self.length
+        return self._fd, self._base + self.offset, self.length
 
     def _read_and_hash(self, at: int) -> bytes:
-        data = os.pread(self._fd, min(READ_SIZE, self.size - at), HEADER_SIZE + at)
+        data = os.pread(self._fd, min(READ_SIZE, self.size - at), self._base + at)
         self._hasher.update(data)
         return data
 

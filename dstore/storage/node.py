@@ -100,6 +100,7 @@ class StorageNode:
         await self.scrubber.stop()
         if self.server is not None:
             await self.server.close(self.config.grace if grace is None else grace)
+        await self.store.close()
         log.info("storage_node_stopped", node_id=self.node_id)
 
     async def handle(self, request: Request, stream: FramedStream) -> None:
