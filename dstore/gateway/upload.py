@@ -249,7 +249,17 @@ class Uploader:
                         await self._take_slot(window)
                         holding = True
                 last = chunker.finish()
-                if last is not None:
+                if last is not None and upload.version_id is None:
+                    # the only chunk (most small files): stored right here, no task
+                    intent = await self._begin(upload, last)
+                    assert upload.version_id is not None
+                    checksums[last.index] = last.checksum
+                    try:
+                        await self._replicate(upload.version_id, last, trace, intent)
+                    finally:
+                        self._give_slot(window, last)
+                        holding = False
+                elif last is not None:
                     await hand_on(last)
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None

@@ -388,8 +388,12 @@ class SQLiteMetadataStore(MetadataStore):
                 db.execute("PRAGMA synchronous = NORMAL")
         self.groups += 1
         self.ops += len(group)
-        for op, ok, value in results:
-            op.loop.call_soon_threadsafe(_settle, op.future, ok, value)
+        # one wake-up per loop for the whole group, not one per op
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, bool, Any]]] = {}
+        for result in results:
+            by_loop.setdefault(result[0].loop, []).append(result)
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, settled)
 
     # --- uploads --------------------------------------------------------------------------
 
@@ -753,13 +757,14 @@ def _node_ids(joined: str | None) -> tuple[str, ...]:
     return tuple(n for n in (joined or "").split(",") if n)
 
 
-def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if future.cancelled():
-        return  # the caller gave up waiting; the transaction stands as it was decided
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _settle_all(results: list[tuple[_Op, bool, Any]]) -> None:
+    for op, ok, value in results:
+        if op.future.cancelled():
+            continue  # the caller gave up waiting; the transaction stands as it was decided
+        if ok:
+            op.future.set_result(value)
+        else:
+            op.future.set_exception(value)
 
 
 def _kill(db: sqlite3.Connection, version_id: int, now: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -253,32 +254,38 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
-def _check_type(value: Any, annotation: Any) -> bool:
+def _checker(annotation: Any) -> Callable[[Any], bool]:
+    """A type check for one field, built once from its annotation (decoding a frame then
+    costs no typing introspection)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        return any(_check_type(value, arg) for arg in typing.get_args(annotation))
+        options = [_checker(arg) for arg in typing.get_args(annotation)]
+        return lambda value: any(check(value) for check in options)
     if annotation is type(None):
-        return value is None
+        return lambda value: value is None
     if annotation is Any:
-        return True
+        return lambda value: True
     if origin is list:
         (item,) = typing.get_args(annotation)
-        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+        check_item = _checker(item)
+        return lambda value: isinstance(value, list) and all(check_item(v) for v in value)
     if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return lambda value: isinstance(value, int | float) and not isinstance(value, bool)
     if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation)
+        return lambda value: isinstance(value, int) and not isinstance(value, bool)
+    if annotation is str:
+        return lambda value: isinstance(value, str)
+    return lambda value: isinstance(value, annotation)
 
 
-_SCHEMAS: dict[type[Message], list[tuple[str, Any]]] = {}
+_SCHEMAS: dict[type[Message], list[tuple[str, Callable[[Any], bool]]]] = {}
 
 
-def _schema(cls: type[Message]) -> list[tuple[str, Any]]:
+def _schema(cls: type[Message]) -> list[tuple[str, Callable[[Any], bool]]]:
     schema = _SCHEMAS.get(cls)
     if schema is None:
         hints = typing.get_type_hints(cls)
-        schema = [(f.name, hints[f.name]) for f in dataclasses.fields(cls)]
+        schema = [(f.name, _checker(hints[f.name])) for f in dataclasses.fields(cls)]
         _SCHEMAS[cls] = schema
     return schema
 
@@ -300,11 +307,11 @@ def from_header(header: Any) -> Message:
     if cls is None:
         raise RemoteProtocolError(f"unknown op {op!r}")
     values: dict[str, Any] = {}
-    for name, annotation in _schema(cls):
+    for name, check in _schema(cls):
         if name not in header:
             continue
         value = header[name]
-        if not _check_type(value, annotation):
+        if not check(value):
             raise RemoteProtocolError(f"{op}: field {name!r} has the wrong type")
         values[name] = value
     message = cls(**values)

@@ -293,7 +293,8 @@ class ChunkStore:
         """Store a chunk from its body pieces; True if created, False if an identical chunk
         was already stored. Raises before reading any piece if the id is invalid or there
         is no room; the caller drains the body in that case."""
-        path = self.path_of(chunk_id)
+        if not is_valid_chunk_id(chunk_id):
+            raise InvalidChunkId(f"invalid chunk id {chunk_id!r}")
         if length < 0 or len(checksum) != CHECKSUM_SIZE:
             raise DstoreError("bad chunk length or checksum size", code="bad_request")
         async with self._locked(chunk_id):
@@ -304,7 +305,7 @@ class ChunkStore:
             if (
                 no_room
                 and self.volumes.get(chunk_id) is None
-                and not await asyncio.to_thread(path.exists)
+                and not await asyncio.to_thread(self.path_of(chunk_id).exists)
             ):
                 raise OutOfSpace(
                     f"{length} bytes do not fit: {self.used} used, {self.reserved} reserved"
@@ -314,6 +315,7 @@ class ChunkStore:
             try:
                 if length <= self.small_max:
                     return await self._write_small(chunk_id, length, checksum, pieces)
+                path = self.path_of(chunk_id)
                 created = await self._write_new(path, chunk_id, length, checksum, pieces)
             finally:
                 self.reserved -= length
@@ -469,10 +471,12 @@ class ChunkStore:
             reader.close()
 
     async def _open(self, chunk_id: str, prefetch: bool = True) -> ChunkReader:
-        path = self.path_of(chunk_id)
+        if not is_valid_chunk_id(chunk_id):
+            raise InvalidChunkId(f"invalid chunk id {chunk_id!r}")
         for _ in range(3):
             needle = self.volumes.get(chunk_id)
             if needle is None:
+                path = self.path_of(chunk_id)
                 return await asyncio.to_thread(ChunkReader.open, path, chunk_id, prefetch=prefetch)
             try:
                 return await asyncio.to_thread(
