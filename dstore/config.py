@@ -121,6 +121,10 @@ class StorageConfig:
         8 << 20, parse_size, "bytes per second the scrubber re-reads and verifies (0: off)"
     )
     scrub_pause: float = _opt(60.0, parse_duration, "rest between two full scrub passes")
+    small_chunk_max: int = _opt(
+        256 << 10, parse_size, "chunks up to this size go to volume files (0: none)"
+    )
+    volume_size: int = _opt(64 << 20, parse_size, "size at which a new volume file is started")
     log_format: str = _opt("auto", str, "auto, json or console")
     log_level: str = _opt("info", str, "debug, info, warning, error")
 
@@ -133,6 +137,10 @@ class StorageConfig:
             raise ConfigError(f"port {self.port} out of range")
         if self.capacity is not None and self.capacity <= 0:
             raise ConfigError("capacity must be positive")
+        if not 0 <= self.small_chunk_max <= 16 << 20:
+            raise ConfigError("small_chunk_max must be between 0 and 16 MiB")
+        if self.volume_size < 1 << 20:
+            raise ConfigError("volume_size must be at least 1 MiB")
 
 
 @dataclass

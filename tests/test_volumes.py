@@ -86,6 +86,26 @@ async def test_small_chunks_share_a_volume_in_few_group_commits_and_survive_rest
         assert listed == sorted([*blobs, big_id])
 
 
+async def test_volumes_can_be_turned_off_and_what_they_hold_stays_readable(
+    start_node: NodeFactory,
+) -> None:
+    node = await start_node("switch")
+    early = os.urandom(5000)
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as c:
+        early_id = new_chunk_id()
+        await c.put_chunk(early_id, early, length=len(early), checksum=checksum(early))
+    await node.stop()
+    again = await start_node("switch", small_chunk_max=0)
+    async with NodeClient("127.0.0.1", again.port, SECRET.encode()) as c:
+        late_id = new_chunk_id()
+        await c.put_chunk(late_id, early, length=len(early), checksum=checksum(early))
+        assert await c.get_chunk(early_id) == early and await c.get_chunk(late_id) == early
+        assert await c.delete_chunk(early_id) is True
+        assert (await c.stat()).chunks == 1
+    (late,) = chunk_files(again.config.data_dir)
+    assert late.name == late_id and late.path.parent.parent.name == "chunks"
+
+
 async def test_a_torn_tail_is_cut_at_start_and_what_was_acknowledged_stays(
     tmp_path: Path,
 ) -> None:

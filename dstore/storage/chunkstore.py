@@ -313,7 +313,7 @@ class ChunkStore:
                 )
             self.reserved += length
             try:
-                if length <= self.small_max:
+                if self.small_max and length <= self.small_max:
                     return await self._write_small(chunk_id, length, checksum, pieces)
                 path = self.path_of(chunk_id)
                 created = await self._write_new(path, chunk_id, length, checksum, pieces)

@@ -62,7 +62,12 @@ def load_node_id(data_dir: Path) -> str:
 class StorageNode:
     def __init__(self, config: StorageConfig) -> None:
         self.config = config
-        self.store = ChunkStore(config.data_dir, config.capacity)
+        self.store = ChunkStore(
+            config.data_dir,
+            config.capacity,
+            small_max=config.small_chunk_max,
+            volume_size=config.volume_size,
+        )
         self.scrubber = Scrubber(self.store, rate=config.scrub_rate, idle=config.scrub_pause)
         self.node_id = ""
         self.server: RpcServer | None = None
