@@ -1,5 +1,7 @@
 """Protocol benchmark: put and get of 4 MiB chunks over loopback to one storage node,
-next to raw asyncio-streams loopback throughput measured in the same run.
+next to raw asyncio-streams loopback throughput measured in the same run; and 4 KiB puts
+with 16 in flight, to volume files (the default) next to one file per chunk
+(``small_chunk_max=0``) in the same run.
 
     python -m bench protocol            (DSTORE_BENCH_MB=512 to move more data)
 """
@@ -154,6 +156,32 @@ async def dstore_put_get(total: int, data_dir: Path, depth: int) -> tuple[float,
     return statistics.median(put_rates), statistics.median(get_rates[1:])
 
 
+async def small_puts(data_dir: Path, small_max: int, seconds: float = 3.0) -> float:
+    """4 KiB puts per second to one node, 16 in flight, for ``seconds``."""
+    config = StorageConfig(
+        port=0, data_dir=data_dir, cluster_secret=SECRET.decode(), small_chunk_max=small_max
+    )
+    node = StorageNode(config)
+    await node.start()
+    data = os.urandom(4096)
+    digest = checksum(data)
+    done = 0
+    async with NodeClient("127.0.0.1", node.port, SECRET, max_connections=16) as client:
+        deadline = time.perf_counter() + seconds
+
+        async def writer() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                await client.put_chunk(new_chunk_id(), data, length=len(data), checksum=digest)
+                done += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(writer() for _ in range(16)))
+        rate = done / (time.perf_counter() - start)
+    await node.stop()
+    return rate
+
+
 async def main() -> None:
     configure("console", "warning")
     raw_up, raw_down = await raw_streams(TOTAL)
@@ -163,6 +191,8 @@ async def main() -> None:
             depth: await dstore_put_get(TOTAL, Path(tmp) / f"node{depth}", depth)
             for depth in (1, 4)
         }
+        as_files = await small_puts(Path(tmp) / "files", 0)
+        in_volumes = await small_puts(Path(tmp) / "volumes", 256 << 10)
     mb = 1e6
     ceiling = min(raw_up, disk)
     print(f"protocol: {TOTAL >> 20} MiB in {CHUNK >> 20} MiB chunks, one node, median of {ROUNDS}")
@@ -178,3 +208,7 @@ async def main() -> None:
             f"  dstore get, {depth} in flight  {get / mb:6.0f} MB/s   {get / raw_down:5.2f}"
             " x raw download (page cache warm)"
         )
+    print(
+        f"  4 KiB puts, 16 in flight: one file each {as_files:6.0f}/s, volumes"
+        f" {in_volumes:6.0f}/s   {in_volumes / as_files:5.2f} x files"
+    )
