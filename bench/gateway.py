@@ -5,7 +5,8 @@
 - single-stream GET of 1 GiB against the generate-server ceiling;
 - gateway peak RSS while uploading 1 GiB and 4 GiB;
 - 4 KiB objects, 16 concurrent clients, replicas 2: PUT/s and GET/s, with the gateway's
-  read cache on (the default) and off;
+  read cache on (the default) and off, and with every chunk in a file of its own
+  (``small_chunk_max=0``, the baseline for volume files);
 - time to first byte of a GET for a 1 MiB and a 1 GiB file.
 
     python -m bench gateway        DSTORE_BENCH_GIB=1 (file size), DSTORE_BENCH_BIG_GIB=4
@@ -240,6 +241,13 @@ async def main() -> None:
         print(
             f"  same, read cache off:      {small_put:6.0f} PUT/s  {small_get:6.0f} GET/s"
             "   (every GET reads a node)"
+        )
+    # the baseline for the volume files: every chunk in a file of its own, as before them
+    async with Up(root / "files", 2, small_chunk_max="0") as cluster:
+        files_put, files_get = await small_objects(cluster.url)
+        print(
+            f"  same, one file per chunk:  {files_put:6.0f} PUT/s  {files_get:6.0f} GET/s"
+            f"   (volumes: {small_put / files_put:4.2f} x the PUT/s)"
         )
     async with Up(root / "rss", 2) as cluster, aiohttp.ClientSession(timeout=timeout) as session:
         base = cluster.rss()
