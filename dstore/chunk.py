@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 
 import xxhash
 
@@ -17,9 +18,20 @@ CHECKSUM_SIZE = 16
 _CHUNK_ID = re.compile(r"[0-9a-f]{16,128}")
 
 
+_POOL_SIZE = 4096  # random bytes fetched per system call (256 ids)
+_pool = b""
+_pool_lock = threading.Lock()
+
+
 def new_chunk_id() -> str:
-    """A fresh random chunk id (128 bits, lowercase hex)."""
-    return secrets.token_hex(16)
+    """A fresh random chunk id (128 bits from the OS's CSPRNG, lowercase hex). The bytes
+    are fetched 4 KiB at a time: one ``getrandom`` call costs ~25 µs on our VMs."""
+    global _pool
+    with _pool_lock:
+        if len(_pool) < 16:
+            _pool = secrets.token_bytes(_POOL_SIZE)
+        raw, _pool = _pool[:16], _pool[16:]
+    return raw.hex()
 
 
 def is_valid_chunk_id(chunk_id: object) -> bool:

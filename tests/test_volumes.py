@@ -100,6 +100,9 @@ async def test_volumes_can_be_turned_off_and_what_they_hold_stays_readable(
         late_id = new_chunk_id()
         await c.put_chunk(late_id, early, length=len(early), checksum=checksum(early))
         assert await c.get_chunk(early_id) == early and await c.get_chunk(late_id) == early
+        # a re-put of what a volume holds is found there, not stored a second time
+        again_put = await c.put_chunk(early_id, early, length=len(early), checksum=checksum(early))
+        assert again_put is False and (await c.stat()).chunks == 2
         assert await c.delete_chunk(early_id) is True
         assert (await c.stat()).chunks == 1
     (late,) = chunk_files(again.config.data_dir)

@@ -313,7 +313,8 @@ class ChunkStore:
                 )
             self.reserved += length
             try:
-                if self.small_max and length <= self.small_max:
+                if (self.small_max and length <= self.small_max) or self.volumes.get(chunk_id):
+                    # (a chunk a volume holds stays there, whatever small_max is now)
                     return await self._write_small(chunk_id, length, checksum, pieces)
                 path = self.path_of(chunk_id)
                 created = await self._write_new(path, chunk_id, length, checksum, pieces)
@@ -562,11 +563,13 @@ class ChunkStore:
         async with self._locked(chunk_id):
             if retire:
                 self._retire(chunk_id)
-            if await self.volumes.delete(chunk_id) is not None:
+            in_volume = await self.volumes.delete(chunk_id) is not None
+            if in_volume and not self._file_count:
                 return True
+            # (a chunk stored as a file before small_max was raised may be in both)
             size = await asyncio.to_thread(_unlink_chunk, path)
             if size is None:
-                return False
+                return in_volume
             self._file_used -= size
             self._file_count -= 1
             return True
