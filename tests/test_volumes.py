@@ -16,10 +16,11 @@ import pytest
 import dstore.storage.volumes as volumes
 from dstore.chunk import checksum, new_chunk_id
 from dstore.errors import ChunkCorrupt, ChunkNotFound, DstoreError
+from dstore.gateway import keys
 from dstore.rpc.client import NodeClient
 from dstore.storage.chunkstore import ChunkStore
 from dstore.storage.volumes import RECORD, record_head, volume_numbers
-from tests.conftest import SECRET, NodeFactory, NodeProcess, chunk_files
+from tests.conftest import SECRET, LocalCluster, NodeFactory, NodeProcess, chunk_files
 
 
 async def one(data: bytes) -> AsyncIterator[bytes]:
@@ -107,6 +108,31 @@ async def test_volumes_can_be_turned_off_and_what_they_hold_stays_readable(
         assert (await c.stat()).chunks == 1
     (late,) = chunk_files(again.config.data_dir)
     assert late.name == late_id and late.path.parent.parent.name == "chunks"
+
+
+async def test_volume_usage_and_garbage_are_reported_to_the_gateway(cluster: LocalCluster) -> None:
+    for i in range(6):
+        assert (await cluster.put(f"small/{i}", os.urandom(3000))).status == 201
+    assert cluster.session is not None
+    async with cluster.session.delete(cluster.file_url("small/0")) as response:
+        assert response.status == 204
+    await cluster.wait_reaped()
+    await cluster.app[keys.CLUSTER].refresh()
+    async with cluster.session.get(f"{cluster.url}/v1/cluster") as response:
+        nodes = (await response.json())["nodes"]
+    assert sum(n["volumes"]["files"] for n in nodes) == 3  # one per node
+    garbage = sum(n["volumes"]["garbage"] for n in nodes)
+    assert garbage > 2 * 3000  # two replicas' records, and the tombstones
+    live = sum(n["volumes"]["bytes"] for n in nodes) - garbage
+    assert 10 * 3000 < live < 10 * 3200  # the five files left, twice, with record headers
+    async with cluster.session.get(f"{cluster.url}/metrics") as response:
+        text = await response.text()
+    reported = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("dstore_node_volume_garbage_bytes{")
+    ]
+    assert sum(reported) == garbage
 
 
 async def test_a_torn_tail_is_cut_at_start_and_what_was_acknowledged_stays(

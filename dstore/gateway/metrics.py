@@ -68,6 +68,12 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     metric(
         "dstore_node_used_bytes", "gauge", "node used bytes", [(node(m), m.used) for m in members]
     )
+    metric(
+        "dstore_node_volume_garbage_bytes",
+        "gauge",
+        "bytes of deleted small chunks awaiting compaction",
+        [(node(m), m.volumes.get("garbage", 0)) for m in members],
+    )
     metric("dstore_repair_queue_chunks", "gauge", "chunks waiting for repair", [("", repair.queue)])
     metric(
         "dstore_repaired_bytes_total",

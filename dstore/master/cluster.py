@@ -96,6 +96,7 @@ class StorageMember:
     # a node that never answers after a gateway start is repaired after the delay too
     down_since: float | None = field(default_factory=time.monotonic)
     scrub: dict[str, object] = field(default_factory=dict)
+    volumes: dict[str, int] = field(default_factory=dict)
     missed: int = 0
     # identities this address had before: a node that came back empty has lost the
     # replicas recorded under them (repair brings them back)
@@ -133,6 +134,7 @@ class StorageMember:
             "last_seen": self.last_seen,
             "replaced_ids": self.replaced_ids,
             "scrub": self.scrub,
+            "volumes": self.volumes,
         }
 
 
@@ -251,6 +253,12 @@ class Cluster:
             "passes": stat.scrub_passes,
             "last_full_pass": stat.scrub_last_pass,
             "corrupt_found": stat.corrupt_found,
+        }
+        member.volumes = {
+            "files": stat.volumes,
+            "bytes": stat.volume_bytes,
+            "garbage": stat.volume_garbage,
+            "compactions": stat.compactions,
         }
         member.last_seen = time.time()
         if stat.corrupt_pending:

@@ -195,6 +195,10 @@ class StatReply(Reply):
     scrub_last_pass: float | None = None  # when the last full pass ended (unix time)
     corrupt_found: int = 0  # corrupt chunks the scrubber moved aside since start
     corrupt_pending: int = 0  # of those, not yet taken by the gateway
+    volumes: int = 0  # volume files holding small chunks
+    volume_bytes: int = 0  # their size on disk
+    volume_garbage: int = 0  # bytes of deleted records in them, awaiting compaction
+    compactions: int = 0  # volumes compacted since start
 
 
 @dataclass(frozen=True)

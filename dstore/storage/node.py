@@ -184,6 +184,7 @@ class StorageNode:
             return 0
         if isinstance(request, Stat):
             stats = store.stats()
+            volumes, volume_bytes, garbage = store.volumes.usage()
             await stream.send(
                 StatReply(
                     rid=rid,
@@ -198,6 +199,10 @@ class StorageNode:
                     scrub_last_pass=self.scrubber.last_pass,
                     corrupt_found=self.scrubber.corrupt_found,
                     corrupt_pending=len(self.scrubber.pending),
+                    volumes=volumes,
+                    volume_bytes=volume_bytes,
+                    volume_garbage=garbage,
+                    compactions=store.volumes.compactions,
                 )
             )
             return 0

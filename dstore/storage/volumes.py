@@ -272,6 +272,11 @@ class Volumes:
 
     # --- reads ----------------------------------------------------------------------------
 
+    def usage(self) -> tuple[int, int, int]:
+        """(volume files, their bytes, bytes of garbage in them)."""
+        volumes = list(self._volumes.values())
+        return len(volumes), sum(v.size for v in volumes), sum(v.garbage for v in volumes)
+
     def get(self, chunk_id: str) -> Needle | None:
         needle: Needle | None = self.index.get(chunk_id)
         return needle
