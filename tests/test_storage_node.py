@@ -198,18 +198,12 @@ async def test_concurrent_puts_never_overfill_a_node(start_node: NodeFactory) ->
 async def test_full_disk_is_out_of_space_and_leaves_no_temp(
     node: StorageNode, client: NodeClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dstore.storage.chunkstore as chunkstore
+    import dstore.storage.disk as disk
 
-    def full(fd: int, pieces: object) -> None:
+    def full(fd: int, pieces: object, offset: int | None = None) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    import dstore.storage.volumes as volumes
-
-    def full_volume(fd: int, pieces: object, offset: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(chunkstore, "_write_all", full)
-    monkeypatch.setattr(volumes, "_pwrite_all", full_volume)
+    monkeypatch.setattr(disk, "write_all", full)
     with pytest.raises(OutOfSpace):
         await put(client, os.urandom(100_000))  # a small chunk, for a volume
     with pytest.raises(OutOfSpace):

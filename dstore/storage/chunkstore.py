@@ -43,6 +43,7 @@ from dstore.errors import (
     InvalidChunkId,
     OutOfSpace,
 )
+from dstore.storage import disk
 from dstore.storage.volumes import SMALL_MAX, VOLUME_SIZE, Needle, Volumes
 
 log = structlog.get_logger("dstore.chunkstore")
@@ -82,41 +83,20 @@ class _IdLock:
         self.users = 0
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _create(tmp: Path, header: bytes) -> int:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        _write_all(fd, [header])
+        disk.write_all(fd, [header])
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def _write_all(fd: int, pieces: list[bytes | memoryview]) -> None:
-    views = [memoryview(p).cast("B") for p in pieces if len(p)]
-    while views:
-        written = os.writev(fd, views[:1024])
-        while written and views:
-            if written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
-
-
 def _finish(fd: int, pieces: list[bytes | memoryview], tmp: Path, path: Path) -> None:
     """Write the last pieces, make the chunk durable and visible under its name."""
     try:
-        _write_all(fd, pieces)
+        disk.write_all(fd, pieces)
         os.fsync(fd)
         # the bytes are on disk: drop them from the page cache, so it does not grow into
         # fresh memory (costly to touch, above all in a VM); OpenStack Swift does the same
@@ -126,7 +106,7 @@ def _finish(fd: int, pieces: list[bytes | memoryview], tmp: Path, path: Path) ->
     parent = path.parent
     os.rename(tmp, path)
     try:
-        _fsync_dir(parent)
+        disk.fsync_dir(parent)
     except BaseException:
         os.unlink(path)  # not known durable: not acknowledged, not kept
         raise
@@ -139,7 +119,7 @@ def _unlink_chunk(path: Path) -> int | None:
         os.unlink(path)
     except FileNotFoundError:
         return None
-    _fsync_dir(path.parent)
+    disk.fsync_dir(path.parent)
     return size
 
 
@@ -217,8 +197,8 @@ class ChunkStore:
                 folder.mkdir()
                 made = True
         if made:
-            _fsync_dir(self.chunk_dir)
-            _fsync_dir(self.root)
+            disk.fsync_dir(self.chunk_dir)
+            disk.fsync_dir(self.root)
         probe = self.tmp_dir / f".probe-{secrets.token_hex(4)}"
         probe.write_bytes(b"")  # fail now, clearly, if the data dir is not writable
         probe.unlink()
@@ -392,7 +372,7 @@ class ChunkStore:
                         if existing is not None:
                             gathered, gathered_size = [], 0
                             continue
-                    await asyncio.to_thread(_write_all, fd, gathered)
+                    await asyncio.to_thread(disk.write_all, fd, gathered)
                     gathered, gathered_size = [], 0
             if received != length:
                 raise DstoreError(f"body had {received} bytes, {length} announced")
@@ -529,8 +509,8 @@ class ChunkStore:
                     os.rename(path, self.corrupt_dir / f"{chunk_id}.{int(time.time())}")
                 except FileNotFoundError:
                     return None
-                _fsync_dir(path.parent)
-                _fsync_dir(self.corrupt_dir)
+                disk.fsync_dir(path.parent)
+                disk.fsync_dir(self.corrupt_dir)
                 return size
 
             size = await asyncio.to_thread(move)
@@ -551,7 +531,7 @@ class ChunkStore:
         target.write_bytes(
             HEADER.pack(MAGIC, FORMAT_VERSION, 0, needle.length, needle.checksum) + data
         )
-        _fsync_dir(self.corrupt_dir)
+        disk.fsync_dir(self.corrupt_dir)
 
     # --- deletes and listing --------------------------------------------------------------
 

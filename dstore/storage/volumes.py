@@ -44,6 +44,7 @@ from sortedcontainers import SortedDict  # type: ignore[import-untyped]
 
 from dstore.chunk import CHECKSUM_SIZE
 from dstore.chunk import checksum as digest
+from dstore.storage import disk
 
 log = structlog.get_logger("dstore.volumes")
 
@@ -54,7 +55,7 @@ PUT, DELETE = 1, 2
 SMALL_MAX = 256 << 10  # chunks up to this size go to volumes
 VOLUME_SIZE = 64 << 20  # a new volume is started past this size
 BATCH_BYTES = 8 << 20  # at most this much data per group commit
-BATCH_PIECES = 1024  # and at most this many buffers (IOV_MAX)
+BATCH_PIECES = disk.IOV_MAX  # and at most this many buffers
 TAIL_CHECK = 2 * BATCH_BYTES  # bytes at the end of the newest volume verified at start
 COMPACT_RATIO = 0.5  # a sealed volume this much garbage is compacted
 COMPACT_GROUP = 256  # records moved per group commit while compacting
@@ -158,28 +159,6 @@ def live_needles(folder: Path) -> dict[str, tuple[Path, int, int]]:
             else:
                 live.pop(chunk_id, None)
     return live
-
-
-def _pwrite_all(fd: int, pieces: list[bytes | memoryview], offset: int) -> None:
-    views = [memoryview(p).cast("B") for p in pieces if len(p)]
-    while views:
-        written = os.pwritev(fd, views[:BATCH_PIECES], offset)
-        offset += written
-        while written and views:
-            if written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Volumes:
@@ -428,14 +407,14 @@ class Volumes:
         fd = os.open(volume.path, flags, 0o644)
         try:
             try:
-                _pwrite_all(fd, pieces, start)
+                disk.write_all(fd, pieces, start)
                 os.fdatasync(fd)
             except BaseException:
                 with suppress(OSError):
                     os.ftruncate(fd, start)
                 raise
             if new:
-                _fsync_dir(self.folder)
+                disk.fsync_dir(self.folder)
         except BaseException:
             if new:
                 with suppress(OSError):
@@ -512,7 +491,7 @@ class Volumes:
 
         def remove() -> None:
             os.unlink(volume.path)
-            _fsync_dir(self.folder)
+            disk.fsync_dir(self.folder)
 
         await asyncio.to_thread(remove)
         self._volumes.pop(volume.number, None)
