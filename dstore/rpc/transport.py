@@ -113,6 +113,14 @@ class Channel(asyncio.BufferedProtocol):
 
     # --- used by FramedStream -------------------------------------------------------------
 
+    def readable(self) -> bool:
+        """Whether ``read`` returns at once (no timer needed around it)."""
+        return bool(self._pieces) or self._eof
+
+    def writable(self) -> bool:
+        """Whether ``drain`` returns at once (no timer needed around it)."""
+        return not self._writing_paused or self._closed.done()
+
     async def read(self) -> list[memoryview]:
         """Everything received so far (waiting for at least one byte); ``[]`` at EOF.
         A connection lost to an error raises it once everything before it was read."""
@@ -206,6 +214,8 @@ class FramedStream:
 
     async def _read(self, timeout: float | None) -> list[memoryview]:
         try:
+            if self._channel.readable():  # bytes already here: no timer to arm
+                return await self._channel.read()
             async with asyncio.timeout(self.io_timeout if timeout is None else timeout):
                 return await self._channel.read()
         except TimeoutError as exc:
@@ -239,6 +249,9 @@ class FramedStream:
 
     async def flush(self) -> None:
         try:
+            if self._channel.writable():  # the usual case: no timer to arm
+                await self._channel.drain()
+                return
             async with asyncio.timeout(self.io_timeout):
                 await self._channel.drain()
         except TimeoutError as exc:
