@@ -73,6 +73,18 @@ class Needle(NamedTuple):
     mtime: float
     record: int
 
+    def pack(self) -> bytes:
+        return _PACKED.pack(*self)
+
+    @classmethod
+    def unpack(cls, packed: bytes) -> Needle:
+        return cls._make(_PACKED.unpack(packed))
+
+
+# needles are kept packed in the index: ~75 bytes each instead of ~250 as a tuple of
+# Python objects (the index holds one per small chunk)
+_PACKED = struct.Struct("=IQI16sdI")
+
 
 @dataclass(slots=True)
 class _Volume:
@@ -175,7 +187,7 @@ class Volumes:
         self.folder = folder
         self.volume_size = volume_size
         self._locked = locked
-        self.index: SortedDict = SortedDict()  # chunk id -> Needle
+        self.index: SortedDict = SortedDict()  # chunk id -> packed Needle
         self.live_bytes = 0
         self.batches = 0  # group commits done (a put costs 1/n of one)
         self.compactions = 0
@@ -231,16 +243,18 @@ class Volumes:
         self._maybe_compact()
 
     def _index_put(self, chunk_id: str, needle: Needle) -> None:
-        old = self.index.get(chunk_id)
+        old = self.get(chunk_id)
         if old is not None:
             self._drop(old)
-        self.index[chunk_id] = needle
+        self.index[chunk_id] = needle.pack()
         self.live_bytes += needle.length
 
     def _index_delete(self, chunk_id: str) -> Needle | None:
-        old: Needle | None = self.index.pop(chunk_id, None)
-        if old is not None:
-            self._drop(old)
+        packed = self.index.pop(chunk_id, None)
+        if packed is None:
+            return None
+        old = Needle.unpack(packed)
+        self._drop(old)
         return old
 
     def _drop(self, needle: Needle) -> None:
@@ -257,8 +271,8 @@ class Volumes:
         return len(volumes), sum(v.size for v in volumes), sum(v.garbage for v in volumes)
 
     def get(self, chunk_id: str) -> Needle | None:
-        needle: Needle | None = self.index.get(chunk_id)
-        return needle
+        packed = self.index.get(chunk_id)
+        return None if packed is None else Needle.unpack(packed)
 
     def path(self, number: int) -> Path:
         return volume_path(self.folder, number)
@@ -267,7 +281,7 @@ class Volumes:
         keys = self.index.irange(minimum=after, inclusive=(False, True))
         out = []
         for key in keys:
-            out.append((key, self.index[key]))
+            out.append((key, Needle.unpack(self.index[key])))
             if len(out) >= limit:
                 break
         return out
@@ -464,7 +478,7 @@ class Volumes:
                 moves = []
                 tombstones = []
                 for kind, at, chunk_id, length, checksum, mtime_us, _size in group:
-                    current = self.index.get(chunk_id)
+                    current = self.get(chunk_id)
                     if kind == DELETE:
                         # (a put in flight is newer than this tombstone: it must not die)
                         if keep_tombstones and current is None and chunk_id not in self._writing:
