@@ -206,7 +206,9 @@ class Volumes:
 
     def open_sync(self) -> None:
         """Replay every volume in order (blocking: run in a worker thread before serving)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True)
+            disk.fsync_dir(self.folder.parent)  # the folder itself outlives a power cut
         numbers = volume_numbers(self.folder)
         for number in numbers:
             volume = self._volumes[number] = _Volume(number, volume_path(self.folder, number))
