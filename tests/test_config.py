@@ -55,6 +55,8 @@ def test_list_settings_from_env_and_file(tmp_path: Path) -> None:
         (StorageConfig, {}, "cluster secret"),
         (StorageConfig, {"cluster_secret": "s", "capacity": "lots"}, "--capacity"),
         (StorageConfig, {"cluster_secret": "s", "port": "70000"}, "port"),
+        (StorageConfig, {"cluster_secret": "s", "small_chunk_max": "1GiB"}, "small_chunk_max"),
+        (StorageConfig, {"cluster_secret": "s", "volume_size": "64KiB"}, "volume_size"),
         (GatewayConfig, {"cluster_secret": "s", "listen": "0.0.0.0:8080"}, "non-loopback"),
         (GatewayConfig, {"cluster_secret": "s", "listen": "nonsense"}, "host:port"),
         (GatewayConfig, {"cluster_secret": "s", "replicas": "0"}, "replicas"),
