@@ -219,16 +219,22 @@ class Uploader:
         try:
             async with asyncio.TaskGroup() as group:
 
-                async def hand_on(chunk: Chunk) -> None:
+                async def hand_on(chunk: Chunk, *, inline: bool = False) -> None:
                     nonlocal holding
                     intent = None
                     if upload.version_id is None:
                         intent = await self._begin(upload, chunk)
                     assert upload.version_id is not None
                     checksums[chunk.index] = chunk.checksum
-                    task = group.create_task(
-                        self._replicate(upload.version_id, chunk, trace, intent)
-                    )
+                    replicate = self._replicate(upload.version_id, chunk, trace, intent)
+                    if inline:
+                        try:
+                            await replicate
+                        finally:
+                            self._give_slot(window, chunk)
+                            holding = False
+                        return
+                    task = group.create_task(replicate)
                     # a done callback runs even if the task is cancelled before it starts
                     task.add_done_callback(lambda _: self._give_slot(window, chunk))
                     holding = False
@@ -249,18 +255,9 @@ class Uploader:
                         await self._take_slot(window)
                         holding = True
                 last = chunker.finish()
-                if last is not None and upload.version_id is None:
-                    # the only chunk (most small files): stored right here, no task
-                    intent = await self._begin(upload, last)
-                    assert upload.version_id is not None
-                    checksums[last.index] = last.checksum
-                    try:
-                        await self._replicate(upload.version_id, last, trace, intent)
-                    finally:
-                        self._give_slot(window, last)
-                        holding = False
-                elif last is not None:
-                    await hand_on(last)
+                if last is not None:
+                    # the only chunk (most small files) is stored right here, no task
+                    await hand_on(last, inline=upload.version_id is None)
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
         finally:

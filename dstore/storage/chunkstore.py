@@ -123,6 +123,11 @@ def _unlink_chunk(path: Path) -> int | None:
     return size
 
 
+def _raise_if_full(exc: OSError, chunk_id: str) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise OutOfSpace(f"disk full while writing chunk {chunk_id}") from exc
+
+
 def _abandon(fd: int, tmp: Path) -> None:
     if fd >= 0:
         os.close(fd)
@@ -280,11 +285,12 @@ class ChunkStore:
         async with self._locked(chunk_id):
             if self.is_retired(chunk_id):
                 raise ChunkRetired(f"chunk {chunk_id} was deleted for good")
+            in_volume = self.volumes.get(chunk_id) is not None
             no_room = self.used + self.reserved + length > self.capacity
             # (a re-put of a chunk already stored needs no room: the write finds it)
             if (
                 no_room
-                and self.volumes.get(chunk_id) is None
+                and not in_volume
                 and not await asyncio.to_thread(self.path_of(chunk_id).exists)
             ):
                 raise OutOfSpace(
@@ -293,7 +299,7 @@ class ChunkStore:
                 )
             self.reserved += length
             try:
-                if (self.small_max and length <= self.small_max) or self.volumes.get(chunk_id):
+                if in_volume or (self.small_max and length <= self.small_max):
                     # (a chunk a volume holds stays there, whatever small_max is now)
                     return await self._write_small(chunk_id, length, checksum, pieces)
                 path = self.path_of(chunk_id)
@@ -332,8 +338,7 @@ class ChunkStore:
         try:
             await self.volumes.put(chunk_id, length, checksum, gathered)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfSpace(f"disk full while writing chunk {chunk_id}") from exc
+            _raise_if_full(exc, chunk_id)
             raise
         return True
 
@@ -390,8 +395,7 @@ class ChunkStore:
             return True
         except OSError as exc:
             await asyncio.to_thread(_abandon, fd, tmp)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfSpace(f"disk full while writing chunk {chunk_id}") from exc
+            _raise_if_full(exc, chunk_id)
             raise
         except BaseException:
             await asyncio.to_thread(_abandon, fd, tmp)
@@ -565,7 +569,8 @@ class ChunkStore:
                     break
             return rows
 
-        files = await asyncio.to_thread(page)
+        # (a node holding only small chunks has no file to walk 256 folders for)
+        files = await asyncio.to_thread(page) if self._file_count else []
         small = [
             ChunkInfo(chunk_id, needle.length, needle.mtime)
             for chunk_id, needle in self.volumes.ids_after(after, limit)

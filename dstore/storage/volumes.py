@@ -33,6 +33,7 @@ import os
 import struct
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, suppress
 from dataclasses import dataclass, field
@@ -193,7 +194,7 @@ class Volumes:
         self.compactions = 0
         self._volumes: dict[int, _Volume] = {}
         self._active: _Volume | None = None
-        self._queue: list[_Append] = []
+        self._queue: deque[_Append] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._writing: dict[str, asyncio.Future[Needle | None]] = {}
         self._compactor: asyncio.Task[int] | None = None
@@ -296,12 +297,10 @@ class Volumes:
         length: int,
         checksum: bytes,
         pieces: Sequence[bytes | memoryview],
-        *,
-        mtime: float | None = None,
     ) -> Needle:
         """Append a chunk; returns once it is durable and indexed. The caller holds the
         id's lock and has checked that it is not stored yet."""
-        mtime_us = int((time.time() if mtime is None else mtime) * 1e6)
+        mtime_us = int(time.time() * 1e6)
         needle = await self._append(chunk_id, PUT, length, checksum, mtime_us, pieces)
         assert needle is not None
         return needle
@@ -410,7 +409,7 @@ class Volumes:
                 or volume.size + item.size > self.volume_size
             ):
                 break
-            batch.append(self._queue.pop(0))
+            batch.append(self._queue.popleft())
             taken += item.size
             pieces += 1 + len(item.pieces)
             volume.size += item.size
