@@ -19,7 +19,14 @@ from dstore.errors import ChunkCorrupt, ChunkNotFound, DstoreError
 from dstore.gateway import keys
 from dstore.rpc.client import NodeClient
 from dstore.storage.chunkstore import ChunkStore
-from dstore.storage.volumes import RECORD, record_head, volume_numbers
+from dstore.storage.volumes import (
+    INDEX_HEAD,
+    RECORD,
+    index_path,
+    read_index,
+    record_head,
+    volume_numbers,
+)
 from tests.conftest import SECRET, LocalCluster, NodeFactory, NodeProcess, chunk_files
 
 
@@ -233,6 +240,66 @@ async def test_compaction_reclaims_garbage_and_deletes_stay_deleted(tmp_path: Pa
     await store.close()
 
 
+def index_files(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "volumes").glob("*.idx*"))
+
+
+async def test_sealed_volumes_replay_from_index_files_and_bad_ones_are_rebuilt(
+    tmp_path: Path,
+) -> None:
+    settings = {"volume_size": 64 << 10}
+    store = ChunkStore(tmp_path / "s", 1 << 30, **settings)
+    await store.open()
+    ids = [await store_put(store, os.urandom(random.randrange(100, 6000))) for _ in range(60)]
+    for chunk_id in ids[::4]:  # tombstones in later volumes end puts in earlier ones
+        assert await store.delete(chunk_id)
+    folder = store.root / "volumes"
+    numbers = volume_numbers(folder)
+    assert len(numbers) >= 4
+    await store.close()  # (waits for the index file of the volume sealed last)
+    sealed = [index_path(folder, n).name for n in numbers[:-1]]
+    assert index_files(store.root) == sealed  # every sealed volume, not the active one
+
+    def state(s: ChunkStore) -> object:
+        return dict(s.volumes.index), s.volumes.usage(), s.count, s.used
+
+    expected = state(store)
+    store = await reopened(store, **settings)
+    assert store.volumes.from_index == len(sealed)
+    assert state(store) == expected
+
+    # damage: a flipped bit; the header of another size (checksum made to match); an
+    # orphan, a half-written one and one for the newest volume
+    first, second = index_path(folder, numbers[0]), index_path(folder, numbers[1])
+    raw = bytearray(first.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    first.write_bytes(raw)
+    body = bytearray(second.read_bytes()[: -len(checksum(b""))])
+    magic, version, flags, number, size, count = INDEX_HEAD.unpack_from(body)
+    INDEX_HEAD.pack_into(body, 0, magic, version, flags, number, size + 1, count)
+    second.write_bytes(bytes(body) + checksum(bytes(body)))
+    assert read_index(second, numbers[1], size + 1) is not None  # well-formed, only stale
+    index_path(folder, numbers[-1] + 5).write_bytes(b"orphan")
+    (folder / f"{numbers[-1] + 6:08d}.idx.tmp").write_bytes(b"half")
+    index_path(folder, numbers[-1]).write_bytes(second.read_bytes())
+    await store.close()
+    store = await reopened(store, **settings)
+    assert store.volumes.from_index == len(sealed) - 2
+    assert state(store) == expected
+    assert index_files(store.root) == sealed  # the bad ones rewritten, strays removed
+    await store.close()
+    store = await reopened(store, **settings)
+    assert store.volumes.from_index == len(sealed)
+    assert state(store) == expected
+    for chunk_id in ids:
+        if chunk_id in ids[::4]:
+            with pytest.raises(ChunkNotFound):
+                await read(store, chunk_id)
+        else:
+            assert len(await read(store, chunk_id)) > 0
+    await store.close()
+
+
 async def test_a_tombstone_outlives_the_compaction_of_its_volume(tmp_path: Path) -> None:
     """A chunk's put record in an old, mostly live volume; its tombstone in a later volume
     that is compacted: the tombstone must move on, or the chunk comes back at start."""
@@ -307,11 +374,15 @@ async def test_compaction_collides_with_reads_deletes_and_puts(tmp_path: Path) -
     await store.volumes.compact()
     assert store.volumes.compactions > 0
     for _ in range(2):
+        # index files only for sealed volumes still there (compaction removes its own)
+        sealed = volume_numbers(store.root / "volumes")[:-1]
+        assert set(index_files(store.root)) <= {index_path(Path(), n).name for n in sealed}
         assert store.count == len(model)
         for chunk_id, data in model.items():
             assert await read(store, chunk_id) == data
         assert [i.chunk_id for i in await store.list("", 10_000)] == sorted(model)
         store = await reopened(store, **settings)
+    assert store.volumes.from_index == len(volume_numbers(store.root / "volumes")) - 1
     await store.close()
 
 

@@ -10,12 +10,19 @@ costs about what one record costs. Nothing is acknowledged before its batch is d
 Layout under the data dir::
 
     volumes/00000001.vol   records, appended; a new volume once one reaches its size
+    volumes/00000001.idx   a sealed volume's record headers, for a fast start-up
 
 Record: a 40-byte header (magic ``DSVR``, kind, id length, flags, length, xxh3-128
 checksum of the data, write time in µs), the chunk id, a CRC-32 of header and id, then the
 data. A put record holds a chunk; a delete record (a tombstone, no data) ends an earlier
 put when the volumes are replayed at start-up. The index (id → location) lives in memory
-and is rebuilt at start by reading the record headers of every volume in order.
+and is rebuilt at start by replaying the record headers of every volume in order. Once a
+volume is sealed (a newer one started) it never changes until it is removed, so its
+headers are also written to an index file beside it: at start a sealed volume's index file
+is read instead of its headers scattered through the data (a small chunk's header is a
+60-byte read out of every few KiB). An index file is a cache, checked whole (xxh3) and
+against its volume's size; if it is missing or does not match, the volume is scanned and
+the index file written again.
 
 A crash can leave a torn batch at the end of the newest volume, never acknowledged: the
 records of the last ``TAIL_CHECK`` bytes are verified at start and the volume is cut before
@@ -61,6 +68,12 @@ TAIL_CHECK = 2 * BATCH_BYTES  # bytes at the end of the newest volume verified a
 COMPACT_RATIO = 0.5  # a sealed volume this much garbage is compacted
 COMPACT_GROUP = 256  # records moved per group commit while compacting
 NO_CHECKSUM = bytes(CHECKSUM_SIZE)  # (tombstones)
+INDEX_HEAD = struct.Struct(">4sHHQQQ")  # magic, version, flags, volume number, size, records
+INDEX_ENTRY = struct.Struct(">BBQQ16sQQ")  # kind, id length, offset, length, checksum, µs, size
+INDEX_MAGIC = b"DSVI"
+INDEX_VERSION = 1
+
+Record = tuple[int, int, str, int, bytes, int, int]
 
 
 class Needle(NamedTuple):
@@ -120,6 +133,10 @@ def volume_path(folder: Path, number: int) -> Path:
     return folder / f"{number:08d}.vol"
 
 
+def index_path(folder: Path, number: int) -> Path:
+    return folder / f"{number:08d}.idx"
+
+
 def volume_numbers(folder: Path) -> list[int]:
     numbers = []
     for entry in os.scandir(folder):
@@ -129,7 +146,7 @@ def volume_numbers(folder: Path) -> list[int]:
     return sorted(numbers)
 
 
-def read_records(path: Path) -> Iterator[tuple[int, int, str, int, bytes, int, int]]:
+def read_records(path: Path) -> Iterator[Record]:
     """(kind, data offset, chunk id, length, checksum, µs, record size) of each well-formed
     record, in order, stopping at the first torn or damaged one (whose start is then the
     end of the last record yielded)."""
@@ -156,6 +173,60 @@ def read_records(path: Path) -> Iterator[tuple[int, int, str, int, bytes, int, i
             yield kind, data_at, chunk_id, length, checksum, mtime_us, data_at + length - pos
             pos = data_at + length
             f.seek(pos)
+
+
+def write_index(volume: Path, number: int, index: Path) -> bool:
+    """Write a sealed volume's index file from its records; False (and no file) if the
+    volume does not scan clean to its end. Blocking."""
+    size = os.path.getsize(volume)
+    parts = []
+    end = 0
+    for kind, at, chunk_id, length, checksum, mtime_us, record in read_records(volume):
+        raw_id = chunk_id.encode("ascii")
+        parts.append(INDEX_ENTRY.pack(kind, len(raw_id), at, length, checksum, mtime_us, record))
+        parts.append(raw_id)
+        end = at + length
+    if end != size:
+        return False
+    head = INDEX_HEAD.pack(INDEX_MAGIC, INDEX_VERSION, 0, number, size, len(parts) // 2)
+    body = head + b"".join(parts)
+    tmp = index.with_suffix(".idx.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        disk.write_all(fd, [body, digest(body)])
+        os.fdatasync(fd)  # (no folder fsync: an index file lost to a power cut is rebuilt)
+    finally:
+        os.close(fd)
+    os.rename(tmp, index)
+    return True
+
+
+def read_index(index: Path, number: int, volume_size: int) -> list[Record] | None:
+    """A volume's records from its index file; None if there is none, or it is damaged or
+    was written for another volume or another volume size."""
+    try:
+        raw = index.read_bytes()
+    except FileNotFoundError:
+        return None
+    body = memoryview(raw)[:-CHECKSUM_SIZE]
+    if len(raw) < INDEX_HEAD.size + CHECKSUM_SIZE or digest(body) != raw[-CHECKSUM_SIZE:]:
+        return None
+    magic, version, _flags, of, size, count = INDEX_HEAD.unpack_from(raw)
+    if (magic, version, of, size) != (INDEX_MAGIC, INDEX_VERSION, number, volume_size):
+        return None
+    records: list[Record] = []
+    pos = INDEX_HEAD.size
+    unpack = INDEX_ENTRY.unpack_from
+    try:
+        for _ in range(count):
+            kind, id_len, at, length, checksum, mtime_us, record = unpack(raw, pos)
+            pos += INDEX_ENTRY.size
+            chunk_id = raw[pos : pos + id_len].decode("ascii")
+            pos += id_len
+            records.append((kind, at, chunk_id, length, checksum, mtime_us, record))
+    except (struct.error, UnicodeDecodeError):
+        return None
+    return records if pos == len(body) else None
 
 
 def live_needles(folder: Path) -> dict[str, tuple[Path, int, int]]:
@@ -192,6 +263,8 @@ class Volumes:
         self.live_bytes = 0
         self.batches = 0  # group commits done (a put costs 1/n of one)
         self.compactions = 0
+        self.from_index = 0  # volumes replayed from their index files at start
+        self._indexing: dict[int, asyncio.Task[None]] = {}
         self._volumes: dict[int, _Volume] = {}
         self._active: _Volume | None = None
         self._queue: deque[_Append] = deque()
@@ -210,13 +283,25 @@ class Volumes:
         if not self.folder.is_dir():
             self.folder.mkdir(parents=True)
             disk.fsync_dir(self.folder.parent)  # the folder itself outlives a power cut
+        started = time.monotonic()
         numbers = volume_numbers(self.folder)
+        self._remove_stray_indexes(numbers)
+        # replayed into a plain dict, sorted once at the end: inserting into the sorted
+        # index record by record cost twice as much as reading the records
+        self.index = dict(self.index)
         for number in numbers:
             volume = self._volumes[number] = _Volume(number, volume_path(self.folder, number))
             on_disk = os.path.getsize(volume.path)
             newest = number == numbers[-1]
+            records = (
+                None if newest else read_index(index_path(self.folder, number), number, on_disk)
+            )
+            if records is not None:
+                self.from_index += 1
             end = 0
-            for kind, at, chunk_id, length, checksum, mtime_us, size in read_records(volume.path):
+            for kind, at, chunk_id, length, checksum, mtime_us, size in (
+                read_records(volume.path) if records is None else records
+            ):
                 if newest and kind == PUT and at + length > on_disk - TAIL_CHECK:
                     if not _data_ok(volume.path, at, length, checksum):
                         break  # a torn batch: nothing from here on was acknowledged
@@ -237,8 +322,27 @@ class Volumes:
                 else:
                     log.error("volume_damaged", volume=str(volume.path), at=end, size=on_disk)
                     volume.garbage += on_disk - end
+            elif records is None and not newest:
+                write_index(volume.path, number, index_path(self.folder, number))
+        self.index = SortedDict(self.index)
         if numbers:
             self._active = self._volumes[numbers[-1]]
+        log.info(
+            "volumes_replayed",
+            volumes=len(numbers),
+            from_index_files=self.from_index,
+            chunks=len(self.index),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def _remove_stray_indexes(self, numbers: list[int]) -> None:
+        """Index files of no sealed volume: of a volume compacted away, of the newest
+        volume (its number may have been used before), half-written ones."""
+        sealed = {index_path(self.folder, n).name for n in numbers[:-1]}
+        for entry in os.scandir(self.folder):
+            if entry.name.endswith((".idx", ".idx.tmp")) and entry.name not in sealed:
+                with suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
     def start(self) -> None:
         """On the event loop, after ``open_sync``: compact what start-up found to be mostly
@@ -337,6 +441,7 @@ class Volumes:
 
     async def _write_loop(self) -> None:
         while self._queue:
+            previous = self._active
             batch, volume, start, new = self._next_batch()
             pieces: list[bytes | memoryview] = []
             for item in batch:
@@ -358,6 +463,8 @@ class Volumes:
                     raise
                 continue
             self.batches += 1
+            if new and previous is not None:
+                self._index_sealed(previous)
             at = start
             for item in batch:
                 head = item.size - item.length
@@ -419,6 +526,9 @@ class Volumes:
         self, volume: _Volume, start: int, pieces: list[bytes | memoryview], new: bool
     ) -> None:
         flags = os.O_WRONLY | (os.O_CREAT | os.O_EXCL if new else 0)
+        if new:  # an index file never outlives the volume it describes; be sure of it
+            with suppress(FileNotFoundError):
+                os.unlink(index_path(self.folder, volume.number))
         fd = os.open(volume.path, flags, 0o644)
         try:
             try:
@@ -437,6 +547,25 @@ class Volumes:
             raise
         finally:
             os.close(fd)
+
+    def _index_sealed(self, volume: _Volume) -> None:
+        """Write a just-sealed volume's index file, in the background."""
+
+        async def run() -> None:
+            try:
+                if self._volumes.get(volume.number) is not volume:
+                    return  # compacted away already
+                await asyncio.to_thread(
+                    write_index, volume.path, volume.number, index_path(self.folder, volume.number)
+                )
+            except FileNotFoundError:
+                pass  # compacted away meanwhile
+            except OSError as exc:  # only start-up is slower without it
+                log.warning("volume_index_failed", volume=volume.number, error=str(exc))
+            finally:
+                self._indexing.pop(volume.number, None)
+
+        self._indexing[volume.number] = asyncio.create_task(run(), name="dstore-volume-index")
 
     # --- compaction -----------------------------------------------------------------------
 
@@ -504,7 +633,13 @@ class Volumes:
                 )
                 moved += len(moves)
 
+        indexing = self._indexing.get(volume.number)
+        if indexing is not None:
+            await asyncio.shield(indexing)  # no index file written after its volume went
+
         def remove() -> None:
+            with suppress(FileNotFoundError):
+                os.unlink(index_path(self.folder, volume.number))
             os.unlink(volume.path)
             disk.fsync_dir(self.folder)
 
@@ -521,6 +656,8 @@ class Volumes:
         if self._writer is not None:
             with suppress(Exception):
                 await self._writer
+        for indexing in list(self._indexing.values()):
+            await indexing
 
 
 def _pread_many(path: Path, ranges: list[tuple[int, int]]) -> list[bytes]:
