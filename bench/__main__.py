@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import sys
 
-BENCHES = ["protocol", "gateway", "failures", "repair"]
+BENCHES = ["protocol", "gateway", "failures", "repair", "startup"]
 
 
 def main() -> None:

@@ -250,7 +250,7 @@ async def test_sealed_volumes_replay_from_index_files_and_bad_ones_are_rebuilt(
     settings = {"volume_size": 64 << 10}
     store = ChunkStore(tmp_path / "s", 1 << 30, **settings)
     await store.open()
-    ids = [await store_put(store, os.urandom(random.randrange(100, 6000))) for _ in range(60)]
+    ids = [await store_put(store, os.urandom(4000)) for _ in range(80)]  # ~5 volumes
     for chunk_id in ids[::4]:  # tombstones in later volumes end puts in earlier ones
         assert await store.delete(chunk_id)
     folder = store.root / "volumes"
@@ -297,6 +297,31 @@ async def test_sealed_volumes_replay_from_index_files_and_bad_ones_are_rebuilt(
                 await read(store, chunk_id)
         else:
             assert len(await read(store, chunk_id)) > 0
+    await store.close()
+
+
+async def test_a_node_starts_when_its_index_files_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = {"volume_size": 32 << 10}
+    store = ChunkStore(tmp_path / "s", 1 << 30, **settings)
+    await store.open()
+    blobs = {}
+    for _ in range(30):
+        data = os.urandom(3000)
+        blobs[await store_put(store, data)] = data
+    await store.close()
+    for path in (store.root / "volumes").glob("*.idx"):
+        path.unlink()
+
+    def disk_full(*_args: object) -> bool:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(volumes, "write_index", disk_full)
+    store = await reopened(store, **settings)
+    assert store.volumes.from_index == 0 and index_files(store.root) == []
+    for chunk_id, data in blobs.items():
+        assert await read(store, chunk_id) == data
     await store.close()
 
 

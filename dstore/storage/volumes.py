@@ -323,7 +323,10 @@ class Volumes:
                     log.error("volume_damaged", volume=str(volume.path), at=end, size=on_disk)
                     volume.garbage += on_disk - end
             elif records is None and not newest:
-                write_index(volume.path, number, index_path(self.folder, number))
+                try:
+                    write_index(volume.path, number, index_path(self.folder, number))
+                except OSError as exc:  # (a full disk, say): only the next start is slower
+                    log.warning("volume_index_failed", volume=number, error=str(exc))
         self.index = SortedDict(self.index)
         if numbers:
             self._active = self._volumes[numbers[-1]]
