@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from dstore.chunk import checksum, new_chunk_id
+from dstore.log import configure
 from dstore.storage.volumes import Volumes
 
 COUNT = int(os.environ.get("DSTORE_BENCH_SMALL_CHUNKS", "200000"))
@@ -54,6 +55,7 @@ def _drop_indexes(folder: Path) -> None:
 
 
 async def main() -> None:
+    configure("console", "warning")
     root = Path(tempfile.mkdtemp(prefix="dstore-bench-", dir=os.environ.get("DSTORE_BENCH_DIR")))
     folder = root / "volumes"
     try:
