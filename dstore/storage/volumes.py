@@ -21,8 +21,8 @@ volume is sealed (a newer one started) it never changes until it is removed, so 
 headers are also written to an index file beside it: at start a sealed volume's index file
 is read instead of its headers scattered through the data (a small chunk's header is a
 60-byte read out of every few KiB). An index file is a cache, checked whole (xxh3) and
-against its volume's size; if it is missing or does not match, the volume is scanned and
-the index file written again.
+against its volume's number and size; if it is missing or does not match, the volume is
+scanned and the index file written again.
 
 A crash can leave a torn batch at the end of the newest volume, never acknowledged: the
 records of the last ``TAIL_CHECK`` bytes are verified at start and the volume is cut before
@@ -323,6 +323,7 @@ class Volumes:
                     log.error("volume_damaged", volume=str(volume.path), at=end, size=on_disk)
                     volume.garbage += on_disk - end
             elif records is None and not newest:
+                # (a second, warm read of the headers; once per volume, not per start)
                 try:
                     write_index(volume.path, number, index_path(self.folder, number))
                 except OSError as exc:  # (a full disk, say): only the next start is slower
