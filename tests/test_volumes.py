@@ -314,7 +314,7 @@ async def test_a_node_starts_when_its_index_files_cannot_be_written(
     for path in (store.root / "volumes").glob("*.idx"):
         path.unlink()
 
-    def disk_full(*_args: object) -> bool:
+    def disk_full(*_args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(volumes, "write_index", disk_full)

@@ -128,6 +128,14 @@ def _raise_if_full(exc: OSError, chunk_id: str) -> None:
         raise OutOfSpace(f"disk full while writing chunk {chunk_id}") from exc
 
 
+def _check_body(chunk_id: str, received: int, length: int, hasher: Hasher, checksum: bytes) -> None:
+    """A received body is the one announced: its length, then its checksum."""
+    if received != length:
+        raise DstoreError(f"body had {received} bytes, {length} announced")
+    if hasher.digest() != checksum:
+        raise ChecksumMismatch(f"chunk {chunk_id}: body does not match its checksum")
+
+
 def _abandon(fd: int, tmp: Path) -> None:
     if fd >= 0:
         os.close(fd)
@@ -326,10 +334,7 @@ class ChunkStore:
             hasher.update(piece)
             received += len(piece)
             gathered.append(piece)
-        if received != length:
-            raise DstoreError(f"body had {received} bytes, {length} announced")
-        if hasher.digest() != checksum:
-            raise ChecksumMismatch(f"chunk {chunk_id}: body does not match its checksum")
+        _check_body(chunk_id, received, length, hasher, checksum)
         existing = self.volumes.get(chunk_id)
         if existing is not None:
             if (existing.length, existing.checksum) != (length, checksum):
@@ -379,10 +384,7 @@ class ChunkStore:
                             continue
                     await asyncio.to_thread(disk.write_all, fd, gathered)
                     gathered, gathered_size = [], 0
-            if received != length:
-                raise DstoreError(f"body had {received} bytes, {length} announced")
-            if hasher.digest() != checksum:
-                raise ChecksumMismatch(f"chunk {chunk_id}: body does not match its checksum")
+            _check_body(chunk_id, received, length, hasher, checksum)
             if fd < 0 and existing is None:
                 existing = await asyncio.to_thread(self._store_whole, path, tmp, header, gathered)
             elif fd >= 0:

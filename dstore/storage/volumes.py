@@ -175,9 +175,9 @@ def read_records(path: Path) -> Iterator[Record]:
             f.seek(pos)
 
 
-def write_index(volume: Path, number: int, index: Path) -> bool:
-    """Write a sealed volume's index file from its records; False (and no file) if the
-    volume does not scan clean to its end. Blocking."""
+def write_index(volume: Path, number: int) -> None:
+    """Write a sealed volume's index file (beside it) from its records; none if the volume
+    does not scan clean to its end. Blocking."""
     size = os.path.getsize(volume)
     parts = []
     end = 0
@@ -187,10 +187,11 @@ def write_index(volume: Path, number: int, index: Path) -> bool:
         parts.append(raw_id)
         end = at + length
     if end != size:
-        return False
+        return
     head = INDEX_HEAD.pack(INDEX_MAGIC, INDEX_VERSION, 0, number, size, len(parts) // 2)
     body = head + b"".join(parts)
-    tmp = index.with_suffix(".idx.tmp")
+    index = volume.with_suffix(".idx")
+    tmp = volume.with_suffix(".idx.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         disk.write_all(fd, [body, digest(body)])
@@ -198,7 +199,6 @@ def write_index(volume: Path, number: int, index: Path) -> bool:
     finally:
         os.close(fd)
     os.rename(tmp, index)
-    return True
 
 
 def read_index(index: Path, number: int, volume_size: int) -> list[Record] | None:
@@ -325,7 +325,7 @@ class Volumes:
             elif records is None and not newest:
                 # (a second, warm read of the headers; once per volume, not per start)
                 try:
-                    write_index(volume.path, number, index_path(self.folder, number))
+                    write_index(volume.path, number)
                 except OSError as exc:  # (a full disk, say): only the next start is slower
                     log.warning("volume_index_failed", volume=number, error=str(exc))
         self.index = SortedDict(self.index)
@@ -559,9 +559,7 @@ class Volumes:
             try:
                 if self._volumes.get(volume.number) is not volume:
                     return  # compacted away already
-                await asyncio.to_thread(
-                    write_index, volume.path, volume.number, index_path(self.folder, volume.number)
-                )
+                await asyncio.to_thread(write_index, volume.path, volume.number)
             except FileNotFoundError:
                 pass  # compacted away meanwhile
             except OSError as exc:  # only start-up is slower without it
