@@ -1,5 +1,7 @@
 """The Python HTTP front end's ceiling: an aiohttp server that only discards PUT bodies
-and only generates GET bodies. Run as its own process by bench/gateway.py."""
+and only generates GET bodies (``?size=N``, 4 KiB without it), answering a PUT with a JSON
+body the size of dstore's. Run as its own process by bench/gateway.py, for streams and for
+small objects alike."""
 
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ async def discard(request: web.Request) -> web.Response:
         if not piece:
             break
         total += len(piece)
-    return web.json_response({"size": total}, status=201)
+    reply = {"name": request.match_info["name"], "size": total, "etag": '"' + "0" * 32 + '"'}
+    return web.json_response(reply | {"chunks": 1, "created": 0.0}, status=201)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    size = int(request.query["size"])
+    size = int(request.query.get("size", 4096))
     response = web.StreamResponse()
     response.content_length = size
     await response.prepare(request)

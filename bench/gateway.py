@@ -7,7 +7,8 @@
 - 4 KiB objects, 16 concurrent clients, replicas 2: PUT/s and GET/s, with the gateway's
   read cache on (the default) and off, and with every chunk in a file of its own
   (``small_chunk_max=0``, read cache off: the baseline for volume files), each on a
-  fresh cluster;
+  fresh cluster; next to the same client against the do-nothing aiohttp server (the
+  small-request ceiling of the Python front end, measured in the same run);
 - time to first byte of a GET for a 1 MiB and a 1 GiB file.
 
     python -m bench gateway        DSTORE_BENCH_GIB=1 (file size), DSTORE_BENCH_BIG_GIB=4
@@ -133,7 +134,9 @@ async def get(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
     return got / (time.perf_counter() - start), first
 
 
-async def ceilings(size: int) -> tuple[float, float]:
+async def ceilings(size: int) -> tuple[float, float, float, float]:
+    """(PUT, GET bytes/s of one stream; 4 KiB PUT/s, GET/s of ``small_objects``) against
+    the do-nothing aiohttp server, with the same client as dstore gets."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.ceiling", str(port)])
     try:
@@ -150,10 +153,11 @@ async def ceilings(size: int) -> tuple[float, float]:
             down = statistics.median(
                 [(await get(session, f"{url}?size={size}"))[0] for _ in range(3)]
             )
+        small_put, small_get = await small_objects(f"http://127.0.0.1:{port}")
     finally:
         proc.terminate()
         proc.wait()
-    return up, down
+    return up, down, small_put, small_get
 
 
 async def small_objects(url: str, clients: int = 16, seconds: float = 5.0) -> tuple[float, float]:
@@ -198,9 +202,13 @@ async def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="dstore-bench-", dir=os.environ.get("DSTORE_BENCH_DIR")))
     print(f"gateway: 1 file of {SIZE / GIB:.2f} GiB, 3 storage nodes, one host")
     disk = disk_write(256 << 20, root)
-    up_ceiling, down_ceiling = await ceilings(SIZE)
+    up_ceiling, down_ceiling, small_put_ceiling, small_get_ceiling = await ceilings(SIZE)
     print(f"  aiohttp discard-server ceiling (PUT)   {up_ceiling / MB:7.0f} MB/s")
     print(f"  aiohttp generate-server ceiling (GET)  {down_ceiling / MB:7.0f} MB/s")
+    print(
+        f"  same server, 4 KiB objects, 16 clients {small_put_ceiling:7.0f} PUT/s "
+        f"{small_get_ceiling:6.0f} GET/s   (the small-request ceiling)"
+    )
     print(f"  disk write+fsync+rename                {disk / MB:7.0f} MB/s")
     timeout = aiohttp.ClientTimeout(total=None)
     for replicas in (1, 2):
@@ -237,7 +245,11 @@ async def main() -> None:
     # scrubbers are still verifying the GiB just uploaded
     async with Up(root / "small", 2) as cluster:
         small_put, small_get = await small_objects(cluster.url)
-        print(f"  4 KiB objects, 16 clients: {small_put:6.0f} PUT/s  {small_get:6.0f} GET/s")
+        print(
+            f"  4 KiB objects, 16 clients: {small_put:6.0f} PUT/s  {small_get:6.0f} GET/s"
+            f"   ({small_put / small_put_ceiling:4.2f} x, {small_get / small_get_ceiling:4.2f} x"
+            " the small-request ceiling)"
+        )
     async with Up(root / "nocache", 2, cache_size="0") as cluster:
         small_put, small_get = await small_objects(cluster.url)
         print(
