@@ -73,7 +73,7 @@ class Up:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env=dict(os.environ, DSTORE_LOG_LEVEL="warning", **self.env),
+            env=dict(os.environ, **self.env),  # default log level: canonical lines cost too
         )
         assert self.proc.stdout is not None
         line = await asyncio.to_thread(self.proc.stdout.readline)

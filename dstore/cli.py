@@ -89,7 +89,7 @@ def _serve(role: str, argv: Sequence[str]) -> int:
         config = cfg.load(ROLES[role], vars(args), config_file=args.config)
     except ConfigError as exc:
         return _fail(str(exc), 2)
-    configure_logging(config.log_format, config.log_level)
+    configure_logging(config.log_format, config.log_level, cache=True)
     tune_malloc()
     try:
         if role == "storage":

@@ -100,6 +100,8 @@ async def run_local_cluster(
                 else None,
             },
         )
+        # the gateway's own log settings (DSTORE_LOG_LEVEL, DSTORE_LOG_FORMAT) from here on
+        configure(config.log_format, config.log_level, cache=True)
         runner, bound = await start_gateway(config)
         print(
             f"dstore is up: http://127.0.0.1:{bound}  ({nodes} storage nodes, replicas "

@@ -98,3 +98,39 @@ def test_dstore_up_takes_gateway_settings_from_the_environment(tmp_path: Path) -
     # the storage node processes it started are stopped again
     out = subprocess.run(["pgrep", "-f", str(tmp_path / "d")], capture_output=True)
     assert out.stdout == b""
+
+
+def _up_logs(tmp_path: Path, level: str) -> tuple[list[dict[str, object]], str]:
+    """One PUT through a `dstore up` logging JSON at ``level``: the gateway's log lines
+    and the storage nodes' log files."""
+    data_dir = tmp_path / level
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dstore", "up", "--port", "0", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV | {"DSTORE_LOG_FORMAT": "json", "DSTORE_LOG_LEVEL": level},
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "dstore is up" in line, line
+    put = dstore("put", "-", "logged", url=line.split()[3], stdin=b"x" * 1000)
+    assert put.returncode == 0, put.stderr
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    nodes = "".join(p.read_text() for p in sorted((data_dir / "logs").glob("storage-*.log")))
+    return [json.loads(raw) for raw in stderr.splitlines() if raw.startswith("{")], nodes
+
+
+def test_dstore_up_logs_json_lines_at_the_level_the_environment_sets(tmp_path: Path) -> None:
+    lines, nodes = _up_logs(tmp_path, "info")
+    (canonical,) = [e for e in lines if e.get("event") == "http_request"]
+    assert canonical["method"] == "PUT" and canonical["name"] == "logged"
+    assert canonical["status"] == 201 and canonical["bytes_in"] == 1000
+    assert canonical["level"] == "info" and canonical["timestamp"]
+    # the nodes' lines for that request carry its request id
+    assert nodes.count(f'"req":"{canonical["req"]}"') == 2, nodes
+
+    quiet, quiet_nodes = _up_logs(tmp_path, "warning")
+    assert not [e for e in quiet if e.get("event") == "http_request"]
+    assert '"event":"request"' not in quiet_nodes

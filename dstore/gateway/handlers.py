@@ -12,6 +12,7 @@ from email.utils import formatdate
 from typing import Any
 
 import aiohttp
+import orjson
 import structlog
 from aiohttp import web
 
@@ -69,8 +70,18 @@ def _http_date(timestamp: float) -> str:
     return formatdate(timestamp, usegmt=True)
 
 
+def json_response(
+    data: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON reply (orjson: several times cheaper than the standard encoder, which was a
+    few per cent of a small PUT's CPU)."""
+    return web.Response(
+        body=orjson.dumps(data), status=status, headers=headers, content_type="application/json"
+    )
+
+
 def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+    return json_response({"error": {"code": code, "message": message}}, status=status)
 
 
 def status_of(exc: DstoreError) -> int:
@@ -244,7 +255,7 @@ async def put_file(request: web.Request) -> web.StreamResponse:
         trace=structlog.contextvars.get_contextvars().get("req", ""),
     )
     version = result.version
-    return web.json_response(
+    return json_response(
         {
             "name": version.name,
             "size": version.size,
@@ -352,7 +363,7 @@ async def list_files(request: web.Request) -> web.StreamResponse:
     prefix = request.query.get("prefix", "")
     start_after = request.query.get("start_after", "")
     files, next_name = await request.app[keys.META].list_files(prefix, start_after, limit)
-    return web.json_response(
+    return json_response(
         {
             "files": [
                 {"name": f.name, "size": f.size, "etag": f.etag, "created": f.created}
@@ -367,7 +378,7 @@ async def cluster_info(request: web.Request) -> web.StreamResponse:
     app = request.app
     files, size = await app[keys.META].totals()
     nodes: list[dict[str, Any]] = [m.as_json() for m in app[keys.CLUSTER].members.values()]
-    return web.json_response(
+    return json_response(
         {
             "nodes": nodes,
             "replicas": app[keys.CONFIG].replicas,
@@ -379,7 +390,7 @@ async def cluster_info(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
@@ -387,7 +398,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     up, wanted = app[keys.CLUSTER].up_count(), app[keys.CONFIG].replicas
     if up < wanted:
         return error_response(503, "not_ready", f"{up} storage nodes up, {wanted} needed")
-    return web.json_response({"status": "ready", "nodes_up": up})
+    return json_response({"status": "ready", "nodes_up": up})
 
 
 async def add_node(request: web.Request) -> web.StreamResponse:
@@ -411,7 +422,7 @@ async def add_node(request: web.Request) -> web.StreamResponse:
     await app[keys.META].set_member(addr, "active")
     await cluster.refresh()
     log.info("node_joined", addr=addr, node_id=member.node_id, state=member.state.value)
-    return web.json_response(member.as_json(), status=201)
+    return json_response(member.as_json(), status=201)
 
 
 async def drain_node(request: web.Request) -> web.StreamResponse:
@@ -424,11 +435,11 @@ async def drain_node(request: web.Request) -> web.StreamResponse:
     app[keys.CLUSTER].drain(member)
     await app[keys.META].set_member(member.addr, "draining")
     app[keys.REPAIRER].wake()
-    return web.json_response(member.as_json(), status=202)
+    return json_response(member.as_json(), status=202)
 
 
 async def rebalance(request: web.Request) -> web.StreamResponse:
     """Even out used space: chunks move from the fullest nodes to the emptiest."""
     started = request.app[keys.REPAIRER].start_rebalance()
     status = 202 if started else 409
-    return web.json_response(request.app[keys.REPAIRER].stats()["rebalance"], status=status)
+    return json_response(request.app[keys.REPAIRER].stats()["rebalance"], status=status)
