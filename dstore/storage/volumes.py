@@ -269,6 +269,7 @@ class Volumes:
         self._active: _Volume | None = None
         self._queue: deque[_Append] = deque()
         self._writer: asyncio.Task[None] | None = None
+        self._disk = disk.DiskThread("dstore-volume-disk")  # group commits, in order
         self._writing: dict[str, asyncio.Future[Needle | None]] = {}
         self._compactor: asyncio.Task[int] | None = None
         self._compacting = asyncio.Lock()
@@ -454,7 +455,7 @@ class Volumes:
                 )
                 pieces.extend(item.pieces)
             try:
-                await asyncio.to_thread(self._write_batch, volume, start, pieces, new)
+                await self._disk.run(self._write_batch, volume, start, pieces, new)
             except BaseException as exc:
                 if new:
                     self._volumes.pop(volume.number, None)
@@ -660,6 +661,7 @@ class Volumes:
                 await self._writer
         for indexing in list(self._indexing.values()):
             await indexing
+        await self._disk.stop()
 
 
 def _pread_many(path: Path, ranges: list[tuple[int, int]]) -> list[bytes]:
