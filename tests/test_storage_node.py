@@ -7,6 +7,7 @@ import errno
 import os
 import random
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from dstore.protocol.messages import Hello, to_header
 from dstore.rpc.client import NodeClient
 from dstore.storage.node import StorageNode
 from tests.conftest import SECRET, NodeFactory, chunk_files, tmp_files, wait_for
+from tests.faults import FaultProxy
 
 
 async def put(client: NodeClient, data: bytes, chunk_id: str | None = None) -> str:
@@ -512,3 +514,34 @@ async def test_the_scrubber_goes_pass_after_pass_and_catches_later_rot(
         chunk.flip(5)
         await wait_for(lambda: node.scrubber.corrupt_found == 1)
         assert await c.take_corrupt() == [chunk_id]
+
+
+async def test_a_hung_request_times_out_at_the_request_deadline(node: StorageNode) -> None:
+    """The io timeout is long; the request deadline (checked by the client's sweep) ends
+    the request, frees its slot, and the client goes on with a new connection."""
+    proxy = await FaultProxy("127.0.0.1", node.port).start()
+    async with NodeClient(
+        "127.0.0.1",
+        proxy.port,
+        SECRET.encode(),
+        io_timeout=30.0,
+        request_timeout=0.4,
+        max_connections=1,
+    ) as c:
+        await c.ping()  # handshake done, connection pooled
+        await proxy.set("blackhole")
+        started = time.monotonic()
+        with pytest.raises(NodeUnavailable, match="request to .* timed out"):
+            await c.put_chunk(new_chunk_id(), b"x" * 100, length=100, checksum=checksum(b"x" * 100))
+        assert 0.4 <= time.monotonic() - started < 5
+        assert c.busy == 0
+        await proxy.set("ok")
+        assert await c.ping() >= 0  # the one slot was given back; a fresh connection
+        # a cancellation from elsewhere passes through as itself, not as a timeout
+        await proxy.set("blackhole")
+        task = asyncio.create_task(c.ping())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await proxy.close()

@@ -56,6 +56,9 @@ from dstore.protocol import (
 from dstore.rpc.transport import CORK_LIMIT, Connector, FramedStream, open_tcp
 
 BODY_PIECE = 1 << 20
+SWEEP_TICK = (
+    1.0  # request deadlines are checked this often (a request times out late by up to this)
+)
 
 
 def _expect(event: Event, kind: type[Message]) -> Any:
@@ -97,6 +100,8 @@ class NodeClient:
         self._busy = 0
         self._rids = itertools.count(1)
         self._closed = False
+        self._leases: set[_Lease] = set()  # requests in flight, for the deadline sweep
+        self._sweep: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return (
@@ -123,6 +128,9 @@ class NodeClient:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._sweep is not None and not self._leases:
+            self._sweep.cancel()
+            self._sweep = None
         while self._idle:
             await self._idle.popleft().aclose()
 
@@ -154,45 +162,35 @@ class NodeClient:
         self.node_id = welcome.node_id
         return stream
 
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[FramedStream]:
-        """A ready connection for one request; it goes back to the pool only if the
-        request ended cleanly, otherwise it is closed."""
-        if self._closed:
-            raise NodeUnavailable(f"client for {self.addr} is closed")
-        async with self._slots:
-            stream = None
-            while self._idle and stream is None:
-                candidate = self._idle.popleft()
-                if candidate.closed:
-                    await candidate.aclose()
-                else:
-                    stream = candidate
-            if stream is None:
-                stream = await self._connect()
-            self._busy += 1
-            clean = False
-            try:
-                yield stream
-                clean = stream.conn.body_owed == 0
-            finally:
-                self._busy -= 1
-                if clean and not self._closed and not stream.closed:
-                    self._idle.append(stream)
-                else:
-                    await stream.aclose()
+    async def _take(self) -> FramedStream:
+        """An idle pooled connection, else a new one; the caller holds a slot."""
+        while self._idle:
+            candidate = self._idle.popleft()
+            if not candidate.closed:
+                return candidate
+            await candidate.aclose()
+        return await self._connect()
 
-    @asynccontextmanager
-    async def _request(self) -> AsyncIterator[FramedStream]:
-        try:
-            async with asyncio.timeout(self.request_timeout), self._connection() as stream:
-                yield stream
-        except TimeoutError as exc:
-            raise NodeUnavailable(f"request to {self.addr} timed out") from exc
-        except AuthenticationFailed:
-            raise  # a wrong cluster secret is a configuration error, not a flaky node
-        except ProtocolError as exc:
-            raise NodeUnavailable(f"protocol error with {self.addr}: {exc}") from exc
+    def _request(self) -> _Lease:
+        """``async with client._request() as stream``: one request on a connection."""
+        return _Lease(self)
+
+    def _track(self, lease: _Lease) -> None:
+        self._leases.add(lease)
+        if self._sweep is None:
+            tick = min(SWEEP_TICK, self.request_timeout / 4)
+            self._sweep = asyncio.get_running_loop().call_later(tick, self._sweep_leases)
+
+    def _sweep_leases(self) -> None:
+        """Cancel the requests past their deadline; runs every tick while any are open."""
+        self._sweep = None
+        now = time.monotonic()
+        for lease in list(self._leases):
+            if lease.deadline <= now:
+                lease.expire()
+        if self._leases:
+            tick = min(SWEEP_TICK, self.request_timeout / 4)
+            self._sweep = asyncio.get_running_loop().call_later(tick, self._sweep_leases)
 
     def _rid(self) -> int:
         return next(self._rids)
@@ -310,6 +308,104 @@ class NodeClient:
         start = time.monotonic()
         await self._call(Ping(rid=self._rid(), trace=trace), Pong)
         return time.monotonic() - start
+
+
+class _Lease:
+    """One request on a pooled connection, within the client's request timeout: a slot,
+    then an idle connection or a new one; the connection goes back to the pool only if
+    the request ended cleanly, otherwise it is closed. Timeouts, protocol errors and a
+    closed connection become ``NodeUnavailable``.
+
+    A class, not a generator-based context manager, and a deadline that the client's
+    sweep checks about once a second instead of a timer armed per request (as
+    ``asyncio.timeout`` does): this runs for every chunk put and get, and the two cost
+    about a fifth of a small put's CPU in the gateway (measured, docs/benchmarks.md).
+    Like ``asyncio.timeout``, it turns only its own cancellation into the timeout."""
+
+    __slots__ = ("_cancelling", "_client", "_expired", "_stream", "_task", "deadline")
+
+    def __init__(self, client: NodeClient) -> None:
+        self._client = client
+        self._stream: FramedStream | None = None
+        self._expired = False
+        self.deadline = 0.0
+
+    def expire(self) -> None:
+        if not self._expired:
+            self._expired = True
+            self._task.cancel()
+
+    async def __aenter__(self) -> FramedStream:
+        client = self._client
+        if client._closed:
+            raise NodeUnavailable(f"client for {client.addr} is closed")
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.deadline = time.monotonic() + client.request_timeout
+        client._track(self)
+        try:
+            await client._slots.acquire()
+            try:
+                self._stream = await client._take()
+            except BaseException:
+                client._slots.release()
+                raise
+        except BaseException as exc:
+            client._leases.discard(self)
+            replacement = self._outcome(exc)
+            if replacement is not None:
+                raise replacement from exc
+            raise
+        client._busy += 1
+        return self._stream
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        client, stream = self._client, self._stream
+        assert stream is not None
+        client._busy -= 1
+        late: BaseException | None = None  # from closing the connection
+        try:
+            if (
+                exc is None
+                and stream.conn.body_owed == 0
+                and not client._closed
+                and not stream.closed
+            ):
+                client._idle.append(stream)
+            else:
+                await stream.aclose()
+        except BaseException as error:
+            late = error
+        finally:
+            client._slots.release()
+            client._leases.discard(self)
+        failure = late if late is not None else exc
+        replacement = self._outcome(failure)
+        if replacement is not None:
+            raise replacement from failure
+        if late is not None:
+            raise late
+
+    def _outcome(self, exc: BaseException | None) -> BaseException | None:
+        """What to raise instead of ``exc`` (None: ``exc`` itself, if any)."""
+        addr = self._client.addr
+        if self._expired:
+            self._expired = False
+            if self._task.uncancel() <= self._cancelling and isinstance(
+                exc, asyncio.CancelledError
+            ):
+                return NodeUnavailable(f"request to {addr} timed out")
+        if isinstance(exc, TimeoutError):
+            return NodeUnavailable(f"request to {addr} timed out")
+        if isinstance(exc, AuthenticationFailed):
+            return None  # a wrong cluster secret is a configuration error, not a flaky node
+        if isinstance(exc, ProtocolError):
+            return NodeUnavailable(f"protocol error with {addr}: {exc}")
+        return None
 
 
 class ChunkStream:
