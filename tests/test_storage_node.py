@@ -531,7 +531,7 @@ async def test_a_hung_request_times_out_at_the_request_deadline(node: StorageNod
         await c.ping()  # handshake done, connection pooled
         await proxy.set("blackhole")
         started = time.monotonic()
-        with pytest.raises(NodeUnavailable, match="request to .* timed out"):
+        with pytest.raises(NodeUnavailable, match=r"request to .* timed out"):
             await c.put_chunk(new_chunk_id(), b"x" * 100, length=100, checksum=checksum(b"x" * 100))
         assert 0.4 <= time.monotonic() - started < 5
         assert c.busy == 0
