@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import subprocess
 import sys
@@ -58,15 +57,10 @@ def log_line_costs() -> tuple[float, float]:
     with open(os.devnull, "w") as devnull:
         sys.stderr = devnull
         try:
-            structlog.configure(
-                processors=[
-                    structlog.contextvars.merge_contextvars,
-                    structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    structlog.processors.format_exc_info,
-                    structlog.processors.JSONRenderer(),
-                ],
-                wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+            configure("json", "info", cache=True)
+            processors = structlog.get_config()["processors"]
+            structlog.configure(  # the same chain, with the standard encoder and a text stream
+                processors=[*processors[:-1], structlog.processors.JSONRenderer()],
                 logger_factory=structlog.PrintLoggerFactory(file=devnull),
                 cache_logger_on_first_use=False,
             )
