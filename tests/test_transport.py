@@ -102,3 +102,29 @@ async def test_writes_wait_for_a_peer_that_does_not_read() -> None:
     await stream.aclose()
     server.close()
     await server.wait_closed()
+
+
+async def test_a_read_times_out_on_a_silent_peer_and_data_after_it_still_arrives() -> None:
+    """The read timeout is one timer on the wait: a silent peer is a ``TimeoutError``
+    (``NodeUnavailable`` through ``FramedStream``), and a late byte is not lost."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    channel = await open_tcp("127.0.0.1", server.sockets[0].getsockname()[1])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await channel.read(0.2)
+    assert 0.2 <= loop.time() - started < 2
+    stream = FramedStream(channel, Connection(Role.CLIENT, b"s" * 32), io_timeout=0.2)
+    with pytest.raises(NodeUnavailable, match="timed out"):
+        await stream.next_event()
+    writers[0].write(b"late")
+    assert b"".join(bytes(p) for p in await channel.read(5)) == b"late"
+    writers[0].close()
+    assert await channel.read(5) == []  # EOF, not a timeout
+    server.close()

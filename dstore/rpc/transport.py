@@ -121,15 +121,24 @@ class Channel(asyncio.BufferedProtocol):
         """Whether ``drain`` returns at once (no timer needed around it)."""
         return not self._writing_paused or self._closed.done()
 
-    async def read(self) -> list[memoryview]:
-        """Everything received so far (waiting for at least one byte); ``[]`` at EOF.
-        A connection lost to an error raises it once everything before it was read."""
-        while not self._pieces and not self._eof:
-            self._data_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._data_waiter
-            finally:
-                self._data_waiter = None
+    async def read(self, timeout: float | None = None) -> list[memoryview]:
+        """Everything received so far (waiting for at least one byte, at most ``timeout``
+        seconds: then ``TimeoutError``); ``[]`` at EOF. A connection lost to an error
+        raises it once everything before it was read. The timeout is one timer on the
+        wait itself, not an ``asyncio.timeout`` around it: every reply and every next
+        request is waited for here."""
+        if not self._pieces and not self._eof:
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout is None else loop.time() + timeout
+            while not self._pieces and not self._eof:
+                waiter = self._data_waiter = loop.create_future()
+                timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
+                try:
+                    await waiter
+                finally:
+                    self._data_waiter = None
+                    if timer is not None:
+                        timer.cancel()
         if not self._pieces and self._error is not None:
             raise self._error
         pieces = list(self._pieces)
@@ -153,6 +162,11 @@ class Channel(asyncio.BufferedProtocol):
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 async def open_tcp(host: str, port: int) -> Channel:
@@ -216,8 +230,7 @@ class FramedStream:
         try:
             if self._channel.readable():  # bytes already here: no timer to arm
                 return await self._channel.read()
-            async with asyncio.timeout(self.io_timeout if timeout is None else timeout):
-                return await self._channel.read()
+            return await self._channel.read(self.io_timeout if timeout is None else timeout)
         except TimeoutError as exc:
             raise NodeUnavailable(f"read from {self.peer} timed out") from exc
         except OSError as exc:
