@@ -6,7 +6,7 @@ import asyncio
 import importlib
 import sys
 
-BENCHES = ["protocol", "gateway", "overheads", "failures", "repair", "startup"]
+BENCHES = ["protocol", "gateway", "smallcpu", "overheads", "failures", "repair", "startup"]
 
 
 def main() -> None:
