@@ -30,9 +30,12 @@ log = structlog.get_logger("dstore.gateway")
 
 
 def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web.Application:
-    app = web.Application(middlewares=[handlers.observe, handlers.authenticate])
+    tokens = TokenTable(config.auth_tokens or [])
+    # auth off (no tokens configured, loopback only): no request to check, no middleware
+    middlewares = [handlers.observe] + ([handlers.authenticate] if tokens.enabled else [])
+    app = web.Application(middlewares=middlewares)
     app[keys.CONFIG] = config
-    app[keys.TOKENS] = TokenTable(config.auth_tokens or [])
+    app[keys.TOKENS] = tokens
     app[keys.HTTP] = HttpCounters()
     app.on_response_prepare.append(handlers.add_request_id)
 
