@@ -177,9 +177,12 @@ async def test_health_and_readiness(make_cluster) -> None:  # type: ignore[no-un
 
 
 async def test_metrics_in_prometheus_text_format(cluster: LocalCluster) -> None:
-    await cluster.put("m1", os.urandom(3 * CHUNK))
-    await cluster.get("m1")
-    await cluster.get("missing")
+    sent = 0  # response body bytes, streamed or sent in one piece (JSON, small files)
+    for response in [await cluster.put("m1", os.urandom(3 * CHUNK)), await cluster.put("s", b"x")]:
+        sent += int(response.headers["Content-Length"])
+    for name in ("m1", "s", "s", "missing"):  # the second small GET is a cache hit
+        _, body = await cluster.get(name)
+        sent += len(body)
     assert cluster.session is not None
     async with cluster.session.get(f"{cluster.url}/metrics") as response:
         assert response.status == 200
@@ -190,9 +193,10 @@ async def test_metrics_in_prometheus_text_format(cluster: LocalCluster) -> None:
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
-    assert samples['dstore_http_requests_total{method="PUT",status="201"}'] == 1
+    assert samples['dstore_http_requests_total{method="PUT",status="201"}'] == 2
     assert samples['dstore_http_requests_total{method="GET",status="404"}'] == 1
-    assert samples["dstore_http_received_bytes_total"] == 3 * CHUNK
-    assert samples["dstore_files"] == 1 and samples["dstore_file_bytes"] == 3 * CHUNK
+    assert samples["dstore_http_received_bytes_total"] == 3 * CHUNK + 1
+    assert samples["dstore_http_sent_bytes_total"] == sent
+    assert samples["dstore_files"] == 2 and samples["dstore_file_bytes"] == 3 * CHUNK + 1
     assert samples['dstore_storage_nodes{state="up"}'] == 3
     assert "dstore_repair_queue_chunks" in samples

@@ -116,7 +116,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             response = error_response(status, code, exc.text or exc.reason)
         finally:
             bytes_in = request.get(keys.REQUEST_BYTES_IN, 0)
-            bytes_out = response.body_length if response is not None and response.prepared else 0
+            bytes_out = _body_bytes(request, response)
             request.app[keys.HTTP].observe(request.method, status, bytes_in, bytes_out)
             log.info(
                 "http_request",
@@ -129,6 +129,18 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 ms=round((time.monotonic() - started) * 1000, 2),
             )
         return response
+
+
+def _body_bytes(request: web.Request, response: web.StreamResponse | None) -> int:
+    """Response body bytes, never the status line and headers: as counted by the file
+    handlers, else the whole body of a reply sent in one piece (JSON; not yet sent when
+    the handler returns)."""
+    counted = request.get(keys.REQUEST_BYTES_OUT)
+    if counted is not None:
+        return int(counted)
+    if response is None or response.prepared or not isinstance(response, web.Response):
+        return 0  # HEAD, an empty body, or a stream that sent nothing
+    return response.content_length or 0
 
 
 _OPEN = frozenset({"/healthz", "/readyz"})
@@ -310,6 +322,7 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         # small: fetched and verified first, then headers and body leave in one write
         pieces = await downloader.read_small(todo[0], trace)
         body = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # a cache hit: no copy
+        request[keys.REQUEST_BYTES_OUT] = len(body)
         return web.Response(status=status, headers=headers, body=body)
 
     async def send_status() -> None:
@@ -317,8 +330,14 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         # read at all is a clean 503, not a broken 200
         await response.prepare(request)
 
+    request[keys.REQUEST_BYTES_OUT] = 0
+
+    async def write(piece: memoryview) -> None:
+        await response.write(piece)
+        request[keys.REQUEST_BYTES_OUT] += len(piece)
+
     try:
-        await downloader.stream(todo, response.write, trace=trace, before_first_write=send_status)
+        await downloader.stream(todo, write, trace=trace, before_first_write=send_status)
     except DstoreError as exc:
         if not response.prepared:
             raise
@@ -328,7 +347,7 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
             name=version.name,
             error=str(exc),
             code=exc.code,
-            sent=response.body_length,
+            sent=request[keys.REQUEST_BYTES_OUT],
         )
         if request.transport is not None:
             request.transport.abort()
