@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -188,6 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_client_main(args))
     except DstoreError as exc:
         return _fail(str(exc))
+    except BrokenPipeError:
+        # the reader of our output went away (`dstore get x -o - | head`): no error line,
+        # the exit status a shell gives a program ended by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

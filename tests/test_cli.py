@@ -79,6 +79,23 @@ def test_cli_round_trips_a_file_through_dstore_up(local_cluster: str, tmp_path: 
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.dstore-partial").exists()
 
 
+def test_a_reader_that_goes_away_ends_get_quietly(local_cluster: str, tmp_path: Path) -> None:
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(8 * 1024 * 1024))
+    assert dstore("put", str(source), "big", url=local_cluster).returncode == 0
+    get = subprocess.Popen(
+        [sys.executable, "-m", "dstore", "get", "big", "-o", "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV | {"DSTORE_URL": local_cluster},
+    )
+    assert get.stdout is not None and get.stderr is not None
+    assert len(get.stdout.read(1000)) == 1000
+    get.stdout.close()  # as `| head -c 1000` does
+    assert get.wait(30) == 128 + signal.SIGPIPE
+    assert get.stderr.read() == b""
+
+
 def test_cli_reports_an_unreachable_gateway_in_one_line(tmp_path: Path) -> None:
     result = dstore("ls", url="http://127.0.0.1:9")
     assert result.returncode != 0
