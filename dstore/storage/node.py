@@ -126,7 +126,8 @@ class StorageNode:
                 raise  # a reply body was cut short: only closing the connection is honest
             await stream.send(Error(rid=request.rid, code=exc.code, message=exc.message))
         finally:
-            log.info(
+            # heartbeats (stat) and pings every second would bury the lines that matter
+            (log.debug if isinstance(request, Stat | Ping) else log.info)(
                 "request",
                 chunk=getattr(request, "chunk_id", None),
                 bytes=nbytes,
