@@ -168,15 +168,7 @@ async def test_bad_names_are_400(cluster: LocalCluster, raw: str) -> None:
 
 async def test_chunks_spread_in_proportion_to_free_capacity(make_cluster) -> None:  # type: ignore[no-untyped-def]
     caps = [4 << 20, 8 << 20, 12 << 20]
-    # heartbeats 10 x rarer than the suite's 0.2 s: a heartbeat replaces the gateway's
-    # count of a node's bytes with the node's own, which for a moment counts the chunks
-    # stored but not yet acknowledged twice (or, the other way round, not at all). With up
-    # to 7.5 MiB in flight against nodes of 4-12 MiB that moment skewed placement by up to
-    # 6 points in 1 run of 5; with real capacities it is noise. What is tested here is
-    # placement itself.
-    cluster = await make_cluster(
-        nodes=3, node_settings=[{"capacity": c} for c in caps], replicas=1, heartbeat=2.0
-    )
+    cluster = await make_cluster(nodes=3, node_settings=[{"capacity": c} for c in caps], replicas=1)
     await asyncio.gather(*(cluster.put(f"f{i}", os.urandom(6 * CHUNK)) for i in range(30)))
     counts = [len(chunk_files(n.config.data_dir)) for n in cluster.nodes]
     assert sum(counts) == 180
@@ -252,3 +244,26 @@ async def test_percent_encoded_names_round_trip_through_listing(cluster: LocalCl
         page = await response.json()
     assert [f["name"] for f in page["files"]] == [name]
     assert quote(name, safe="") in str(cluster.file_url(name))
+
+
+async def test_a_heartbeat_figure_never_undoes_a_newer_put_figure(
+    make_cluster,  # type: ignore[no-untyped-def]
+) -> None:
+    """A node's used bytes reach the gateway in put replies and in heartbeats, on different
+    connections, in either order: the gateway keeps the figure the node reported last.
+    (Taking every heartbeat's figure as it came miscounted chunks in flight and skewed
+    placement in the test above.)"""
+    cluster = await make_cluster(nodes=1, replicas=1, heartbeat=30.0)
+    gateway = cluster.app[keys.CLUSTER]
+    (member,) = gateway.members.values()
+    stale = await member.client.stat()  # a heartbeat reply the puts below overtake
+    for i in range(3):
+        assert (await cluster.put(f"f{i}", os.urandom(3 * CHUNK))).status == 201
+    assert member.used == cluster.nodes[0].store.used == 9 * CHUNK
+
+    async def late_stat(*, trace: str = "") -> object:
+        return stale  # fault: the old reply arrives now
+
+    member.client.stat = late_stat  # type: ignore[method-assign,assignment]
+    await gateway._beat(member)
+    assert member.used == 9 * CHUNK and stale.used == 0

@@ -545,3 +545,26 @@ async def test_a_hung_request_times_out_at_the_request_deadline(node: StorageNod
         with pytest.raises(asyncio.CancelledError):
             await task
     await proxy.close()
+
+
+async def test_usage_reports_are_ordered_and_outlive_a_restart(
+    start_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Every put's reply and every stat carry the node's used bytes with a sequence
+    number that only grows, across a restart of the node too."""
+    node = await start_node("usage")
+    seqs = []
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as c:
+        for size in (1000, 300_000):  # one small chunk (a volume), one chunk file
+            await put(c, os.urandom(size))
+            seqs.append(c.usage[0])
+            assert c.usage[1] == node.store.used  # the figure right after the put
+        assert c.usage[1] == 301_000
+        stat = await c.stat()
+        seqs.append(stat.usage_seq)
+        assert c.usage == (stat.usage_seq, stat.used) == (seqs[-1], 301_000)
+    await node.stop()
+    again = await start_node("usage")
+    async with NodeClient("127.0.0.1", again.port, SECRET.encode()) as c:
+        seqs.append((await c.stat()).usage_seq)
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)

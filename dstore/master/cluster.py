@@ -90,6 +90,7 @@ class StorageMember:
     capacity: int = 0
     used: int = 0
     chunks: int = 0
+    usage_seq: int = 0  # the node's report that ``used`` was last taken from
     reserved: int = 0
     last_seen: float | None = None
     # monotonic time it went down; a member starts down (until its first heartbeat), so
@@ -246,7 +247,8 @@ class Cluster:
         member.node_id = stat.node_id
         member.zone = stat.zone or "default"
         member.capacity = stat.capacity
-        member.used = stat.used
+        if not self._take_usage(member) and not stat.usage_seq:
+            member.used = stat.used  # a node that does not order its reports
         member.chunks = stat.chunks
         member.scrub = {
             "bytes_scanned": stat.scrub_bytes,
@@ -371,13 +373,27 @@ class Cluster:
             member.reserved += size
         return node_ids
 
+    @staticmethod
+    def _take_usage(member: StorageMember) -> bool:
+        """Take the node's newest report of its used bytes, if it is newer than the one
+        ``used`` came from. Replies race (a heartbeat's against a put's on another
+        connection), so only the order the node gave its reports counts: a heartbeat
+        never undoes a newer put's figure, nor a put's a newer heartbeat's."""
+        seq, used = member.client.usage
+        if seq <= member.usage_seq:
+            return False
+        member.usage_seq, member.used = seq, used
+        return True
+
     def release(self, node_id: str, size: int, *, stored: bool) -> None:
-        """Give back a reservation; a stored chunk now counts as used (until the next
-        heartbeat reports the node's own figure)."""
+        """Give back a reservation; a stored chunk now counts as used."""
         member = self.by_id(node_id)
         if member is None:
             return
         member.reserved = max(0, member.reserved - size)
         if stored:
-            member.used += size
+            # the node's own figure, newer than any taken before, includes this chunk; a
+            # node that does not report one: count it here until the next heartbeat
+            if not self._take_usage(member) and not member.client.usage[0]:
+                member.used += size
             member.chunks += 1

@@ -156,6 +156,10 @@ class Stored(Reply):
 
     OP = "stored"
     created: bool = True
+    # the node's used bytes right after this put, and that report's place in the order of
+    # the node's reports (0: not reported); see StatReply.usage_seq
+    used: int = -1
+    usage_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,9 @@ class StatReply(Reply):
     volume_bytes: int = 0  # their size on disk
     volume_garbage: int = 0  # bytes of deleted records in them, awaiting compaction
     compactions: int = 0  # volumes compacted since start
+    # increases with every report of ``used`` (here and in ``stored``), across restarts
+    # too: the gateway keeps the newest and never lets an older one undo it
+    usage_seq: int = 0
 
 
 @dataclass(frozen=True)

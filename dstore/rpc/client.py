@@ -101,6 +101,8 @@ class NodeClient:
         self._rids = itertools.count(1)
         self._closed = False
         self._leases: set[_Lease] = set()  # requests in flight, for the deadline sweep
+        # the newest (usage_seq, used) the node reported, in stored and stat_reply
+        self.usage: tuple[int, int] = (0, 0)
         self._sweep: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
@@ -237,6 +239,7 @@ class NodeClient:
             else:
                 await stream.flush()
             stored: Stored = _expect(await stream.next_event(), Stored)
+            self._note_usage(stored.usage_seq, stored.used)
             return stored.created
 
     @asynccontextmanager
@@ -286,7 +289,12 @@ class NodeClient:
 
     async def stat(self, *, trace: str = "") -> StatReply:
         reply: StatReply = await self._call(Stat(rid=self._rid(), trace=trace), StatReply)
+        self._note_usage(reply.usage_seq, reply.used)
         return reply
+
+    def _note_usage(self, seq: int, used: int) -> None:
+        if seq > self.usage[0] and used >= 0:
+            self.usage = (seq, used)
 
     async def list_chunks(
         self, *, after: str = "", limit: int = 1000, trace: str = ""

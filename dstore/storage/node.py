@@ -71,6 +71,14 @@ class StorageNode:
         self.scrubber = Scrubber(self.store, rate=config.scrub_rate, idle=config.scrub_pause)
         self.node_id = ""
         self.server: RpcServer | None = None
+        self._last_usage_seq = 0
+
+    def _usage_seq(self) -> int:
+        """The order of a report of ``used``: increasing, and past any of an earlier run of
+        this node (wall-clock nanoseconds at least), so the gateway can keep the newest
+        report however the replies that carry them race each other."""
+        self._last_usage_seq = max(self._last_usage_seq + 1, time.time_ns())
+        return self._last_usage_seq
 
     def __repr__(self) -> str:
         return f"<StorageNode {self.node_id} {self.config.host}:{self.port} {self.store!r}>"
@@ -143,7 +151,8 @@ class StorageNode:
         if isinstance(request, PutChunk):
             assert body is not None
             created = await store.write(request.chunk_id, request.length, request.checksum, body)
-            await stream.send(Stored(rid=rid, created=created))
+            used, seq = store.used, self._usage_seq()
+            await stream.send(Stored(rid=rid, created=created, used=used, usage_seq=seq))
             return request.length
         if isinstance(request, GetChunk):
             async with store.reader(
@@ -204,6 +213,7 @@ class StorageNode:
                     volume_bytes=volume_bytes,
                     volume_garbage=garbage,
                     compactions=store.volumes.compactions,
+                    usage_seq=self._usage_seq(),
                 )
             )
             return 0
