@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -134,29 +135,36 @@ async def get(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
     return got / (time.perf_counter() - start), first
 
 
-async def ceilings(size: int) -> tuple[float, float, float, float]:
-    """(PUT, GET bytes/s of one stream; 4 KiB PUT/s, GET/s of ``small_objects``) against
-    the do-nothing aiohttp server, with the same client as dstore gets."""
+@asynccontextmanager
+async def ceiling_server() -> AsyncIterator[tuple[str, int]]:
+    """The do-nothing aiohttp server (``bench/ceiling.py``) in its own process, ready:
+    (its URL, its pid)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bench.ceiling", str(port)])
+    url = f"http://127.0.0.1:{port}"
     try:
-        url = f"http://127.0.0.1:{port}/v1/files/x"
         async with aiohttp.ClientSession() as session:
             for _ in range(100):
                 try:
-                    async with session.get(f"{url}?size=1") as r:
+                    async with session.get(f"{url}/v1/files/x?size=1") as r:
                         await r.read()
                         break
                 except aiohttp.ClientError:
                     await asyncio.sleep(0.05)
-            up = statistics.median([await put(session, url, size) for _ in range(3)])
-            down = statistics.median(
-                [(await get(session, f"{url}?size={size}"))[0] for _ in range(3)]
-            )
-        small_put, small_get = await small_objects(f"http://127.0.0.1:{port}")
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait()
+
+
+async def ceilings(size: int) -> tuple[float, float, float, float]:
+    """(PUT, GET bytes/s of one stream; 4 KiB PUT/s, GET/s of ``small_objects``) against
+    the do-nothing aiohttp server, with the same client as dstore gets."""
+    async with ceiling_server() as (base, _), aiohttp.ClientSession() as session:
+        url = f"{base}/v1/files/x"
+        up = statistics.median([await put(session, url, size) for _ in range(3)])
+        down = statistics.median([(await get(session, f"{url}?size={size}"))[0] for _ in range(3)])
+        small_put, small_get = await small_objects(base)
     return up, down, small_put, small_get
 
 

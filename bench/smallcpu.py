@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
-from bench.gateway import Up, free_port
+from bench.gateway import Up, ceiling_server
 
 SECONDS = float(os.environ.get("DSTORE_BENCH_SECONDS", "6"))
 CLIENTS = 16
@@ -69,22 +68,8 @@ async def load(url: str, op: str, pids: list[int]) -> tuple[float, list[float]]:
 
 
 async def ceiling() -> dict[str, tuple[float, list[float]]]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.ceiling", str(port)])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                try:
-                    async with session.get(f"{url}/v1/files/x?size=1") as r:
-                        await r.read()
-                        break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
-        return {op: await load(url, op, [proc.pid]) for op in ("PUT", "GET")}
-    finally:
-        proc.terminate()
-        proc.wait()
+    async with ceiling_server() as (url, pid):
+        return {op: await load(url, op, [pid]) for op in ("PUT", "GET")}
 
 
 async def main() -> None:
