@@ -33,5 +33,5 @@ TOKENS = web.AppKey("tokens", TokenTable)
 REQUEST_ID = web.RequestKey("request_id", str)
 REQUEST_NAME = web.RequestKey("name", str)
 REQUEST_BYTES_IN = web.RequestKey("bytes_in", int)
-REQUEST_BYTES_OUT = web.RequestKey("bytes_out", int)  # body bytes of a streamed response
+REQUEST_BYTES_OUT = web.RequestKey("bytes_out", int)  # file body bytes, as the handlers send them
 REQUEST_TOKEN = web.RequestKey("token", AuthToken)  # set when auth is on

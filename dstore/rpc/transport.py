@@ -113,10 +113,6 @@ class Channel(asyncio.BufferedProtocol):
 
     # --- used by FramedStream -------------------------------------------------------------
 
-    def readable(self) -> bool:
-        """Whether ``read`` returns at once (no timer needed around it)."""
-        return bool(self._pieces) or self._eof
-
     def writable(self) -> bool:
         """Whether ``drain`` returns at once (no timer needed around it)."""
         return not self._writing_paused or self._closed.done()
@@ -228,8 +224,7 @@ class FramedStream:
 
     async def _read(self, timeout: float | None) -> list[memoryview]:
         try:
-            if self._channel.readable():  # bytes already here: no timer to arm
-                return await self._channel.read()
+            # (bytes already here: the channel arms no timer)
             return await self._channel.read(self.io_timeout if timeout is None else timeout)
         except TimeoutError as exc:
             raise NodeUnavailable(f"read from {self.peer} timed out") from exc
