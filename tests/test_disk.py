@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dstore.storage.disk import DiskThread
+from dstore.storage.disk import ALIGN, BufferPool, DiskThread
 
 
 async def test_calls_run_in_order_on_one_thread_and_errors_reach_the_caller() -> None:
@@ -54,3 +54,25 @@ async def test_a_call_whose_caller_is_cancelled_still_runs_to_its_end() -> None:
     assert not finished.is_set()
     await worker.stop()  # waits for the call handed over
     assert finished.is_set()
+
+
+def test_a_pooled_buffer_is_reused_only_once_no_view_of_it_is_alive() -> None:
+    pool = BufferPool(2 * ALIGN, keep=2)
+    first = pool.take()
+    assert len(first) == 2 * ALIGN
+    address = id(first)
+    pool.give(first)
+    del first
+    again = pool.take()
+    assert id(again) == address  # touched memory is reused
+    view = memoryview(again)[10:20]  # a transport may still hold a piece of it
+    pool.give(again)
+    del again
+    other = pool.take()
+    assert id(other) != address
+    pool.give(other)
+    del other, view
+    assert id(pool.take()) == address  # free again once the view is gone
+    for extra in [BufferPool(ALIGN, keep=0).take() for _ in range(5)]:
+        pool.give(extra)
+    assert len(pool._idle) == pool.keep  # the rest are let go

@@ -29,6 +29,7 @@ from dstore.protocol import Error, Ping
 from dstore.protocol.codec import decode_payload, encode_frame
 from dstore.protocol.messages import Hello, to_header
 from dstore.rpc.client import NodeClient
+from dstore.storage import disk
 from dstore.storage.node import StorageNode
 from tests.conftest import SECRET, NodeFactory, chunk_files, tmp_files, wait_for
 from tests.faults import FaultProxy
@@ -279,6 +280,83 @@ async def test_unverified_get_sends_a_large_chunk_as_stored(
     with pytest.raises(ChunkCorrupt):
         await client.get_chunk(chunk_id)
     assert await client.ping() >= 0
+
+
+DIRECT_RANGES = [(0, None), (1, 4095), (4095, 2), (4096, 4096), (123_457, 3_000_001), (-1, 1)]
+
+
+@pytest.mark.parametrize("size", [4 << 20, 9_000_001])  # one direct read; several, read ahead
+async def test_unverified_gets_of_a_chunk_not_in_the_page_cache_read_the_disk_directly(
+    node: StorageNode, client: NodeClient, size: int
+) -> None:
+    data = os.urandom(size)
+    chunk_id = await put(client, data)
+    if disk.open_direct(node.store.path_of(chunk_id)) < 0:
+        pytest.skip("this filesystem has no O_DIRECT")
+    async with node.store.reader(chunk_id, prefetch=False) as reader:
+        assert not reader.sendfile  # a put drops what it wrote from the page cache
+    for offset, length in DIRECT_RANGES:  # every alignment of start and end
+        offset %= size
+        async with client.open_chunk(chunk_id, offset=offset, length=length, verify=False) as body:
+            got = b"".join([bytes(p) async for p in body])
+        assert got == data[offset : None if length is None else offset + length], (offset, length)
+
+
+async def test_concurrent_direct_reads_never_share_a_buffer(node: StorageNode) -> None:
+    blobs = [os.urandom(5_000_000 + i) for i in range(6)]
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode(), max_connections=8) as c:
+        ids = await asyncio.gather(*(put(c, blob) for blob in blobs))
+
+        async def read(i: int) -> None:
+            async with c.open_chunk(ids[i], verify=False) as body:
+                pieces = [p async for p in body]
+                await asyncio.sleep(0)  # hold the views while the others read
+                assert b"".join(bytes(p) for p in pieces) == blobs[i]
+
+        for _ in range(3):
+            await asyncio.gather(*(read(i % len(blobs)) for i in range(12)))
+
+
+async def test_a_chunk_in_the_page_cache_is_sent_from_there(
+    node: StorageNode, client: NodeClient
+) -> None:
+    data = os.urandom(3_000_000)
+    chunk_id = await put(client, data)
+    path = node.store.path_of(chunk_id)
+    path.read_bytes()  # now every page of it is cached
+    with path.open("rb") as f:
+        if not disk.cached(f.fileno(), 0, len(data)):
+            pytest.skip("the kernel cannot tell what is cached (cachestat: Linux 6.5)")
+    async with node.store.reader(chunk_id, prefetch=False) as reader:
+        assert reader.sendfile
+    async with client.open_chunk(chunk_id, offset=7, verify=False) as body:
+        assert b"".join([bytes(p) async for p in body]) == data[7:]
+
+
+async def test_without_o_direct_unverified_gets_use_sendfile(
+    node: StorageNode, client: NodeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(disk, "open_direct", lambda path: -1)  # tmpfs, say
+    data = os.urandom(3_000_000)
+    chunk_id = await put(client, data)
+    async with node.store.reader(chunk_id, prefetch=False) as reader:
+        assert reader.sendfile
+    async with client.open_chunk(chunk_id, verify=False) as body:
+        assert b"".join([bytes(p) async for p in body]) == data
+
+
+async def test_a_chunk_cut_short_under_a_direct_read_is_corrupt(
+    node: StorageNode, client: NodeClient
+) -> None:
+    chunk_id = await put(client, os.urandom(6_000_000))
+    (chunk,) = chunk_files(node.config.data_dir)
+    async with node.store.reader(chunk_id, prefetch=False) as reader:
+        if reader.sendfile:
+            pytest.skip("this filesystem has no O_DIRECT")
+        chunk.cut(1_000_000)  # after the open checked its length
+        with pytest.raises(ChunkCorrupt):
+            async for _ in reader:
+                pass
 
 
 @pytest.mark.parametrize("size", [100_000, 1_000_000])  # in a volume; in its own file

@@ -1,11 +1,15 @@
-"""Blocking disk helpers shared by chunk files and volumes (called in worker threads), and
-the one worker thread that runs the volumes' writes."""
+"""Blocking disk helpers shared by chunk files and volumes (called in worker threads), the
+one worker thread that runs the volumes' writes, and the aligned buffers of direct reads."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
+import mmap
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +19,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 IOV_MAX = 1024  # buffers per writev call
+ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses are multiples of this
 
 
 def write_all(fd: int, pieces: list[bytes | memoryview], offset: int | None = None) -> None:
@@ -43,6 +48,81 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_direct(path: Path) -> int:
+    """A file descriptor that reads ``path`` with ``O_DIRECT`` (from the disk straight
+    into our buffer, around the page cache), or -1 where the filesystem refuses it."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # tmpfs and some others have no O_DIRECT
+            return -1
+        raise
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
+    ]
+
+
+_SYS_CACHESTAT = 451  # Linux 6.5 and later; the same number on x86-64 and arm64
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+except OSError:
+    _libc = None
+
+
+def cached(fd: int, offset: int, length: int) -> bool:
+    """Whether every page of a file range is in the page cache. Asked with ``cachestat``,
+    which looks without reading (a probing read would pull pages in); False where the
+    kernel cannot tell (before Linux 6.5)."""
+    if _libc is None or length <= 0:
+        return False
+    pages = (offset + length - 1) // mmap.PAGESIZE - offset // mmap.PAGESIZE + 1
+    span, stat = _CachestatRange(offset, length), _Cachestat()
+    call = (ctypes.c_long(_SYS_CACHESTAT), ctypes.c_long(fd), ctypes.byref(span))
+    if _libc.syscall(*call, ctypes.byref(stat), ctypes.c_long(0)) != 0:
+        return False
+    return bool(stat.cache >= pages)
+
+
+class BufferPool:
+    """Page-aligned buffers of one size, kept for reuse. Fresh memory is costly to touch,
+    above all in a VM (a page the guest freed may have gone back to the host, and the
+    first touch of it again traps to the hypervisor), so direct reads go into buffers
+    that were touched before. A buffer goes back to the pool when its reader has handed
+    on its bytes, and is taken again only once no view of it is alive: a transport may
+    still hold one (asyncio does from Python 3.12), and CPython counts those views as
+    references to the buffer."""
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self.keep = keep
+        self._idle: list[mmap.mmap] = []
+
+    def __repr__(self) -> str:
+        return f"<BufferPool {len(self._idle)} of {self.size} bytes idle>"
+
+    def take(self) -> mmap.mmap:
+        for i in range(len(self._idle)):
+            buf = self._idle[i]
+            # references: the list, ``buf``, getrefcount's argument; any more are views
+            if sys.getrefcount(buf) == 3:
+                del self._idle[i]
+                return buf
+        return mmap.mmap(-1, self.size)
+
+    def give(self, buf: mmap.mmap) -> None:
+        if len(self._idle) < self.keep:
+            self._idle.append(buf)
 
 
 class DiskThread:

@@ -164,7 +164,7 @@ class StorageNode:
                 header = ChunkData(
                     rid=rid, length=reader.length, size=reader.size, checksum=reader.checksum
                 )
-                if not reader.prefetched:
+                if reader.sendfile:
                     # the reader verifies: page cache to socket, no copy, no hashing here
                     await stream.send(header, flush=False)
                     await stream.send_file_body(*reader.file_range())
