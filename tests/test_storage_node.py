@@ -293,13 +293,37 @@ async def test_unverified_gets_of_a_chunk_not_in_the_page_cache_read_the_disk_di
     chunk_id = await put(client, data)
     if disk.open_direct(node.store.path_of(chunk_id)) < 0:
         pytest.skip("this filesystem has no O_DIRECT")
-    async with node.store.reader(chunk_id, prefetch=False) as reader:
+    async with node.store.reader(chunk_id, verify=False) as reader:
         assert not reader.sendfile  # a put drops what it wrote from the page cache
+    async with node.store.reader(chunk_id) as reader:
+        assert reader.direct and not reader.prefetched  # verified too
     for offset, length in DIRECT_RANGES:  # every alignment of start and end
         offset %= size
-        async with client.open_chunk(chunk_id, offset=offset, length=length, verify=False) as body:
-            got = b"".join([bytes(p) async for p in body])
-        assert got == data[offset : None if length is None else offset + length], (offset, length)
+        for verify in (False, True):
+            async with client.open_chunk(
+                chunk_id, offset=offset, length=length, verify=verify
+            ) as body:
+                got = b"".join([bytes(p) async for p in body])
+            want = data[offset : None if length is None else offset + length]
+            assert got == want, (offset, length, verify)
+    assert await node.store.verify(chunk_id) == size  # the scrubber's check, direct too
+
+
+@pytest.mark.parametrize("at", [0, 4_000_000, (4 << 20) + 5, 8_999_999])
+async def test_rot_anywhere_in_a_chunk_read_directly_fails_every_verified_read(
+    node: StorageNode, client: NodeClient, at: int
+) -> None:
+    chunk_id = await put(client, os.urandom(9_000_000))
+    (chunk,) = chunk_files(node.config.data_dir)
+    chunk.flip(at, 0x10)
+    async with node.store.reader(chunk_id) as reader:
+        if not reader.direct:
+            pytest.skip("this filesystem has no O_DIRECT")
+    with pytest.raises(ChunkCorrupt):
+        await client.get_chunk(chunk_id, offset=100, length=10)  # the range is fine
+    with pytest.raises(ChunkCorrupt):
+        await node.store.verify(chunk_id)
+    assert await client.ping() >= 0
 
 
 async def test_concurrent_direct_reads_never_share_a_buffer(node: StorageNode) -> None:
@@ -327,7 +351,7 @@ async def test_a_chunk_in_the_page_cache_is_sent_from_there(
     with path.open("rb") as f:
         if not disk.cached(f.fileno(), 0, len(data)):
             pytest.skip("the kernel cannot tell what is cached (cachestat: Linux 6.5)")
-    async with node.store.reader(chunk_id, prefetch=False) as reader:
+    async with node.store.reader(chunk_id, verify=False) as reader:
         assert reader.sendfile
     async with client.open_chunk(chunk_id, offset=7, verify=False) as body:
         assert b"".join([bytes(p) async for p in body]) == data[7:]
@@ -339,7 +363,7 @@ async def test_without_o_direct_unverified_gets_use_sendfile(
     monkeypatch.setattr(disk, "open_direct", lambda path: -1)  # tmpfs, say
     data = os.urandom(3_000_000)
     chunk_id = await put(client, data)
-    async with node.store.reader(chunk_id, prefetch=False) as reader:
+    async with node.store.reader(chunk_id, verify=False) as reader:
         assert reader.sendfile
     async with client.open_chunk(chunk_id, verify=False) as body:
         assert b"".join([bytes(p) async for p in body]) == data
@@ -350,7 +374,7 @@ async def test_a_chunk_cut_short_under_a_direct_read_is_corrupt(
 ) -> None:
     chunk_id = await put(client, os.urandom(6_000_000))
     (chunk,) = chunk_files(node.config.data_dir)
-    async with node.store.reader(chunk_id, prefetch=False) as reader:
+    async with node.store.reader(chunk_id, verify=False) as reader:
         if reader.sendfile:
             pytest.skip("this filesystem has no O_DIRECT")
         chunk.cut(1_000_000)  # after the open checked its length

@@ -436,16 +436,16 @@ class ChunkStore:
 
     @asynccontextmanager
     async def reader(
-        self, chunk_id: str, offset: int = 0, length: int | None = None, *, prefetch: bool = True
+        self, chunk_id: str, offset: int = 0, length: int | None = None, *, verify: bool = True
     ) -> AsyncIterator[ChunkReader]:
-        """Open a chunk for streaming ``[offset, offset+length)``; the whole chunk is hashed
-        while streaming and a mismatch raises ``ChunkCorrupt`` after the last piece.
-        Without ``prefetch`` a chunk over ``SENDFILE_MIN`` is not read yet
-        (``reader.prefetched`` is False): the caller may send its bytes unverified with
-        ``sendfile`` (``ChunkReader.file_range``) instead of iterating."""
+        """Open a chunk for streaming ``[offset, offset+length)``. With ``verify`` the whole
+        chunk is hashed while streaming and a mismatch raises ``ChunkCorrupt`` after the
+        last piece. Without it the caller checks the bytes itself, and if
+        ``reader.sendfile`` it sends them with ``sendfile`` (``ChunkReader.file_range``)
+        instead of iterating."""
         if offset < 0 or (length is not None and length < 0):
             raise DstoreError(f"bad range {offset}+{length}", code="bad_range")
-        reader = await self._open(chunk_id, prefetch)
+        reader = await self._open(chunk_id, verify)
         try:
             if offset > reader.size:
                 raise DstoreError(
@@ -459,14 +459,14 @@ class ChunkStore:
         finally:
             reader.close()
 
-    async def _open(self, chunk_id: str, prefetch: bool = True) -> ChunkReader:
+    async def _open(self, chunk_id: str, verify: bool = True) -> ChunkReader:
         if not is_valid_chunk_id(chunk_id):
             raise InvalidChunkId(f"invalid chunk id {chunk_id!r}")
         for _ in range(3):
             needle = self.volumes.get(chunk_id)
             if needle is None:
                 path = self.path_of(chunk_id)
-                return await asyncio.to_thread(ChunkReader.open, path, chunk_id, prefetch=prefetch)
+                return await asyncio.to_thread(ChunkReader.open, path, chunk_id, verify=verify)
             try:
                 return await asyncio.to_thread(
                     ChunkReader.open_needle, self.volumes.path(needle.volume), chunk_id, needle
@@ -485,21 +485,30 @@ class ChunkStore:
         except ChunkNotFound:
             return None
 
+        buf = DIRECT_POOL.take() if reader.direct else None
+
         def check() -> int | None:
             try:
-                pos = len(reader._first)
-                while pos < reader.size:
-                    data = reader._read_and_hash(pos)
-                    if not data:
-                        break
-                    pos += len(data)
-                if pos != reader.size or reader._hasher.digest() != reader.checksum:
-                    raise ChunkCorrupt(f"chunk {chunk_id} failed its checksum")
+                if buf is not None:
+                    reader._hash_direct(buf)
+                else:
+                    pos = len(reader._first)
+                    while pos < reader.size:
+                        data = reader._read_and_hash(pos)
+                        if not data:
+                            break
+                        pos += len(data)
+                    if pos != reader.size or reader._hasher.digest() != reader.checksum:
+                        raise ChunkCorrupt(f"chunk {chunk_id} failed its checksum")
                 return reader.size
             finally:
                 reader.close()
 
-        return await asyncio.to_thread(check)
+        try:
+            return await asyncio.to_thread(check)
+        finally:
+            if buf is not None:
+                DIRECT_POOL.give(buf)
 
     async def quarantine(self, chunk_id: str) -> bool:
         """Move a corrupt chunk aside (``corrupt/``): never served again, kept for a
@@ -614,46 +623,60 @@ DIRECT_POOL = disk.BufferPool(READ_SIZE + disk.ALIGN, keep=4)
 
 
 class ChunkReader:
-    """One open chunk being streamed: read and hashed ``READ_SIZE`` at a time in worker
-    threads, one read ahead, handed out in ``SEND_SIZE`` pieces.
+    """One open chunk being streamed: read (and hashed, when verifying) ``READ_SIZE`` at a
+    time in worker threads, one read ahead, handed out in ``SEND_SIZE`` pieces.
 
-    Unverified (the caller checks the bytes itself), a large chunk in the page cache is
-    sent from there with ``sendfile``; one that is not (the usual case: writes drop what
-    they wrote from the cache) is read with ``O_DIRECT`` into reused aligned buffers.
-    Through the page cache its bytes would land in freshly allocated pages, and the
-    first touch of those costs ~2 s of CPU per GiB on our VMs, whichever process makes it
-    (the node's ``read``, or the gateway's ``recv`` after a ``sendfile``): three times
-    what the rest of a get costs. Where the filesystem has no ``O_DIRECT``, ``sendfile``
-    it is."""
+    A chunk over ``SENDFILE_MIN`` that is not wholly in the page cache (the usual case:
+    writes drop what they wrote from it) is read with ``O_DIRECT`` into reused aligned
+    buffers. Through the page cache its bytes would land in freshly allocated pages, and
+    the first touch of those costs ~2 s of CPU per GiB on our VMs, whichever process
+    makes it (the node's ``read``, or the gateway's ``recv`` after a ``sendfile``): three
+    times what the rest of a get costs. One that is cached is read from the cache, or,
+    unverified, sent from it with ``sendfile``; so is every chunk on a filesystem without
+    ``O_DIRECT``."""
 
     def __init__(
-        self, fd: int, chunk_id: str, size: int, checksum: bytes, base: int = HEADER_SIZE
+        self,
+        fd: int,
+        chunk_id: str,
+        size: int,
+        checksum: bytes,
+        base: int = HEADER_SIZE,
+        *,
+        verify: bool = True,
     ) -> None:
         self.chunk_id = chunk_id
         self.size = size
         self.checksum = checksum
         self.offset = 0
         self.length = size
+        self.verify = verify  # hash the whole chunk and raise ChunkCorrupt on a mismatch
         self._fd = fd
         self._direct = -1  # an O_DIRECT descriptor when the bytes are read that way
         self._base = base  # file offset of the chunk's first byte
         self._hasher = Hasher()
         self._first = b""
-        self.prefetched = False  # False: nothing read yet, the bytes may go by sendfile
+        self.prefetched = False  # the first piece was read (and hashed) at the open
+
+    @property
+    def direct(self) -> bool:
+        return self._direct >= 0
 
     @property
     def sendfile(self) -> bool:
         """Whether the caller should send the bytes, unverified, with ``sendfile``
         (``file_range``) rather than iterate over them."""
-        return not self.prefetched and self._direct < 0
+        return not self.verify and not self.prefetched and self._direct < 0
 
     def __repr__(self) -> str:
         return f"<ChunkReader {self.chunk_id} {self.offset}+{self.length} of {self.size}>"
 
     @classmethod
-    def open(cls, path: Path, chunk_id: str, *, prefetch: bool = True) -> ChunkReader:
-        """Open, check the header and file length, and read the first piece: for chunks of
-        up to ``READ_SIZE`` this one worker-thread hop is all the disk work of a get."""
+    def open(cls, path: Path, chunk_id: str, *, verify: bool = True) -> ChunkReader:
+        """Open, check the header and file length, and choose how to read: a chunk of up
+        to ``SENDFILE_MIN`` (or a cached one, verified) has its first piece read here,
+        and for chunks of up to ``READ_SIZE`` this one worker-thread hop is then all the
+        disk work of a get."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as exc:
@@ -663,11 +686,11 @@ class ChunkReader:
             on_disk = os.fstat(fd).st_size - HEADER_SIZE
             if on_disk != size:
                 raise ChunkCorrupt(f"{chunk_id}: {on_disk} bytes on disk, header says {size}")
-            reader = cls(fd, chunk_id, size, checksum)
-            if prefetch or size <= SENDFILE_MIN:
-                reader._prefetch()
-            elif not disk.cached(fd, HEADER_SIZE, size):
+            reader = cls(fd, chunk_id, size, checksum, verify=verify)
+            if size > SENDFILE_MIN and not disk.cached(fd, HEADER_SIZE, size):
                 reader._direct = disk.open_direct(path)
+            if reader._direct < 0 and (verify or size <= SENDFILE_MIN):
+                reader._prefetch()
         except BaseException:
             os.close(fd)
             raise
@@ -711,37 +734,67 @@ class ChunkReader:
 
     def _read_direct(self, buf: mmap.mmap, at: int, end: int) -> int:
         """Read the aligned blocks from file offset ``at`` (aligned) that cover up to
-        ``end``, at most a buffer's worth; fewer bytes only at the end of the file."""
+        ``end``, at most a buffer's worth, and hash the chunk's bytes among them if
+        verifying; fewer bytes only at the end of the file."""
         want = min(len(buf), -(-(end - at) // disk.ALIGN) * disk.ALIGN)
         view = memoryview(buf)[:want]
         try:
-            return os.preadv(self._direct, [view], at)
+            got = os.preadv(self._direct, [view], at)
+            lo, hi = max(self._base - at, 0), min(self._base + self.size - at, got)
+            if self.verify and lo < hi:
+                self._hasher.update(view[lo:hi])
+            return got
         finally:
             view.release()
+
+    def _direct_span(self) -> tuple[int, int]:
+        """The file range direct reads cover: the whole chunk if verifying, else the range."""
+        if self.verify:
+            return self._base, self._base + self.size
+        start = self._base + self.offset
+        return start, start + self.length
+
+    def _check_direct(self, at: int, got: int, end: int) -> None:
+        if at + got < end and (got % disk.ALIGN or not got):
+            raise ChunkCorrupt(f"chunk {self.chunk_id} was cut short on disk")
+        if at + got >= end and self.verify and self._hasher.digest() != self.checksum:
+            raise ChunkCorrupt(f"chunk {self.chunk_id} failed its checksum")
+
+    def _hash_direct(self, buf: mmap.mmap) -> None:
+        """Read and check the whole chunk (blocking: the scrubber's check)."""
+        start, end = self._direct_span()
+        at = start - start % disk.ALIGN
+        while True:
+            got = self._read_direct(buf, at, end)
+            self._check_direct(at, got, end)
+            at += got
+            if at >= end:
+                return
 
     def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
         return self._direct_pieces() if self._direct >= 0 else self._pieces()
 
     async def _direct_pieces(self) -> AsyncIterator[memoryview]:
-        """The range, read with ``O_DIRECT`` into pooled buffers, one read ahead;
-        unverified (the caller checks the bytes)."""
+        """The range, read with ``O_DIRECT`` into pooled buffers, one read ahead. When
+        verifying, the whole chunk is read and hashed and the check raises after the
+        range's last piece, as in ``_pieces``."""
         start = self._base + self.offset
         end = start + self.length
-        at = start - start % disk.ALIGN
+        read_from, read_to = self._direct_span()
+        at = read_from - read_from % disk.ALIGN
         buf = DIRECT_POOL.take()
         pending: asyncio.Future[int] | None = asyncio.ensure_future(
-            asyncio.to_thread(self._read_direct, buf, at, end)
+            asyncio.to_thread(self._read_direct, buf, at, read_to)
         )
         ahead: mmap.mmap | None = None
         try:
             while pending is not None:
                 got, pending = await pending, None
-                if at + got < end and (got % disk.ALIGN or not got):
-                    raise ChunkCorrupt(f"chunk {self.chunk_id} was cut short on disk")
-                if at + got < end:  # read ahead while this buffer goes out
+                if at + got < read_to:  # read ahead while this buffer goes out
+                    self._check_direct(at, got, read_to)  # (not the checksum yet)
                     ahead = DIRECT_POOL.take()
                     pending = asyncio.ensure_future(
-                        asyncio.to_thread(self._read_direct, ahead, at + got, end)
+                        asyncio.to_thread(self._read_direct, ahead, at + got, read_to)
                     )
                 view = memoryview(buf)
                 lo, hi = max(start - at, 0), min(end - at, got)
@@ -749,6 +802,8 @@ class ChunkReader:
                     yield view[piece : min(piece + SEND_SIZE, hi)]
                 del view
                 DIRECT_POOL.give(buf)
+                if pending is None:
+                    self._check_direct(at, got, read_to)
                 at += got
                 if ahead is not None:
                     buf, ahead = ahead, None

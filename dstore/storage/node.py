@@ -159,12 +159,12 @@ class StorageNode:
                 request.chunk_id,
                 request.offset,
                 request.length,
-                prefetch=request.verify or not stream.can_sendfile,
+                verify=request.verify,
             ) as reader:
                 header = ChunkData(
                     rid=rid, length=reader.length, size=reader.size, checksum=reader.checksum
                 )
-                if reader.sendfile:
+                if reader.sendfile and stream.can_sendfile:
                     # the reader verifies: page cache to socket, no copy, no hashing here
                     await stream.send(header, flush=False)
                     await stream.send_file_body(*reader.file_range())
