@@ -485,7 +485,11 @@ class ChunkStore:
         except ChunkNotFound:
             return None
 
-        buf = DIRECT_POOL.take() if reader.direct else None
+        try:
+            buf = DIRECT_POOL.take() if reader.direct else None
+        except BaseException:
+            reader.close()
+            raise
 
         def check() -> int | None:
             try:

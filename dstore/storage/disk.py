@@ -101,7 +101,7 @@ class BufferPool:
     that were touched before. A buffer goes back to the pool when its reader has handed
     on its bytes, and is taken again only once no view of it is alive: a transport may
     still hold one (asyncio does from Python 3.12), and CPython counts those views as
-    references to the buffer."""
+    references to the buffer. For one event loop's thread: the pool has no lock."""
 
     def __init__(self, size: int, keep: int) -> None:
         self.size = size
