@@ -152,7 +152,7 @@ class GatewayConfig:
     chunk_size: int = _opt(4 << 20, parse_size, "size of the chunks files are cut into")
     gc_grace: float = _opt(600.0, parse_duration, "how long unreferenced chunks may linger")
     cluster_secret: str = _opt("", str, "shared secret between gateway and nodes")
-    window: int = _opt(4, int, "chunks in flight per upload")
+    window: int = _opt(8, int, "chunks in flight per upload")
     memory_budget: int = _opt(256 << 20, parse_size, "chunk bytes all uploads may buffer")
     budget_wait: float = _opt(10.0, parse_duration, "how long an upload waits for memory")
     cache_size: int = _opt(64 << 20, parse_size, "read cache for small chunks (0: off)")
