@@ -656,21 +656,17 @@ class ChunkReader:
         self.length = size
         self.verify = verify  # hash the whole chunk and raise ChunkCorrupt on a mismatch
         self._fd = fd
-        self._direct = -1  # an O_DIRECT descriptor when the bytes are read that way
+        self.direct = False  # the bytes are read with O_DIRECT (the fd is set so)
         self._base = base  # file offset of the chunk's first byte
         self._hasher = Hasher()
         self._first = b""
         self.prefetched = False  # the first piece was read (and hashed) at the open
 
     @property
-    def direct(self) -> bool:
-        return self._direct >= 0
-
-    @property
     def sendfile(self) -> bool:
         """Whether the caller should send the bytes, unverified, with ``sendfile``
         (``file_range``) rather than iterate over them."""
-        return not self.verify and not self.prefetched and self._direct < 0
+        return not self.verify and not self.prefetched and not self.direct
 
     def __repr__(self) -> str:
         return f"<ChunkReader {self.chunk_id} {self.offset}+{self.length} of {self.size}>"
@@ -692,8 +688,8 @@ class ChunkReader:
                 raise ChunkCorrupt(f"{chunk_id}: {on_disk} bytes on disk, header says {size}")
             reader = cls(fd, chunk_id, size, checksum, verify=verify)
             if size > SENDFILE_MIN and not disk.cached(fd, HEADER_SIZE, size):
-                reader._direct = disk.open_direct(path)
-            if reader._direct < 0 and (verify or size <= SENDFILE_MIN):
+                reader.direct = disk.set_direct(fd)  # (the header was read before)
+            if not reader.direct and (verify or size <= SENDFILE_MIN):
                 reader._prefetch()
         except BaseException:
             os.close(fd)
@@ -723,9 +719,6 @@ class ChunkReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._direct >= 0:
-            os.close(self._direct)
-            self._direct = -1
 
     def file_range(self) -> tuple[int, int, int]:
         """(fd, file offset, byte count) of the range being read, for ``sendfile``."""
@@ -743,7 +736,7 @@ class ChunkReader:
         want = min(len(buf), -(-(end - at) // disk.ALIGN) * disk.ALIGN)
         view = memoryview(buf)[:want]
         try:
-            got = os.preadv(self._direct, [view], at)
+            got = os.preadv(self._fd, [view], at)
             lo, hi = max(self._base - at, 0), min(self._base + self.size - at, got)
             if self.verify and lo < hi:
                 self._hasher.update(view[lo:hi])
@@ -776,7 +769,7 @@ class ChunkReader:
                 return
 
     def __aiter__(self) -> AsyncIterator[bytes | memoryview]:
-        return self._direct_pieces() if self._direct >= 0 else self._pieces()
+        return self._direct_pieces() if self.direct else self._pieces()
 
     async def _direct_pieces(self) -> AsyncIterator[memoryview]:
         """The range, read with ``O_DIRECT`` into pooled buffers, one read ahead. When

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import queue
@@ -50,15 +51,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_direct(path: Path) -> int:
-    """A file descriptor that reads ``path`` with ``O_DIRECT`` (from the disk straight
-    into our buffer, around the page cache), or -1 where the filesystem refuses it."""
+def set_direct(fd: int) -> bool:
+    """Make an open file read with ``O_DIRECT`` (from the disk straight into our buffer,
+    around the page cache); False where the filesystem refuses it."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
     except OSError as exc:
-        if exc.errno == errno.EINVAL:  # tmpfs and some others have no O_DIRECT
-            return -1
+        if exc.errno == errno.EINVAL:  # tmpfs (before Linux 6.6) and others have no O_DIRECT
+            return False
         raise
+    return True
 
 
 class _CachestatRange(ctypes.Structure):
