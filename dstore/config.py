@@ -156,6 +156,7 @@ class GatewayConfig:
     memory_budget: int = _opt(256 << 20, parse_size, "chunk bytes all uploads may buffer")
     budget_wait: float = _opt(10.0, parse_duration, "how long an upload waits for memory")
     cache_size: int = _opt(64 << 20, parse_size, "read cache for small chunks (0: off)")
+    lookup_cache: int = _opt(4096, int, "names whose current version is kept in memory (0: off)")
     auth_tokens: list[AuthToken] | None = _opt(
         None,
         parse_tokens,
@@ -203,6 +204,8 @@ class GatewayConfig:
             raise ConfigError("replicas must be at least 1")
         if not 1 <= self.chunk_size <= 256 << 20:
             raise ConfigError("chunk size must be between 1 byte and 256MiB")
+        if self.lookup_cache < 0:
+            raise ConfigError("lookup_cache must be 0 or more")
         if self.window < 1:
             raise ConfigError("window must be at least 1")
         if self.memory_budget < self.chunk_size * 2:

@@ -19,12 +19,17 @@ from tests.conftest import SECRET, LocalCluster
 CHUNK = 64 * 1024
 
 
-@pytest.mark.parametrize("cache_size", [0, 1 << 20], ids=["no-cache", "read-cache"])
+@pytest.mark.parametrize(
+    ("cache_size", "chunks"),
+    [(0, 12), (1 << 20, 12), (1 << 20, 1)],
+    ids=["no-cache", "read-cache", "small-files-both-caches"],
+)
 async def test_overwrite_while_readers_read_gives_whole_versions(
-    make_cluster, cache_size: int
+    make_cluster, cache_size: int, chunks: int
 ) -> None:  # type: ignore[no-untyped-def]
+    """With `chunks` 1 every lookup after the first is answered by the lookup cache."""
     cluster = await make_cluster(cache_size=cache_size)
-    versions = [bytes([i]) * (12 * CHUNK + i * 1000) for i in range(6)]
+    versions = [bytes([i]) * ((chunks - 1) * CHUNK + 1000 + i * 1000) for i in range(6)]
     await cluster.put("hot", versions[0])
     seen: list[bytes] = []
     writing = True

@@ -20,7 +20,7 @@ from dstore.gateway.metrics import metrics
 from dstore.gateway.upload import Uploader, UploadSettings
 from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster
-from dstore.master.metadata import SQLiteMetadataStore
+from dstore.master.metadata import LookupCache, SQLiteMetadataStore
 from dstore.master.reaper import ReadPins, Reaper
 from dstore.master.reconcile import Reconciler
 from dstore.master.repair import Repairer
@@ -40,7 +40,9 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
     app.on_response_prepare.append(handlers.add_request_id)
 
     async def services(app: web.Application) -> AsyncIterator[None]:
-        meta = SQLiteMetadataStore(config.data_dir / "meta.db")
+        meta = SQLiteMetadataStore(
+            config.data_dir / "meta.db", cache=LookupCache(config.lookup_cache)
+        )
         await meta.open()
         records = {r.addr: r.state for r in await meta.members()}
         addrs = [a for a in config.storage or [] if records.get(a) != "removed"]

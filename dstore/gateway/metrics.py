@@ -11,6 +11,7 @@ from aiohttp import web
 
 from dstore.gateway import keys
 from dstore.master.cluster import StorageMember
+from dstore.master.metadata import SQLiteMetadataStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -104,5 +105,17 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         "read cache lookups by result",
         [('{result="hit"}', cache.hits), ('{result="miss"}', cache.misses)],
     )
+    meta = app[keys.META]
+    if isinstance(meta, SQLiteMetadataStore):
+        lookups = meta.cache
+        metric(
+            "dstore_lookup_cache_names", "gauge", "names in the lookup cache", [("", len(lookups))]
+        )
+        metric(
+            "dstore_lookup_cache_lookups_total",
+            "counter",
+            "file lookups by where they were answered",
+            [('{result="hit"}', lookups.hits), ('{result="miss"}', lookups.misses)],
+        )
     body = ("\n".join(lines) + "\n").encode()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -19,6 +19,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,21 +283,94 @@ class _Op:
         self.future = future
 
 
+class LookupCache:
+    """The current version of recently read names, so that a `lookup` of a name read
+    before needs no trip to the metadata thread (for a small file that trip was a third
+    of the gateway's CPU per GET). Bounded: `entries` names, each of at most
+    `max_chunks` chunks (a large file's lookup is nothing beside its transfer).
+
+    Only the metadata thread fills or empties it, and only once the transaction that
+    read or changed the rows has committed, in the order of the operations; every
+    change that can alter what `lookup` returns for a current version (a commit or a
+    delete of the name, a replica added to or forgotten for one of its chunks) empties
+    that entry before its caller is answered. So a hit is never older than a change
+    anyone has been told of. This holds because the database belongs to this process
+    alone; an engine shared by several gateways needs another way to hear of changes."""
+
+    def __init__(self, entries: int = 4096, max_chunks: int = 8) -> None:
+        self.entries = entries
+        self.max_chunks = max_chunks
+        self.hits = 0
+        self.misses = 0
+        self._versions: OrderedDict[str, FileVersion] = OrderedDict()
+        self._by_chunk: dict[str, str] = {}  # chunk id -> name (chunk ids are unique)
+        self._lock = threading.Lock()  # the loop reads while the metadata thread writes
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+    def get(self, name: str) -> FileVersion | None:
+        with self._lock:
+            version = self._versions.get(name)
+            if version is None:
+                self.misses += 1
+                return None
+            self._versions.move_to_end(name)
+            self.hits += 1
+            return version
+
+    def put(self, version: FileVersion) -> None:
+        if len(version.chunks) > self.max_chunks or self.entries <= 0:
+            return
+        with self._lock:
+            self._forget(version.name)
+            self._versions[version.name] = version
+            for chunk in version.chunks:
+                self._by_chunk[chunk.chunk_id] = version.name
+            while len(self._versions) > self.entries:
+                self._forget(next(iter(self._versions)))
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            self._forget(name)
+
+    def drop_chunk(self, chunk_id: str) -> None:
+        with self._lock:
+            name = self._by_chunk.get(chunk_id)
+            if name is not None:
+                self._forget(name)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._versions.clear()
+            self._by_chunk.clear()
+
+    def _forget(self, name: str) -> None:
+        version = self._versions.pop(name, None)
+        if version is not None:
+            for chunk in version.chunks:
+                self._by_chunk.pop(chunk.chunk_id, None)
+
+
 class SQLiteMetadataStore(MetadataStore):
     """SQLite driven by one dedicated thread with group commit: operations queued while
     a transaction commits are run together in the next one, each inside its own
     savepoint (so each stays atomic and a failing one rolls back alone), and share one
-    commit, one fsync for those that must be durable."""
+    commit, one fsync for those that must be durable. Lookups are answered from a
+    `LookupCache` where they can be."""
 
     MAX_GROUP = 128
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, cache: LookupCache | None = None) -> None:
         self.path = Path(path)
         self.groups = 0
         self.ops = 0
+        self.cache = cache if cache is not None else LookupCache()
         self._db: sqlite3.Connection | None = None
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # what the committed group does to the cache, in op order (metadata thread only)
+        self._after_commit: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         state = "open" if self._db else "closed"
@@ -363,17 +437,21 @@ class SQLiteMetadataStore(MetadataStore):
     def _run_group(self, db: sqlite3.Connection, group: list[_Op]) -> None:
         results: list[tuple[_Op, bool, Any]] = []
         durable = any(op.durable for op in group)
+        effects = self._after_commit
+        effects.clear()
         try:
             if durable:
                 db.execute("PRAGMA synchronous = FULL")
             db.execute("BEGIN IMMEDIATE")
             for op in group:
                 db.execute("SAVEPOINT op")
+                mark = len(effects)
                 try:
                     value = op.fn(db)
                 except Exception as exc:
                     db.execute("ROLLBACK TO op")
                     db.execute("RELEASE op")
+                    del effects[mark:]
                     results.append((op, False, exc))
                 else:
                     db.execute("RELEASE op")
@@ -383,9 +461,14 @@ class SQLiteMetadataStore(MetadataStore):
             if db.in_transaction:
                 db.execute("ROLLBACK")
             results = [(op, False, exc) for op in group]
+            effects.clear()
+            self.cache.clear()  # what the group read may never have been
         finally:
             if durable:
                 db.execute("PRAGMA synchronous = NORMAL")
+        for effect in effects:  # before any caller hears of the group
+            effect()
+        effects.clear()
         self.groups += 1
         self.ops += len(group)
         # one wake-up per loop for the whole group, not one per op
@@ -441,6 +524,7 @@ class SQLiteMetadataStore(MetadataStore):
                 "INSERT OR IGNORE INTO replicas (chunk_id, node_id, pos) VALUES (?, ?, ?)",
                 [(chunk_id, node, last + 1 + i) for i, node in enumerate(nodes)],
             )
+            self._after_commit.append(lambda: self.cache.drop_chunk(chunk_id))
 
         await self._submit(tx)
 
@@ -483,6 +567,7 @@ class SQLiteMetadataStore(MetadataStore):
                 "SELECT COUNT(*) FROM chunks WHERE version_id = ?", (version_id,)
             ).fetchone()[0]
             version = FileVersion(name, version_id, size, etag, content_type, now)
+            self._after_commit.append(lambda: self.cache.drop(name))
             return CommitResult(version, replaced, {"chunks": chunks})
 
         return await self._submit(tx, durable=True)
@@ -513,6 +598,10 @@ class SQLiteMetadataStore(MetadataStore):
         return await self._submit(lambda db: self._current(db, name))
 
     async def lookup(self, name: str) -> FileVersion:
+        hit = self.cache.get(name)
+        if hit is not None:
+            return hit
+
         def tx(db: sqlite3.Connection) -> FileVersion:
             version = self._current(db, name)
             rows = db.execute(
@@ -525,7 +614,7 @@ class SQLiteMetadataStore(MetadataStore):
                 ChunkRef(idx, cid, off, size, bytes(cs), _node_ids(nodes))
                 for idx, cid, off, size, cs, nodes in rows
             )
-            return FileVersion(
+            found = FileVersion(
                 version.name,
                 version.version_id,
                 version.size,
@@ -534,6 +623,8 @@ class SQLiteMetadataStore(MetadataStore):
                 version.created,
                 chunks,
             )
+            self._after_commit.append(lambda: self.cache.put(found))
+            return found
 
         return await self._submit(tx)
 
@@ -543,6 +634,7 @@ class SQLiteMetadataStore(MetadataStore):
             if row is None:
                 raise FileNotFound(f"no file named {name!r}")
             db.execute("DELETE FROM files WHERE name = ?", (name,))
+            self._after_commit.append(lambda: self.cache.drop(name))
             _kill(db, row[0], time.time())
             return int(row[0])
 
@@ -619,6 +711,7 @@ class SQLiteMetadataStore(MetadataStore):
             db.execute(
                 "DELETE FROM replicas WHERE chunk_id = ? AND node_id = ?", (chunk_id, node_id)
             )
+            self._after_commit.append(lambda: self.cache.drop_chunk(chunk_id))
 
         await self._submit(tx)
 

@@ -1,0 +1,131 @@
+"""The metadata store on a real SQLite file: its lookup cache never answers with
+anything older than a change its caller has been told of."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from dstore.master.metadata import (
+    ChunkIntent,
+    FileNotFound,
+    FileVersion,
+    LookupCache,
+    SQLiteMetadataStore,
+)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteMetadataStore]:
+    meta = SQLiteMetadataStore(tmp_path / "meta.db", cache=LookupCache(entries=64, max_chunks=2))
+    await meta.open()
+    yield meta
+    await meta.close()
+
+
+async def put(meta: SQLiteMetadataStore, name: str, chunks: int = 1, nodes=("n1",)) -> int:  # type: ignore[no-untyped-def]
+    intents = [ChunkIntent(i, os.urandom(8).hex(), 10, b"c" * 16, nodes) for i in range(chunks)]
+    version_id = await meta.begin_upload(name, "", 60.0, intents[0] if intents else None)
+    for intent in intents[1:]:
+        await meta.add_chunk(version_id, intent)
+    await meta.commit(version_id, 10 * chunks, f"etag-{version_id}")
+    return version_id
+
+
+async def test_a_second_lookup_is_a_hit_and_the_same_answer(store: SQLiteMetadataStore) -> None:
+    vid = await put(store, "a", chunks=2)
+    first = await store.lookup("a")
+    ops = store.ops
+    again = await store.lookup("a")
+    assert again == first and again.version_id == vid and len(again.chunks) == 2
+    assert store.ops == ops  # answered without the metadata thread
+    assert (store.cache.hits, store.cache.misses) == (1, 1)
+
+
+async def test_large_versions_and_misses_are_not_kept(store: SQLiteMetadataStore) -> None:
+    await put(store, "big", chunks=3)  # over max_chunks
+    await store.lookup("big")
+    await store.lookup("big")
+    assert store.cache.hits == 0
+    with pytest.raises(FileNotFound):
+        await store.lookup("nothing")
+    assert len(store.cache) == 0
+
+
+async def test_overwrite_and_delete_are_seen_at_once(store: SQLiteMetadataStore) -> None:
+    for _ in range(3):
+        vid = await put(store, "a")
+        assert (await store.lookup("a")).version_id == vid
+        assert (await store.lookup("a")).version_id == vid  # a hit, and still the new one
+    await store.delete("a")
+    with pytest.raises(FileNotFound):
+        await store.lookup("a")
+
+
+async def test_replica_changes_are_seen_at_once(store: SQLiteMetadataStore) -> None:
+    await put(store, "a", nodes=("n1", "n2"))
+    chunk = (await store.lookup("a")).chunks[0]
+    await store.add_replicas(chunk.chunk_id, ["n3"])
+    assert (await store.lookup("a")).chunks[0].nodes == ("n1", "n2", "n3")
+    await store.forget_replica(chunk.chunk_id, "n1")
+    assert (await store.lookup("a")).chunks[0].nodes == ("n2", "n3")
+
+
+async def test_a_failed_commit_changes_nothing_cached(store: SQLiteMetadataStore) -> None:
+    vid = await put(store, "a")
+    await store.lookup("a")
+    pending = await store.begin_upload("a", "", 60.0)
+    await store.abort(pending)
+    with pytest.raises(Exception, match="no longer pending"):
+        await store.commit(pending, 1, "x")
+    assert (await store.lookup("a")).version_id == vid
+
+
+async def test_the_cache_keeps_its_bound(tmp_path: Path) -> None:
+    meta = SQLiteMetadataStore(tmp_path / "m.db", cache=LookupCache(entries=3))
+    await meta.open()
+    try:
+        for i in range(6):
+            await put(meta, f"f{i}")
+            await meta.lookup(f"f{i}")
+        assert len(meta.cache) == 3
+        assert len(meta.cache._by_chunk) == 3
+        off = SQLiteMetadataStore(tmp_path / "m.db", cache=LookupCache(entries=0))
+        assert off.cache.get("f5") is None
+    finally:
+        await meta.close()
+
+
+async def test_lookups_racing_overwrites_never_go_back(store: SQLiteMetadataStore) -> None:
+    """Readers hammer one name (each answer lands in the cache) while a writer overwrites
+    it: once a commit is acknowledged, no lookup may return an older version, and a
+    lookup never returns a version older than one it returned before."""
+    await put(store, "hot")
+    acknowledged = 0
+    writing = True
+
+    async def writer() -> None:
+        nonlocal acknowledged, writing
+        for _ in range(40):
+            acknowledged = await put(store, "hot")
+            await asyncio.sleep(0)
+        writing = False
+
+    async def reader() -> int:
+        newest = reads = 0
+        while writing and reads < 20_000:
+            floor = acknowledged
+            version: FileVersion = await store.lookup("hot")
+            assert version.version_id >= floor, (version.version_id, floor)
+            assert version.version_id >= newest
+            newest = version.version_id
+            reads += 1
+        return reads
+
+    reads = await asyncio.gather(writer(), *(reader() for _ in range(8)))
+    assert store.cache.hits > 0 and sum(r for r in reads if r) > 40
+    assert (await store.lookup("hot")).version_id == acknowledged
