@@ -3,7 +3,8 @@
 - single-stream PUT of 1 GiB, replicas 1 and 2, against min(discard-server ceiling,
   fsync'd disk write / replicas) measured in the same run;
 - single-stream GET of 1 GiB against the generate-server ceiling (median of 3, and the
-  first read after the upload on its own: the one no page cache holds);
+  first read after the upload on its own: the one no page cache holds), and against
+  the disk's cold read (``O_DIRECT``, 4 readers), since nodes read chunks no cache holds;
 - gateway peak RSS while uploading 1 GiB and 4 GiB;
 - 4 KiB objects, 16 concurrent clients, replicas 2: PUT/s and GET/s, with the gateway's
   read cache on (the default) and off, and with every chunk in a file of its own
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.protocol import disk_write
+from bench.protocol import disk_read, disk_write
 
 GIB = 1 << 30
 SIZE = int(float(os.environ.get("DSTORE_BENCH_GIB", "1")) * GIB)
@@ -211,6 +212,7 @@ async def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="dstore-bench-", dir=os.environ.get("DSTORE_BENCH_DIR")))
     print(f"gateway: 1 file of {SIZE / GIB:.2f} GiB, 3 storage nodes, one host")
     disk = disk_write(256 << 20, root)
+    disk_in = disk_read(512 << 20, root)
     up_ceiling, down_ceiling, small_put_ceiling, small_get_ceiling = await ceilings(SIZE)
     print(f"  aiohttp discard-server ceiling (PUT)   {up_ceiling / MB:7.0f} MB/s")
     print(f"  aiohttp generate-server ceiling (GET)  {down_ceiling / MB:7.0f} MB/s")
@@ -219,6 +221,7 @@ async def main() -> None:
         f"{small_get_ceiling:6.0f} GET/s   (the small-request ceiling)"
     )
     print(f"  disk write+fsync+rename                {disk / MB:7.0f} MB/s")
+    print(f"  disk read, O_DIRECT, 4 readers         {disk_in / MB:7.0f} MB/s   (GET reads cold)")
     timeout = aiohttp.ClientTimeout(total=None)
     for replicas in (1, 2):
         async with (
@@ -240,7 +243,7 @@ async def main() -> None:
                 print(
                     f"  GET                {grate / MB:7.0f} MB/s   {grate / down_ceiling:5.2f} x "
                     f"generate ceiling (median of 3; the first {cold / MB:.0f} MB/s = "
-                    f"{cold / down_ceiling:.2f} x)"
+                    f"{cold / down_ceiling:.2f} x; {grate / disk_in:.2f} x disk read)"
                 )
                 async with session.put(f"{cluster.url}/v1/files/one-mib", data=PIECE) as r:
                     assert r.status == 201

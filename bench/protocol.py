@@ -9,6 +9,8 @@ with 16 in flight, to volume files (the default) next to one file per chunk
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import mmap
 import os
 import socket
 import statistics
@@ -115,6 +117,45 @@ def disk_write(total: int, folder: Path) -> float:
         for i in range(total // CHUNK):
             os.unlink(folder / f"{r}-{i}")
     return statistics.median(rates)
+
+
+def disk_read(total: int, folder: Path, readers: int = 4) -> float:
+    """Bytes/s reading ``total`` bytes of a file no cache holds, 4 MiB at a time with
+    ``O_DIRECT`` by ``readers`` threads: what the nodes' cold reads can get at the most
+    (where the filesystem has no ``O_DIRECT``, buffered reads after dropping the pages)."""
+    path = folder / "read-baseline"
+    blob = os.urandom(CHUNK)
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(total // CHUNK):
+            f.write(blob)
+        os.fsync(f.fileno())
+    rates = []
+    try:
+        for _ in range(3):
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(readers) as pool:
+                list(pool.map(lambda k: _read_every(path, k, readers, total), range(readers)))
+            rates.append(total / (time.perf_counter() - start))
+    finally:
+        path.unlink()
+    return statistics.median(rates)
+
+
+def _read_every(path: Path, first: int, step: int, total: int) -> None:
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset in range(first * CHUNK, total, step * CHUNK):
+            os.preadv(fd, [buf], offset)
+    finally:
+        os.close(fd)
+        buf.close()
 
 
 async def dstore_put_get(total: int, data_dir: Path, depth: int) -> tuple[float, float]:
