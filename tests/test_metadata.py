@@ -36,14 +36,38 @@ async def put(meta: SQLiteMetadataStore, name: str, chunks: int = 1, nodes=("n1"
     return version_id
 
 
-async def test_a_second_lookup_is_a_hit_and_the_same_answer(store: SQLiteMetadataStore) -> None:
+async def test_a_commit_fills_the_cache_with_what_the_database_says(
+    store: SQLiteMetadataStore, tmp_path: Path
+) -> None:
     vid = await put(store, "a", chunks=2)
-    first = await store.lookup("a")
     ops = store.ops
-    again = await store.lookup("a")
-    assert again == first and again.version_id == vid and len(again.chunks) == 2
+    hit = await store.lookup("a")
     assert store.ops == ops  # answered without the metadata thread
-    assert (store.cache.hits, store.cache.misses) == (1, 1)
+    assert (store.cache.hits, store.cache.misses) == (1, 0)
+    assert hit.version_id == vid and len(hit.chunks) == 2
+    # a store on the same file with no cache reads the rows: the same answer
+    plain = SQLiteMetadataStore(tmp_path / "meta.db", cache=LookupCache(entries=0))
+    await plain.open()
+    try:
+        assert await plain.lookup("a") == hit
+        assert plain.cache.hits == 0
+    finally:
+        await plain.close()
+
+
+async def test_a_lookup_fills_the_cache(tmp_path: Path) -> None:
+    meta = SQLiteMetadataStore(tmp_path / "m.db", cache=LookupCache(entries=0))
+    await meta.open()
+    await put(meta, "a")
+    await meta.close()
+    meta = SQLiteMetadataStore(tmp_path / "m.db", cache=LookupCache())  # as after a restart
+    await meta.open()
+    try:
+        first = await meta.lookup("a")
+        assert await meta.lookup("a") == first
+        assert (meta.cache.hits, meta.cache.misses) == (1, 1)
+    finally:
+        await meta.close()
 
 
 async def test_large_versions_and_misses_are_not_kept(store: SQLiteMetadataStore) -> None:
@@ -124,6 +148,7 @@ async def test_lookups_racing_overwrites_never_go_back(store: SQLiteMetadataStor
             assert version.version_id >= newest
             newest = version.version_id
             reads += 1
+            await asyncio.sleep(0)  # a hit does not yield: let the writer and others in
         return reads
 
     reads = await asyncio.gather(writer(), *(reader() for _ in range(8)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import queue
 import sqlite3
 import threading
@@ -567,7 +568,12 @@ class SQLiteMetadataStore(MetadataStore):
                 "SELECT COUNT(*) FROM chunks WHERE version_id = ?", (version_id,)
             ).fetchone()[0]
             version = FileVersion(name, version_id, size, etag, content_type, now)
-            self._after_commit.append(lambda: self.cache.drop(name))
+            if chunks <= self.cache.max_chunks and self.cache.entries > 0:
+                # the name's new current version, so that its first GET is a hit too
+                cached = dataclasses.replace(version, chunks=_chunk_refs(db, version_id))
+                self._after_commit.append(lambda: self.cache.put(cached))
+            else:
+                self._after_commit.append(lambda: self.cache.drop(name))
             return CommitResult(version, replaced, {"chunks": chunks})
 
         return await self._submit(tx, durable=True)
@@ -604,25 +610,7 @@ class SQLiteMetadataStore(MetadataStore):
 
         def tx(db: sqlite3.Connection) -> FileVersion:
             version = self._current(db, name)
-            rows = db.execute(
-                "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
-                f" {_REPLICA_LIST}"
-                " FROM chunks c WHERE c.version_id = ? ORDER BY c.idx",
-                (version.version_id,),
-            ).fetchall()
-            chunks = tuple(
-                ChunkRef(idx, cid, off, size, bytes(cs), _node_ids(nodes))
-                for idx, cid, off, size, cs, nodes in rows
-            )
-            found = FileVersion(
-                version.name,
-                version.version_id,
-                version.size,
-                version.etag,
-                version.content_type,
-                version.created,
-                chunks,
-            )
+            found = dataclasses.replace(version, chunks=_chunk_refs(db, version.version_id))
             self._after_commit.append(lambda: self.cache.put(found))
             return found
 
@@ -844,6 +832,19 @@ _REPLICA_LIST = (
     "(SELECT group_concat(node_id, ',') FROM (SELECT node_id FROM replicas r"
     " WHERE r.chunk_id = c.chunk_id ORDER BY r.pos))"
 )
+
+
+def _chunk_refs(db: sqlite3.Connection, version_id: int) -> tuple[ChunkRef, ...]:
+    rows = db.execute(
+        "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
+        f" {_REPLICA_LIST}"
+        " FROM chunks c WHERE c.version_id = ? ORDER BY c.idx",
+        (version_id,),
+    ).fetchall()
+    return tuple(
+        ChunkRef(idx, cid, off, size, bytes(cs), _node_ids(nodes))
+        for idx, cid, off, size, cs, nodes in rows
+    )
 
 
 def _node_ids(joined: str | None) -> tuple[str, ...]:
