@@ -291,10 +291,10 @@ class LookupCache:
     `max_chunks` chunks (a large file's lookup is nothing beside its transfer).
 
     Only the metadata thread fills or empties it, and only once the transaction that
-    read or changed the rows has committed, in the order of the operations; every
-    change that can alter what `lookup` returns for a current version (a commit or a
-    delete of the name, a replica added to or forgotten for one of its chunks) empties
-    that entry before its caller is answered. So a hit is never older than a change
+    read or changed the rows has committed, in the order of the operations, and before
+    its caller is answered: a commit puts the name's new version in (or drops the name,
+    for a version too large to keep); a delete of the name, or a replica added to or
+    forgotten for one of its chunks, drops the entry. So a hit is never older than a change
     anyone has been told of. This holds because the database belongs to this process
     alone; an engine shared by several gateways needs another way to hear of changes."""
 
@@ -310,6 +310,10 @@ class LookupCache:
     def __len__(self) -> int:
         return len(self._versions)
 
+    def admits(self, chunks: int) -> bool:
+        """Whether a version of ``chunks`` chunks would be kept."""
+        return self.entries > 0 and chunks <= self.max_chunks
+
     def get(self, name: str) -> FileVersion | None:
         with self._lock:
             version = self._versions.get(name)
@@ -321,7 +325,7 @@ class LookupCache:
             return version
 
     def put(self, version: FileVersion) -> None:
-        if len(version.chunks) > self.max_chunks or self.entries <= 0:
+        if not self.admits(len(version.chunks)):
             return
         with self._lock:
             self._forget(version.name)
@@ -568,7 +572,7 @@ class SQLiteMetadataStore(MetadataStore):
                 "SELECT COUNT(*) FROM chunks WHERE version_id = ?", (version_id,)
             ).fetchone()[0]
             version = FileVersion(name, version_id, size, etag, content_type, now)
-            if chunks <= self.cache.max_chunks and self.cache.entries > 0:
+            if self.cache.admits(chunks):
                 # the name's new current version, so that its first GET is a hit too
                 cached = dataclasses.replace(version, chunks=_chunk_refs(db, version_id))
                 self._after_commit.append(lambda: self.cache.put(cached))
