@@ -1,4 +1,5 @@
-"""Run every benchmark: ``python -m bench [name ...]``."""
+"""Run every benchmark: ``python -m bench [name ...]`` (``ab``, which compares two builds,
+only when named)."""
 
 from __future__ import annotations
 

@@ -52,10 +52,13 @@ def free_port() -> int:
 class Up:
     """`dstore up` as a process: the gateway is that process (for its RSS)."""
 
-    def __init__(self, data_dir: Path, replicas: int, **settings: str) -> None:
+    def __init__(
+        self, data_dir: Path, replicas: int, *, env: dict[str, str] | None = None, **settings: str
+    ) -> None:
+        """``settings``: ``DSTORE_*`` variables by their short names; ``env``: any others."""
         self.data_dir = data_dir
         self.replicas = replicas
-        self.env = {f"DSTORE_{k.upper()}": v for k, v in settings.items()}
+        self.env = dict(env or {}, **{f"DSTORE_{k.upper()}": v for k, v in settings.items()})
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
