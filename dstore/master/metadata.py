@@ -568,13 +568,18 @@ class SQLiteMetadataStore(MetadataStore):
                     (version_id, generation + 1, name),
                 )
                 _kill(db, replaced, now)
-            chunks = db.execute(
-                "SELECT COUNT(*) FROM chunks WHERE version_id = ?", (version_id,)
-            ).fetchone()[0]
             version = FileVersion(name, version_id, size, etag, content_type, now)
+            # one read of the rows: a small file's chunk list (one more than the cache
+            # keeps, at most) also counts its chunks; only a larger file is counted apart
+            refs = _chunk_refs(db, version_id, limit=self.cache.max_chunks + 1)
+            chunks = len(refs)
+            if chunks > self.cache.max_chunks:
+                chunks = db.execute(
+                    "SELECT COUNT(*) FROM chunks WHERE version_id = ?", (version_id,)
+                ).fetchone()[0]
             if self.cache.admits(chunks):
                 # the name's new current version, so that its first GET is a hit too
-                cached = dataclasses.replace(version, chunks=_chunk_refs(db, version_id))
+                cached = dataclasses.replace(version, chunks=refs)
                 self._after_commit.append(lambda: self.cache.put(cached))
             else:
                 self._after_commit.append(lambda: self.cache.drop(name))
@@ -838,12 +843,13 @@ _REPLICA_LIST = (
 )
 
 
-def _chunk_refs(db: sqlite3.Connection, version_id: int) -> tuple[ChunkRef, ...]:
+def _chunk_refs(db: sqlite3.Connection, version_id: int, limit: int = -1) -> tuple[ChunkRef, ...]:
+    """A version's chunks in order: the first ``limit`` of them (-1: all)."""
     rows = db.execute(
         "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
         f" {_REPLICA_LIST}"
-        " FROM chunks c WHERE c.version_id = ? ORDER BY c.idx",
-        (version_id,),
+        " FROM chunks c WHERE c.version_id = ? ORDER BY c.idx LIMIT ?",
+        (version_id, limit),
     ).fetchall()
     return tuple(
         ChunkRef(idx, cid, off, size, bytes(cs), _node_ids(nodes))
