@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 
 import pytest
 import structlog
@@ -207,3 +209,47 @@ async def test_the_reaper_retires_dead_chunks_so_a_late_put_cannot_resurrect_one
                 old.chunk_id, b"old" * 1000, length=3000, checksum=checksum(b"old" * 1000)
             )
     assert (await cluster.get("f"))[1] == b"new" * 1000
+
+
+async def test_uploads_cancelled_at_any_point_give_back_every_reservation(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    """A client gone mid-upload cancels it wherever it is: placing a chunk, recording
+    its intent, or between handing a chunk to its puts and their first step. Each point
+    must give back the space reserved on the nodes and the memory budget."""
+    cluster = await make_cluster(replicas=2, window=4)
+    uploader, meta = cluster.app[keys.UPLOADER], cluster.app[keys.META]
+    add_chunk = meta.add_chunk
+    loop = asyncio.get_running_loop()
+    victim: asyncio.Task[object] | None = None
+    cancel_after = 0
+
+    async def add_chunk_then_cancel(*args, **kwargs):  # type: ignore[no-untyped-def]
+        # fault injection: the cancellation lands right after the intent is recorded,
+        # before the chunk's puts have taken their first step
+        nonlocal cancel_after
+        await add_chunk(*args, **kwargs)
+        cancel_after -= 1
+        if cancel_after == 0 and victim is not None:
+            loop.call_soon(victim.cancel)
+
+    meta.add_chunk = add_chunk_then_cancel  # type: ignore[method-assign]
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield os.urandom(CHUNK)
+            await asyncio.sleep(0)
+
+    for point in range(1, 8):
+        cancel_after = point
+        victim = asyncio.create_task(uploader.upload(f"gone-{point}", body()))
+        with pytest.raises(asyncio.CancelledError):
+            await victim
+    for delay in (0.0, 0.001, 0.003, 0.01):
+        victim = None
+        task = asyncio.create_task(uploader.upload("gone-late", body()))
+        await asyncio.sleep(delay)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    members = cluster.app[keys.CLUSTER].members.values()
+    assert [m.reserved for m in members] == [0] * len(members)
+    assert cluster.app[keys.BUDGET].in_use == 0

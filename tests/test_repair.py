@@ -69,6 +69,32 @@ async def test_a_node_lost_for_good_is_re_replicated(make_cluster: Any) -> None:
         assert (await r.json())["repair"]["bytes_repaired"] > 0
 
 
+async def test_repair_that_cannot_record_a_copy_gives_its_space_back(make_cluster: Any) -> None:
+    cluster = await make_cluster(nodes=3, repair_delay=0.3)
+    files = {f"f{i}": os.urandom(3 * CHUNK + i) for i in range(3)}
+    for name, data in files.items():
+        assert (await cluster.put(name, data)).status == 201
+    meta = cluster.app[keys.META]
+    add_replicas, failures = meta.add_replicas, 0
+
+    async def failing_add_replicas(chunk_id: str, nodes: Any) -> None:
+        # fault injection: the first few intents cannot be recorded
+        nonlocal failures
+        if failures < 3:
+            failures += 1
+            raise OSError("disk I/O error")
+        await add_replicas(chunk_id, nodes)
+
+    meta.add_replicas = failing_add_replicas  # type: ignore[method-assign]
+    victim = cluster.nodes[0]
+    await victim.stop(grace=0)
+    victim.server._server = None  # type: ignore[union-attr]
+    await repair_done(cluster, list(files))
+    assert failures == 3
+    members = cluster.app[keys.CLUSTER].members.values()
+    assert [m.reserved for m in members] == [0] * len(members)
+
+
 async def test_a_node_back_after_re_replication_is_trimmed(make_cluster: Any) -> None:
     cluster = await make_cluster(nodes=3, repair_delay=0.5)
     data = os.urandom(9 * CHUNK)

@@ -19,7 +19,7 @@ import asyncio
 import base64
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -164,28 +164,32 @@ class Uploader:
             self.reaper.wake()
         return result
 
-    async def _begin(self, upload: _Upload, first: Chunk | None) -> ChunkIntent | None:
-        """Begin the version, with the intent for its first chunk (placed here)."""
-        intent = self._place(first) if first is not None else None
-        try:
-            upload.version_id = await self.meta.begin_upload(
-                upload.name, upload.content_type, self.settings.lease, first=intent
-            )
-        except BaseException:
-            if intent is not None:
-                self._unplace(intent)
-            raise
+    async def _begin(
+        self, upload: _Upload, first: Chunk | None, held: _Held | None = None
+    ) -> ChunkIntent | None:
+        """Begin the version, with the intent for its first chunk (placed here; its
+        reservations go in ``held``)."""
+        intent = None
+        if first is not None:
+            assert held is not None
+            intent = self._place(first, held)
+        upload.version_id = await self.meta.begin_upload(
+            upload.name, upload.content_type, self.settings.lease, first=intent
+        )
         self.active.add(upload.version_id)
         return intent
 
-    def _place(self, chunk: Chunk) -> ChunkIntent:
+    def _place(self, chunk: Chunk, held: _Held) -> ChunkIntent:
         """A fresh id and ``replicas`` nodes for a chunk, its space reserved on them."""
-        targets = self.cluster.place(chunk.size, self.settings.replicas)
-        return ChunkIntent(chunk.index, new_chunk_id(), chunk.size, chunk.checksum, targets)
-
-    def _unplace(self, intent: ChunkIntent) -> None:
-        for node_id in intent.nodes:
-            self.cluster.release(node_id, intent.size, stored=False)
+        intent = ChunkIntent(
+            chunk.index,
+            new_chunk_id(),
+            chunk.size,
+            chunk.checksum,
+            self.cluster.place(chunk.size, self.settings.replicas),
+        )
+        held.add(intent.chunk_id, intent.nodes, chunk.size)
+        return intent
 
     async def _abort(
         self, version_id: int | None, name: str, why: BaseException, started: float
@@ -215,6 +219,7 @@ class Uploader:
         sha = hashlib.sha256() if expect.sha256 is not None else None
         window = asyncio.Semaphore(settings.window)
         checksums: dict[int, bytes] = {}
+        held = _Held(self.cluster)
         holding = False  # a slot taken for the chunk being filled, not yet handed on
         try:
             async with asyncio.TaskGroup() as group:
@@ -223,10 +228,10 @@ class Uploader:
                     nonlocal holding
                     intent = None
                     if upload.version_id is None:
-                        intent = await self._begin(upload, chunk)
+                        intent = await self._begin(upload, chunk, held)
                     assert upload.version_id is not None
                     checksums[chunk.index] = chunk.checksum
-                    replicate = self._replicate(upload.version_id, chunk, trace, intent)
+                    replicate = self._replicate(upload.version_id, chunk, trace, held, intent)
                     if inline:
                         try:
                             await replicate
@@ -263,6 +268,9 @@ class Uploader:
         finally:
             if holding:
                 self._give_slot(window)
+            # every task is done: what no put took over (one cancelled before its first
+            # step, an intent never recorded) is given back here
+            held.release_all()
         if md5 is not None and md5.digest() != expect.md5:
             raise ChecksumMismatch("body does not match Content-MD5")
         if sha is not None and sha.digest() != expect.sha256:
@@ -284,24 +292,26 @@ class Uploader:
         window.release()
 
     async def _replicate(
-        self, version_id: int, chunk: Chunk, trace: str, intent: ChunkIntent | None = None
+        self,
+        version_id: int,
+        chunk: Chunk,
+        trace: str,
+        held: _Held,
+        intent: ChunkIntent | None = None,
     ) -> None:
         """Put one chunk on ``replicas`` nodes, replacing nodes that fail. ``intent``: the
-        chunk's id and nodes, already placed and recorded (the first chunk's)."""
+        chunk's id and nodes, already placed and recorded (the first chunk's). Every
+        reservation made goes in ``held`` until a put takes it over."""
         cluster, meta, wanted = self.cluster, self.meta, self.settings.replicas
         if intent is None:
-            intent = self._place(chunk)
-            try:
-                await meta.add_chunk(version_id, intent)
-            except BaseException:
-                self._unplace(intent)
-                raise
+            intent = self._place(chunk, held)
+            await meta.add_chunk(version_id, intent)
         chunk_id, targets = intent.chunk_id, list(intent.nodes)
         stored: list[str] = []
         tried: set[str] = set(targets)
         while True:
             results = await asyncio.gather(
-                *(self._put_one(node_id, chunk_id, chunk, trace) for node_id in targets),
+                *(self._put_one(node_id, chunk_id, chunk, trace, held) for node_id in targets),
                 return_exceptions=True,
             )
             failed = []
@@ -333,13 +343,44 @@ class Uploader:
                 raise cls(
                     f"chunk {chunk.index} could not be stored on {wanted} nodes: {exc}"
                 ) from failed[0][1]
+            held.add(chunk_id, targets, chunk.size)
             tried.update(targets)
             await meta.add_replicas(chunk_id, targets)
 
-    async def _put_one(self, node_id: str, chunk_id: str, chunk: Chunk, trace: str) -> None:
+    async def _put_one(
+        self, node_id: str, chunk_id: str, chunk: Chunk, trace: str, held: _Held
+    ) -> None:
+        held.take(chunk_id, node_id)  # store_chunk gives the reservation back from here on
         await self.cluster.store_chunk(
             node_id, chunk_id, chunk.pieces, length=chunk.size, checksum=chunk.checksum, trace=trace
         )
+
+
+class _Held:
+    """The node reservations an upload made that no put has taken over yet.
+
+    A put's own clean-up gives its reservation back, but a put task cancelled before
+    its first step never runs that clean-up (nor does a chunk whose intent was never
+    recorded), so what is still here when the upload's tasks are done goes back then.
+    """
+
+    __slots__ = ("cluster", "sizes")
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.sizes: dict[tuple[str, str], int] = {}  # (chunk id, node id) -> bytes
+
+    def add(self, chunk_id: str, node_ids: Sequence[str], size: int) -> None:
+        for node_id in node_ids:
+            self.sizes[chunk_id, node_id] = size
+
+    def take(self, chunk_id: str, node_id: str) -> None:
+        del self.sizes[chunk_id, node_id]
+
+    def release_all(self) -> None:
+        sizes, self.sizes = self.sizes, {}
+        for (_, node_id), size in sizes.items():
+            self.cluster.release(node_id, size, stored=False)
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -142,7 +142,7 @@ class Repairer(PeriodicJob):
             if data is None:
                 continue
             emptiest.reserved += chunk.size
-            await self.meta.add_replicas(chunk.chunk_id, [emptiest.node_id])
+            await self._record(chunk, emptiest.node_id)
             if not await self._write(chunk, data, emptiest.node_id):
                 await self.meta.forget_replica(chunk.chunk_id, emptiest.node_id)
                 return False
@@ -267,7 +267,7 @@ class Repairer(PeriodicJob):
                     return False
                 exclude.add(target)
                 # the intent first, as for uploads: a copy on a node is always known
-                await self.meta.add_replicas(chunk.chunk_id, [target])
+                await self._record(chunk, target)
                 if await self._write(chunk, data, target):
                     item.healthy.append(target)
                     self.bytes_repaired += chunk.size
@@ -314,6 +314,15 @@ class Repairer(PeriodicJob):
                     "repair_source_failed", chunk=chunk.chunk_id, node=node_id, error=str(exc)
                 )
         return None
+
+    async def _record(self, chunk: ChunkReplicas, node_id: str) -> None:
+        """Record the intent for a copy whose space is reserved on ``node_id``; if that
+        fails (or is cancelled), the reservation is given back."""
+        try:
+            await self.meta.add_replicas(chunk.chunk_id, [node_id])
+        except BaseException:
+            self.cluster.release(node_id, chunk.size, stored=False)
+            raise
 
     async def _write(self, chunk: ChunkReplicas, data: list[memoryview], node_id: str) -> bool:
         try:
