@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -26,7 +26,7 @@ from dstore.errors import ChunkCorrupt, DstoreError, NodeUnavailable
 from dstore.gateway.cache import ChunkCache
 from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster, NodeState
-from dstore.master.metadata import ChunkRef, FileVersion
+from dstore.master.metadata import ChunkRef
 from dstore.rpc.client import NodeClient
 
 log = structlog.get_logger("dstore.download")
@@ -51,15 +51,83 @@ class Span:
         return self.offset == 0 and self.length == self.chunk.size
 
 
-def spans(version: FileVersion, start: int, end: int) -> list[Span]:
-    """The chunk pieces covering bytes ``[start, end)`` of a version, in order."""
+def spans(chunks: Iterable[ChunkRef], start: int, end: int) -> list[Span]:
+    """The pieces of these chunks (a version's, in order) covering ``[start, end)``."""
     out = []
-    for chunk in version.chunks:
+    for chunk in chunks:
         lo = max(start, chunk.offset)
         hi = min(end, chunk.offset + chunk.size)
         if lo < hi:
             out.append(Span(chunk, lo - chunk.offset, hi - lo))
     return out
+
+
+class SpanFeed:
+    """The spans covering ``[start, end)`` of a version, a page of its chunk list at a
+    time: the first page comes with the lookup, ``more(position)`` gives the chunks from
+    the one holding byte ``position`` on. So the first byte of a large file does not
+    wait for the whole chunk list, nor a small range of it for a list it does not need."""
+
+    def __init__(
+        self,
+        chunks: Iterable[ChunkRef],
+        start: int,
+        end: int,
+        more: Callable[[int], Awaitable[Iterable[ChunkRef]]] | None = None,
+    ) -> None:
+        self.end = end
+        self.more = more
+        self.pages = 1
+        self._spans: deque[Span] = deque()
+        self.position = start  # where the spans known so far end
+        self._take(chunks)
+
+    @classmethod
+    def of(cls, todo: list[Span]) -> SpanFeed:
+        """A feed of spans known already."""
+        feed = cls((), 0, 0)
+        feed._spans.extend(todo)
+        return feed
+
+    def __len__(self) -> int:
+        """Spans known and not yet taken."""
+        return len(self._spans)
+
+    @property
+    def complete(self) -> bool:
+        """Every span of the range is known."""
+        return self.position >= self.end
+
+    @property
+    def done(self) -> bool:
+        return not self._spans and self.complete
+
+    def peek(self) -> Span:
+        return self._spans[0]
+
+    def pop(self) -> Span:
+        return self._spans.popleft()
+
+    async def refill(self) -> None:
+        """The next page. Raises ``NoReplica`` if the chunk list ends short of the range
+        (the version was reclaimed meanwhile)."""
+        if self.complete:
+            return
+        chunks = () if self.more is None else await self.more(self.position)
+        self.pages += 1
+        if not self._take(chunks):
+            raise NoReplica(f"the chunk list ends at byte {self.position} of {self.end}")
+
+    def _take(self, chunks: Iterable[ChunkRef]) -> bool:
+        """Append the spans of a page that follow on from ``position``; False if none."""
+        taken = False
+        for span in spans(chunks, self.position, self.end):
+            if span.chunk.offset + span.offset != self.position:
+                break  # not where the known spans end (a page from elsewhere): ignored
+            self._spans.append(span)
+            self.position += span.length
+            taken = True
+        return taken
 
 
 class Downloader:
@@ -98,7 +166,7 @@ class Downloader:
 
     async def stream(
         self,
-        todo: list[Span],
+        todo: SpanFeed | list[Span],
         write: Write,
         *,
         trace: str = "",
@@ -108,31 +176,34 @@ class Downloader:
         in hand and verified (the HTTP layer sends its status line then). Raises
         ``NoReplica`` when a chunk cannot be read from any replica, ``Overloaded`` when
         no memory frees up for the next chunk in time."""
+        feed = todo if isinstance(todo, SpanFeed) else SpanFeed.of(todo)
         pending: deque[tuple[Span, asyncio.Task[list[memoryview]]]] = deque()
         held = 0
-        upcoming = 0
 
         def launch(span: Span) -> None:
-            nonlocal held, upcoming
+            nonlocal held
             held += span.length
-            upcoming += 1
             pending.append((span, asyncio.create_task(self.fetch(span, trace))))
 
         def read_ahead() -> None:
             while (
                 len(pending) < self.read_ahead
-                and upcoming < len(todo)
-                and self.budget.try_acquire(todo[upcoming].length)
+                and feed
+                and self.budget.try_acquire(feed.peek().length)
             ):
-                launch(todo[upcoming])
+                launch(feed.pop())
 
         try:
-            while pending or upcoming < len(todo):
+            while pending or not feed.done:
                 if not pending:
-                    await self.budget.acquire(todo[upcoming].length)
-                    launch(todo[upcoming])
+                    if not feed:
+                        await feed.refill()
+                    await self.budget.acquire(feed.peek().length)
+                    launch(feed.pop())
                 if before_first_write is None:
                     read_ahead()  # not before the first chunk: it alone sets time to first byte
+                    if len(feed) < self.read_ahead and not feed.complete:
+                        await feed.refill()  # the next page, while the read-ahead reads
                 span, task = pending.popleft()
                 pieces = await task
                 if before_first_write is not None:

@@ -26,7 +26,7 @@ from dstore.errors import (
     OutOfSpace,
 )
 from dstore.gateway import keys
-from dstore.gateway.download import spans
+from dstore.gateway.download import SpanFeed
 from dstore.gateway.names import BadName, name_from_raw_path
 from dstore.gateway.ranges import RangeNotSatisfiable, parse_range
 from dstore.gateway.upload import ClientGone, Expectations, TooLarge
@@ -52,6 +52,10 @@ STATUS: dict[type[DstoreError], int] = {
 }
 STATUS_BY_CODE = {"bad_header": 400, "bad_request": 400, "conflict": 409}
 SMALL_RESPONSE = 256 << 10  # bodies up to this size are sent in one piece with the headers
+# a GET's lookup brings this many chunks of the list (16 × 4 MiB: 64 MiB), the download
+# fetches the rest PAGE at a time while it streams
+FIRST_PAGE = 16
+PAGE = 128
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -284,10 +288,23 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     name = name_from_raw_path(request.raw_path)
     request[keys.REQUEST_NAME] = name
     app = request.app
-    version = await app[keys.META].lookup(name)
+    # the chunk list a page at a time, from where the range starts (if it says)
+    start = 0 if request.method == "HEAD" else _range_start(request.headers.get("Range"))
+    limit = 0 if request.method == "HEAD" else FIRST_PAGE
+    version = await app[keys.META].lookup(name, start, limit)
     # pinned at once (no await in between), so the reaper keeps its chunks while we read
     with app[keys.PINS].pin(version.version_id):
         return await _serve(request, version)
+
+
+def _range_start(header: str | None) -> int:
+    """The first byte a ``bytes=a-...`` range asks for; 0 for anything else (the range
+    is checked against the file later: this only says where to start the chunk list)."""
+    if header is None or not header.startswith("bytes="):
+        return 0
+    first, _, _ = header[6:].partition("-")
+    first = first.strip()
+    return int(first) if first.isdigit() and len(first) < 20 else 0
 
 
 async def _serve(request: web.Request, version: FileVersion) -> web.StreamResponse:
@@ -317,10 +334,11 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         return response
     downloader = request.app[keys.DOWNLOADER]
     trace = structlog.contextvars.get_contextvars().get("req", "")
-    todo = spans(version, start, end)
-    if len(todo) == 1 and end - start <= SMALL_RESPONSE:
+    meta, version_id = request.app[keys.META], version.version_id
+    todo = SpanFeed(version.chunks, start, end, lambda at: meta.chunk_page(version_id, at, PAGE))
+    if todo.complete and len(todo) == 1 and end - start <= SMALL_RESPONSE:
         # small: fetched and verified first, then headers and body leave in one write
-        pieces = await downloader.read_small(todo[0], trace)
+        pieces = await downloader.read_small(todo.peek(), trace)
         body = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # a cache hit: no copy
         request[keys.REQUEST_BYTES_OUT] = len(body)
         return web.Response(status=status, headers=headers, body=body)

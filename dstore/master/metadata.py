@@ -152,8 +152,17 @@ class MetadataStore(abc.ABC):
         """Give up a pending version; its chunks are reclaimed."""
 
     @abc.abstractmethod
-    async def lookup(self, name: str) -> FileVersion:
-        """The live version of a name with its chunks, or ``FileNotFound``."""
+    async def lookup(self, name: str, start: int = 0, limit: int | None = None) -> FileVersion:
+        """The live version of a name with its chunks, or ``FileNotFound``. With
+        ``limit``: only the chunks from the one holding byte ``start`` on, at most
+        ``limit`` of them (or more: a version kept whole in a cache comes whole), so
+        that the first byte of a large file waits for one page of its chunk list, not
+        all of it; ``chunk_page`` gives the rest."""
+
+    @abc.abstractmethod
+    async def chunk_page(self, version_id: int, start: int, limit: int) -> tuple[ChunkRef, ...]:
+        """A version's chunks from the one holding byte ``start`` on, at most ``limit``;
+        fewer than asked for only at the end of the version (or if it is gone)."""
 
     @abc.abstractmethod
     async def head(self, name: str) -> FileVersion:
@@ -612,18 +621,29 @@ class SQLiteMetadataStore(MetadataStore):
     async def head(self, name: str) -> FileVersion:
         return await self._submit(lambda db: self._current(db, name))
 
-    async def lookup(self, name: str) -> FileVersion:
+    async def lookup(self, name: str, start: int = 0, limit: int | None = None) -> FileVersion:
         hit = self.cache.get(name)
         if hit is not None:
             return hit
+        if limit is None:
+            rows = -1
+        elif start > 0:
+            rows = limit
+        else:  # enough to tell whether the whole list fits in the cache
+            rows = max(limit, self.cache.max_chunks + 1)
 
         def tx(db: sqlite3.Connection) -> FileVersion:
             version = self._current(db, name)
-            found = dataclasses.replace(version, chunks=_chunk_refs(db, version.version_id))
-            self._after_commit.append(lambda: self.cache.put(found))
+            refs = _chunk_refs(db, version.version_id, limit=rows, start=start)
+            found = dataclasses.replace(version, chunks=refs)
+            if start == 0 and (rows < 0 or len(refs) < rows):  # the whole list
+                self._after_commit.append(lambda: self.cache.put(found))
             return found
 
         return await self._submit(tx)
+
+    async def chunk_page(self, version_id: int, start: int, limit: int) -> tuple[ChunkRef, ...]:
+        return await self._submit(lambda db: _chunk_refs(db, version_id, limit=limit, start=start))
 
     async def delete(self, name: str) -> int:
         def tx(db: sqlite3.Connection) -> int:
@@ -843,14 +863,26 @@ _REPLICA_LIST = (
 )
 
 
-def _chunk_refs(db: sqlite3.Connection, version_id: int, limit: int = -1) -> tuple[ChunkRef, ...]:
-    """A version's chunks in order: the first ``limit`` of them (-1: all)."""
-    rows = db.execute(
-        "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
-        f" {_REPLICA_LIST}"
-        " FROM chunks c WHERE c.version_id = ? ORDER BY c.idx LIMIT ?",
-        (version_id, limit),
-    ).fetchall()
+def _chunk_refs(
+    db: sqlite3.Connection, version_id: int, limit: int = -1, start: int = 0
+) -> tuple[ChunkRef, ...]:
+    """A version's chunks in order, from the one holding byte ``start`` on: the first
+    ``limit`` of them (-1: all)."""
+    if start > 0:
+        rows = db.execute(
+            "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
+            f" {_REPLICA_LIST}"
+            " FROM chunks c WHERE c.version_id = ? AND c.offset + c.size > ?"
+            " ORDER BY c.idx LIMIT ?",
+            (version_id, start, limit),
+        ).fetchall()
+    else:
+        rows = db.execute(
+            "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
+            f" {_REPLICA_LIST}"
+            " FROM chunks c WHERE c.version_id = ? ORDER BY c.idx LIMIT ?",
+            (version_id, limit),
+        ).fetchall()
     return tuple(
         ChunkRef(idx, cid, off, size, bytes(cs), _node_ids(nodes))
         for idx, cid, off, size, cs, nodes in rows
