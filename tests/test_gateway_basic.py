@@ -200,3 +200,9 @@ async def test_metrics_in_prometheus_text_format(cluster: LocalCluster) -> None:
     assert samples["dstore_files"] == 2 and samples["dstore_file_bytes"] == 3 * CHUNK + 1
     assert samples['dstore_storage_nodes{state="up"}'] == 3
     assert "dstore_repair_queue_chunks" in samples
+    # every upload is at least a begin and a commit; groups never outnumber operations
+    ops, transactions = (
+        samples["dstore_metadata_operations_total"],
+        samples["dstore_metadata_transactions_total"],
+    )
+    assert ops >= 4 and 0 < transactions <= ops

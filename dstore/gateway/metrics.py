@@ -117,5 +117,18 @@ async def metrics(request: web.Request) -> web.StreamResponse:
             "file lookups by where they were answered",
             [('{result="hit"}', lookups.hits), ('{result="miss"}', lookups.misses)],
         )
+        # group commit: operations per transaction is how well it is grouping
+        metric(
+            "dstore_metadata_operations_total",
+            "counter",
+            "metadata operations run",
+            [("", meta.ops)],
+        )
+        metric(
+            "dstore_metadata_transactions_total",
+            "counter",
+            "metadata transactions committed (one per group of operations)",
+            [("", meta.groups)],
+        )
     body = ("\n".join(lines) + "\n").encode()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
