@@ -7,7 +7,7 @@ import asyncio
 import importlib
 import sys
 
-BENCHES = ["protocol", "gateway", "smallcpu", "overheads", "failures", "repair", "startup"]
+BENCHES = ["protocol", "gateway", "ttfb", "smallcpu", "overheads", "failures", "repair", "startup"]
 
 
 def main() -> None:
