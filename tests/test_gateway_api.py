@@ -103,6 +103,19 @@ async def test_a_chunk_list_read_a_page_at_a_time_gives_every_byte(
         assert body == data[start:end], header
     response, _ = await cluster.get("paged", headers={"Range": "bytes=99999999999-"})
     assert response.status == 416
+    # hostile starts: the chunk list then starts at 0, and the range is answered as
+    # parse_range decides (whole file, part of it, or 416); never a 500
+    for header in ("bytes=²-", "bytes=٣-5", "bytes=" + "9" * 40 + "-", "bytes= 7 -9", "bytes=--"):
+        response, body = await cluster.get("paged", headers={"Range": header})
+        try:
+            wanted = parse_range(header, size)
+        except RangeNotSatisfiable:
+            assert response.status == 416, header
+            continue
+        if wanted is None:
+            assert (response.status, body) == (200, data), header
+        else:
+            assert (response.status, body) == (206, data[wanted[0] : wanted[1]]), header
 
 
 async def test_lookup_and_chunk_page_return_only_the_chunks_asked_for(

@@ -304,7 +304,8 @@ def _range_start(header: str | None) -> int:
         return 0
     first, _, _ = header[6:].partition("-")
     first = first.strip()
-    return int(first) if first.isdigit() and len(first) < 20 else 0
+    # (ASCII digits only: "²".isdigit() holds, and int() refuses it)
+    return int(first) if first.isascii() and first.isdigit() and len(first) < 20 else 0
 
 
 async def _serve(request: web.Request, version: FileVersion) -> web.StreamResponse:
