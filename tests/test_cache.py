@@ -46,19 +46,40 @@ def test_cache_of_size_zero_keeps_nothing() -> None:
     assert len(cache) == 0 and not cache.admits(1)
 
 
-async def test_a_small_file_read_again_comes_from_the_cache(make_cluster: MakeCluster) -> None:
+def test_a_chunk_written_is_kept_only_while_there_is_room_to_spare() -> None:
+    cache = ChunkCache(1600, max_entry=100)
+    cache.offer("w1", [memoryview(b"a" * 60), memoryview(b"b" * 40)])
+    assert cache.get("w1") == b"a" * 60 + b"b" * 40 and cache.used == 100
+    for i in range(15):
+        cache.put(f"r{i}", bytes(100))
+    cache.offer("w2", [b"x" * 10])  # full: a write never pushes out what was read
+    assert cache.get("w2") is None and cache.evictions == 0
+    cache.offer("big", [bytes(101)])
+    cache.offer("w1", [b"other"])  # a chunk id always means the same bytes
+    assert cache.get("w1") == b"a" * 60 + b"b" * 40 and cache.used == 1600
+    cache.put("r15", bytes(100))  # a read chunk does evict, the least recently used
+    assert cache.get("r0") is None and cache.evictions == 1
+
+
+async def test_a_small_file_written_or_read_comes_from_the_cache(
+    make_cluster: MakeCluster,
+) -> None:
     cluster = await make_cluster(cache_size=4 << 20)
     data = os.urandom(5000)
     await cluster.put("hot", data)
     cache = cluster.app[keys.DOWNLOADER].cache
+    assert len(cache) == 1  # the upload offered its stored chunk
     assert (await cluster.get("hot"))[1] == data
-    assert (cache.hits, len(cache)) == (0, 1)
+    assert (cache.hits, len(cache)) == (1, 1)
+    cache.discard(cluster.app[keys.META].cache.get("hot").chunks[0].chunk_id)  # type: ignore[union-attr]
+    assert (await cluster.get("hot"))[1] == data  # a miss, read from a node: kept again
+    assert (cache.hits, len(cache)) == (1, 1)
     # the replicas vanish from the nodes: only the cache can still answer
     for node in cluster.nodes:
         for chunk in chunk_files(node.config.data_dir):
             chunk.remove()
     response, body = await cluster.get("hot")
-    assert response.status == 200 and body == data and cache.hits == 1
+    assert response.status == 200 and body == data and cache.hits == 2
     response, body = await cluster.get("hot", headers={"Range": "bytes=100-199"})
     assert response.status == 206 and body == data[100:200]
 

@@ -99,7 +99,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         app[keys.RECONCILER] = reconciler
         app[keys.REPAIRER] = repairer
         app[keys.BUDGET] = budget
-        uploader = Uploader(meta, cluster, budget, reaper, settings)
+        uploader = Uploader(meta, cluster, budget, reaper, settings, cache=cache)
         app[keys.UPLOADER] = uploader
         app[keys.DOWNLOADER] = Downloader(
             cluster, budget, on_bad_replica=repairer.report_bad, cache=cache

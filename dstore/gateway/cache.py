@@ -58,6 +58,16 @@ class ChunkCache:
             self.used -= len(evicted)
             self.evictions += 1
 
+    def offer(self, chunk_id: str, pieces: list[memoryview] | list[bytes]) -> None:
+        """Keep a chunk just stored (its bytes are the ones its checksum was taken of),
+        so that reading a file right after writing it is a hit; only while there is room
+        to spare, so writes never push out a chunk that was read."""
+        size = sum(len(piece) for piece in pieces)
+        if not self.admits(size) or self.used + size > self.capacity or chunk_id in self._entries:
+            return
+        self._entries[chunk_id] = b"".join(pieces)
+        self.used += size
+
     def discard(self, chunk_id: str) -> None:
         """Forget a chunk (it was deleted): frees its memory at once."""
         data = self._entries.pop(chunk_id, None)

@@ -31,6 +31,7 @@ from dstore.errors import (
     NotEnoughNodes,
     OutOfSpace,
 )
+from dstore.gateway.cache import ChunkCache
 from dstore.master.budget import MemoryBudget
 from dstore.master.chunker import Chunk, Chunker
 from dstore.master.cluster import Cluster
@@ -116,12 +117,14 @@ class Uploader:
         budget: MemoryBudget,
         reaper: Reaper,
         settings: UploadSettings,
+        cache: ChunkCache | None = None,
     ) -> None:
         self.meta = meta
         self.cluster = cluster
         self.budget = budget
         self.reaper = reaper
         self.settings = settings
+        self.cache = cache  # the read cache: offered each small chunk once it is stored
         self.active: set[int] = set()  # versions being uploaded, whose leases we renew
         self.lease_keeper = LeaseKeeper(meta, self.active, settings.lease)
 
@@ -323,6 +326,8 @@ class Uploader:
                 else:
                     stored.append(node_id)
             if not failed:
+                if self.cache is not None:
+                    self.cache.offer(chunk_id, chunk.pieces)
                 return
             for node_id, error in failed:
                 log.warning(
