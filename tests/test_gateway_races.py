@@ -13,7 +13,7 @@ import structlog
 
 from dstore.chunk import checksum
 from dstore.errors import ChunkRetired
-from dstore.gateway import keys
+from dstore.gateway import handlers, keys
 from dstore.log import configure
 from dstore.rpc.client import NodeClient
 from tests.conftest import SECRET, LocalCluster
@@ -22,14 +22,19 @@ CHUNK = 64 * 1024
 
 
 @pytest.mark.parametrize(
-    ("cache_size", "chunks"),
-    [(0, 12), (1 << 20, 12), (1 << 20, 1)],
-    ids=["no-cache", "read-cache", "small-files-both-caches"],
+    ("cache_size", "chunks", "paged"),
+    [(0, 12, False), (1 << 20, 12, False), (1 << 20, 1, False), (0, 12, True)],
+    ids=["no-cache", "read-cache", "small-files-both-caches", "chunk-list-in-pages"],
 )
 async def test_overwrite_while_readers_read_gives_whole_versions(
-    make_cluster, cache_size: int, chunks: int
+    make_cluster, monkeypatch: pytest.MonkeyPatch, cache_size: int, chunks: int, paged: bool
 ) -> None:  # type: ignore[no-untyped-def]
-    """With `chunks` 1 every lookup after the first is answered by the lookup cache."""
+    """With `chunks` 1 every lookup after the first is answered by the lookup cache;
+    with `paged` each read fetches its chunk list in pages of 2, the later ones while the
+    version it read is being replaced."""
+    if paged:
+        monkeypatch.setattr(handlers, "FIRST_PAGE", 2)
+        monkeypatch.setattr(handlers, "PAGE", 2)
     cluster = await make_cluster(cache_size=cache_size)
     versions = [bytes([i]) * ((chunks - 1) * CHUNK + 1000 + i * 1000) for i in range(6)]
     await cluster.put("hot", versions[0])
