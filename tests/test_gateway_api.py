@@ -48,12 +48,24 @@ async def test_ranges_against_a_reference(cluster: LocalCluster) -> None:
         f"bytes={CHUNK}-{2 * CHUNK - 1}",
         "bytes=0-",
     ]
-    for _ in range(25):
+    await check_ranges(cluster, "ranged", data, cases + random_ranges(rng, size, 25))
+
+
+def random_ranges(rng: random.Random, size: int, count: int) -> list[str]:
+    """``count`` ranges from a random byte on, and ``count`` suffix ranges."""
+    cases = []
+    for _ in range(count):
         a = rng.randrange(size)
         cases.append(f"bytes={a}-{rng.randrange(a, size + 100)}")
         cases.append(f"bytes=-{rng.randrange(1, size)}")
+    return cases
+
+
+async def check_ranges(cluster: LocalCluster, name: str, data: bytes, cases: list[str]) -> None:
+    """Each range of the file ``name`` (whose bytes are ``data``) against the reference."""
+    size = len(data)
     for header in cases:
-        response, body = await cluster.get("ranged", headers={"Range": header})
+        response, body = await cluster.get(name, headers={"Range": header})
         start, end = parse_range(header, size)  # type: ignore[misc]
         assert response.status == 206, header
         assert body == data[start:end], header
@@ -92,15 +104,7 @@ async def test_a_chunk_list_read_a_page_at_a_time_gives_every_byte(
     assert pages == [c * CHUNK for c in range(9, 24, 3)]
     rng = random.Random(7)
     cases = [f"bytes={20 * CHUNK}-", f"bytes=-{CHUNK + 5}", f"bytes={size - 1}-", "bytes=0-"]
-    for _ in range(12):
-        a = rng.randrange(size)
-        cases.append(f"bytes={a}-{rng.randrange(a, size + 100)}")
-        cases.append(f"bytes=-{rng.randrange(1, size)}")
-    for header in cases:
-        response, body = await cluster.get("paged", headers={"Range": header})
-        start, end = parse_range(header, size)  # type: ignore[misc]
-        assert response.status == 206, header
-        assert body == data[start:end], header
+    await check_ranges(cluster, "paged", data, cases + random_ranges(rng, size, 12))
     response, _ = await cluster.get("paged", headers={"Range": "bytes=99999999999-"})
     assert response.status == 416
     # hostile starts: the chunk list then starts at 0, and the range is answered as

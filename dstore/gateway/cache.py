@@ -11,6 +11,7 @@ chunks never enter (they would evict hundreds of small ones for one hit).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 MAX_ENTRY = 1 << 20  # largest chunk kept, at most; smaller for a small cache
 
@@ -58,7 +59,7 @@ class ChunkCache:
             self.used -= len(evicted)
             self.evictions += 1
 
-    def offer(self, chunk_id: str, pieces: list[memoryview] | list[bytes]) -> None:
+    def offer(self, chunk_id: str, pieces: Sequence[bytes | memoryview]) -> None:
         """Keep a chunk just stored (its bytes are the ones its checksum was taken of),
         so that reading a file right after writing it is a hit; only while there is room
         to spare, so writes never push out a chunk that was read."""

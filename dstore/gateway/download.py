@@ -82,13 +82,6 @@ class SpanFeed:
         self.position = start  # where the spans known so far end
         self._take(chunks)
 
-    @classmethod
-    def of(cls, todo: list[Span]) -> SpanFeed:
-        """A feed of spans known already."""
-        feed = cls((), 0, 0)
-        feed._spans.extend(todo)
-        return feed
-
     def __len__(self) -> int:
         """Spans known and not yet taken."""
         return len(self._spans)
@@ -166,7 +159,7 @@ class Downloader:
 
     async def stream(
         self,
-        todo: SpanFeed | list[Span],
+        feed: SpanFeed,
         write: Write,
         *,
         trace: str = "",
@@ -176,7 +169,6 @@ class Downloader:
         in hand and verified (the HTTP layer sends its status line then). Raises
         ``NoReplica`` when a chunk cannot be read from any replica, ``Overloaded`` when
         no memory frees up for the next chunk in time."""
-        feed = todo if isinstance(todo, SpanFeed) else SpanFeed.of(todo)
         pending: deque[tuple[Span, asyncio.Task[list[memoryview]]]] = deque()
         held = 0
 

@@ -336,10 +336,10 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
     downloader = request.app[keys.DOWNLOADER]
     trace = structlog.contextvars.get_contextvars().get("req", "")
     meta, version_id = request.app[keys.META], version.version_id
-    todo = SpanFeed(version.chunks, start, end, lambda at: meta.chunk_page(version_id, at, PAGE))
-    if todo.complete and len(todo) == 1 and end - start <= SMALL_RESPONSE:
+    feed = SpanFeed(version.chunks, start, end, lambda at: meta.chunk_page(version_id, at, PAGE))
+    if feed.complete and len(feed) == 1 and end - start <= SMALL_RESPONSE:
         # small: fetched and verified first, then headers and body leave in one write
-        pieces = await downloader.read_small(todo.peek(), trace)
+        pieces = await downloader.read_small(feed.peek(), trace)
         body = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # a cache hit: no copy
         request[keys.REQUEST_BYTES_OUT] = len(body)
         return web.Response(status=status, headers=headers, body=body)
@@ -356,7 +356,7 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         request[keys.REQUEST_BYTES_OUT] += len(piece)
 
     try:
-        await downloader.stream(todo, write, trace=trace, before_first_write=send_status)
+        await downloader.stream(feed, write, trace=trace, before_first_write=send_status)
     except DstoreError as exc:
         if not response.prepared:
             raise

@@ -124,7 +124,8 @@ class Uploader:
         self.budget = budget
         self.reaper = reaper
         self.settings = settings
-        self.cache = cache  # the read cache: offered each small chunk once it is stored
+        # the read cache: offered each small chunk once it is stored (size 0: keeps none)
+        self.cache = cache if cache is not None else ChunkCache(0)
         self.active: set[int] = set()  # versions being uploaded, whose leases we renew
         self.lease_keeper = LeaseKeeper(meta, self.active, settings.lease)
 
@@ -326,8 +327,7 @@ class Uploader:
                 else:
                     stored.append(node_id)
             if not failed:
-                if self.cache is not None:
-                    self.cache.offer(chunk_id, chunk.pieces)
+                self.cache.offer(chunk_id, chunk.pieces)
                 return
             for node_id, error in failed:
                 log.warning(

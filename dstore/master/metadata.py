@@ -868,21 +868,13 @@ def _chunk_refs(
 ) -> tuple[ChunkRef, ...]:
     """A version's chunks in order, from the one holding byte ``start`` on: the first
     ``limit`` of them (-1: all)."""
-    if start > 0:
-        rows = db.execute(
-            "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
-            f" {_REPLICA_LIST}"
-            " FROM chunks c WHERE c.version_id = ? AND c.offset + c.size > ?"
-            " ORDER BY c.idx LIMIT ?",
-            (version_id, start, limit),
-        ).fetchall()
-    else:
-        rows = db.execute(
-            "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
-            f" {_REPLICA_LIST}"
-            " FROM chunks c WHERE c.version_id = ? ORDER BY c.idx LIMIT ?",
-            (version_id, limit),
-        ).fetchall()
+    rows = db.execute(
+        "SELECT c.idx, c.chunk_id, c.offset, c.size, c.checksum,"
+        f" {_REPLICA_LIST}"
+        " FROM chunks c WHERE c.version_id = ? AND (? = 0 OR c.offset + c.size > ?)"
+        " ORDER BY c.idx LIMIT ?",
+        (version_id, start, start, limit),
+    ).fetchall()
     return tuple(
         ChunkRef(idx, cid, off, size, bytes(cs), _node_ids(nodes))
         for idx, cid, off, size, cs, nodes in rows
