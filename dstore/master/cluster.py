@@ -242,9 +242,10 @@ class Cluster:
                 "node_came_back_empty", addr=member.addr, old=member.node_id, new=stat.node_id
             )
             member.replaced_ids.append(member.node_id)
-        if stat.node_id != member.node_id and self.on_identity is not None:
+        # the new id with the old one's loss, before any await: nobody sees one without the other
+        changed, member.node_id = stat.node_id != member.node_id, stat.node_id
+        if changed and self.on_identity is not None:
             await self.on_identity(member.addr, stat.node_id)
-        member.node_id = stat.node_id
         member.zone = stat.zone or "default"
         member.capacity = stat.capacity
         if not self._take_usage(member) and not stat.usage_seq:
