@@ -157,6 +157,11 @@ class GatewayConfig:
     budget_wait: float = _opt(10.0, parse_duration, "how long an upload waits for memory")
     cache_size: int = _opt(64 << 20, parse_size, "read cache for small chunks (0: off)")
     lookup_cache: int = _opt(4096, int, "names whose current version is kept in memory (0: off)")
+    inline_max: int = _opt(
+        4 << 10,
+        parse_size,
+        "files up to this size are kept in the metadata store, not on the nodes (0: none)",
+    )
     auth_tokens: list[AuthToken] | None = _opt(
         None,
         parse_tokens,
@@ -206,6 +211,8 @@ class GatewayConfig:
             raise ConfigError("chunk size must be between 1 byte and 256MiB")
         if self.lookup_cache < 0:
             raise ConfigError("lookup_cache must be 0 or more")
+        if not 0 <= self.inline_max <= 64 << 10:
+            raise ConfigError("inline_max must be between 0 and 64KiB")
         if self.window < 1:
             raise ConfigError("window must be at least 1")
         if self.memory_budget < self.chunk_size * 2:

@@ -131,7 +131,8 @@ def _up_logs(tmp_path: Path, level: str) -> tuple[list[dict[str, object]], str]:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert "dstore is up" in line, line
-    put = dstore("put", "-", "logged", url=line.split()[3], stdin=b"x" * 1000)
+    # (over inline_max, so that the file goes to the nodes and they log the request)
+    put = dstore("put", "-", "logged", url=line.split()[3], stdin=b"x" * 5000)
     assert put.returncode == 0, put.stderr
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
@@ -143,7 +144,7 @@ def test_dstore_up_logs_json_lines_at_the_level_the_environment_sets(tmp_path: P
     lines, nodes = _up_logs(tmp_path, "info")
     (canonical,) = [e for e in lines if e.get("event") == "http_request"]
     assert canonical["method"] == "PUT" and canonical["name"] == "logged"
-    assert canonical["status"] == 201 and canonical["bytes_in"] == 1000
+    assert canonical["status"] == 201 and canonical["bytes_in"] == 5000
     assert canonical["level"] == "info" and canonical["timestamp"]
     # the nodes' lines for that request carry its request id
     assert nodes.count(f'"req":"{canonical["req"]}"') == 2, nodes

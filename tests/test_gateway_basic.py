@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from dstore.gateway import keys
 from tests.conftest import LocalCluster, chunk_files
 
 CHUNK = 64 * 1024
@@ -19,7 +20,8 @@ async def test_put_get_sizes_byte_exact(cluster: LocalCluster, size: int) -> Non
     assert response.status == 201
     body = await response.json()
     assert body["name"] == "f.bin" and body["size"] == size
-    assert body["chunks"] == -(-size // CHUNK)
+    inline = size <= cluster.app[keys.CONFIG].inline_max  # kept in the metadata store
+    assert body["chunks"] == (0 if inline else -(-size // CHUNK))
     got_response, got = await cluster.get("f.bin")
     assert got_response.status == 200
     assert got == data

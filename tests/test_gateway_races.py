@@ -203,17 +203,17 @@ async def _version_ids(cluster: LocalCluster) -> list[int]:
 async def test_the_reaper_retires_dead_chunks_so_a_late_put_cannot_resurrect_one(
     cluster: LocalCluster,
 ) -> None:
-    await cluster.put("f", b"old" * 1000)
+    await cluster.put("f", b"old" * 2000)  # (over inline_max: a chunk on the nodes)
     old = (await cluster.app[keys.META].lookup("f")).chunks[0]
-    await cluster.put("f", b"new" * 1000)  # the old version is dead now
+    await cluster.put("f", b"new" * 2000)  # the old version is dead now
     await cluster.wait_reaped()
     node = next(n for n in cluster.nodes if n.node_id == old.nodes[0])
     async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as client:
         with pytest.raises(ChunkRetired):  # a put of it still on its way would be refused
             await client.put_chunk(
-                old.chunk_id, b"old" * 1000, length=3000, checksum=checksum(b"old" * 1000)
+                old.chunk_id, b"old" * 2000, length=6000, checksum=checksum(b"old" * 2000)
             )
-    assert (await cluster.get("f"))[1] == b"new" * 1000
+    assert (await cluster.get("f"))[1] == b"new" * 2000
 
 
 async def test_uploads_cancelled_at_any_point_give_back_every_reservation(make_cluster) -> None:  # type: ignore[no-untyped-def]

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from dstore.errors import OutOfSpace
 from dstore.master.metadata import (
     ChunkIntent,
     FileNotFound,
     FileVersion,
+    InlineBody,
     LookupCache,
     SQLiteMetadataStore,
 )
@@ -154,3 +158,39 @@ async def test_lookups_racing_overwrites_never_go_back(store: SQLiteMetadataStor
     reads = await asyncio.gather(writer(), *(reader() for _ in range(8)))
     assert store.cache.hits > 0 and sum(r for r in reads if r) > 40
     assert (await store.lookup("hot")).version_id == acknowledged
+
+
+async def test_a_write_that_fills_the_disk_fails_alone_in_its_group(
+    store: SQLiteMetadataStore,
+) -> None:
+    """SQLite rolls the whole transaction back when the disk is full; the other ops of
+    the group run again in a new one, and only the one that did not fit fails."""
+    await put(store, "kept")
+    await store.commit_inline("small", "", InlineBody(b"s", b"c" * 16), '"e"')
+
+    def fill(db: sqlite3.Connection) -> None:
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        db.execute(f"PRAGMA max_page_count = {pages}")
+        time.sleep(0.3)  # while this runs, the next ops queue up into one group
+
+    store.cache.clear()  # so that the lookups go to the database
+    busy = asyncio.ensure_future(store._submit(fill))
+    await asyncio.sleep(0.1)
+    groups = store.groups
+    big = InlineBody(os.urandom(64 << 10), b"c" * 16)
+    results = await asyncio.gather(
+        store.lookup("kept"),
+        store.commit_inline("big", "", big, '"b"'),
+        store.lookup("small"),
+        store.totals(),
+        return_exceptions=True,
+    )
+    await busy
+    assert store.groups - groups == 2  # the one that filled the disk, and this group
+    kept, failed, small, totals = results
+    assert isinstance(failed, OutOfSpace)
+    assert isinstance(kept, FileVersion) and kept.name == "kept"
+    assert isinstance(small, FileVersion) and small.inline is not None
+    assert totals == (2, 11)
+    with pytest.raises(FileNotFound):
+        await store.lookup("big")

@@ -118,8 +118,8 @@ async def test_volumes_can_be_turned_off_and_what_they_hold_stays_readable(
 
 
 async def test_volume_usage_and_garbage_are_reported_to_the_gateway(cluster: LocalCluster) -> None:
-    for i in range(6):
-        assert (await cluster.put(f"small/{i}", os.urandom(3000))).status == 201
+    for i in range(6):  # (over inline_max: these go to the nodes)
+        assert (await cluster.put(f"small/{i}", os.urandom(6000))).status == 201
     assert cluster.session is not None
     async with cluster.session.delete(cluster.file_url("small/0")) as response:
         assert response.status == 204
@@ -129,9 +129,9 @@ async def test_volume_usage_and_garbage_are_reported_to_the_gateway(cluster: Loc
         nodes = (await response.json())["nodes"]
     assert sum(n["volumes"]["files"] for n in nodes) == 3  # one per node
     garbage = sum(n["volumes"]["garbage"] for n in nodes)
-    assert garbage > 2 * 3000  # two replicas' records, and the tombstones
+    assert garbage > 2 * 6000  # two replicas' records, and the tombstones
     live = sum(n["volumes"]["bytes"] for n in nodes) - garbage
-    assert 10 * 3000 < live < 10 * 3200  # the five files left, twice, with record headers
+    assert 10 * 6000 < live < 10 * 6200  # the five files left, twice, with record headers
     async with cluster.session.get(f"{cluster.url}/metrics") as response:
         text = await response.text()
     reported = [

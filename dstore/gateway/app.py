@@ -90,7 +90,12 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         cluster.on_corrupt = repairer.report_bad
         budget = MemoryBudget(config.memory_budget, config.budget_wait)
         settings = UploadSettings(
-            config.chunk_size, config.replicas, config.window, config.lease, config.max_object_size
+            config.chunk_size,
+            config.replicas,
+            config.window,
+            config.lease,
+            config.max_object_size,
+            inline_max=config.inline_max,
         )
         app[keys.META] = meta
         app[keys.CLUSTER] = cluster

@@ -17,9 +17,11 @@ import structlog
 from aiohttp import web
 
 from dstore.auth import Forbidden, Scope, Unauthorized
+from dstore.chunk import checksum
 from dstore.config import parse_hostport
 from dstore.errors import (
     ChecksumMismatch,
+    ChunkCorrupt,
     DstoreError,
     NodeUnavailable,
     NotEnoughNodes,
@@ -333,6 +335,13 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         await response.prepare(request)
         await response.write_eof()
         return response
+    if version.inline is not None:  # a small file's bytes came with its version
+        data = version.inline.data
+        if checksum(data) != version.inline.checksum:
+            raise ChunkCorrupt(f"the stored bytes of {version.name!r} fail their checksum")
+        part = data if end - start == len(data) else data[start:end]
+        request[keys.REQUEST_BYTES_OUT] = len(part)
+        return web.Response(status=status, headers=headers, body=part)
     downloader = request.app[keys.DOWNLOADER]
     trace = structlog.contextvars.get_contextvars().get("req", "")
     meta, version_id = request.app[keys.META], version.version_id

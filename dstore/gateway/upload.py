@@ -10,6 +10,9 @@
 4. Body done and every chunk acknowledged: one transaction makes the version current.
 Anything else aborts the version; the reaper then deletes whatever reached the nodes.
 
+A file that ends before it fills a chunk and is at most ``inline_max`` bytes skips all
+of that: its bytes go into the metadata store, with the version, in one transaction.
+
 No aiohttp here: the body is any async iterator of byte pieces.
 """
 
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from dstore.chunk import checksum as checksum_of
 from dstore.chunk import new_chunk_id
 from dstore.errors import (
     ChecksumMismatch,
@@ -36,7 +40,7 @@ from dstore.master.budget import MemoryBudget
 from dstore.master.chunker import Chunk, Chunker
 from dstore.master.cluster import Cluster
 from dstore.master.jobs import PeriodicJob
-from dstore.master.metadata import ChunkIntent, CommitResult, MetadataStore
+from dstore.master.metadata import ChunkIntent, CommitResult, InlineBody, MetadataStore
 from dstore.master.reaper import Reaper
 
 log = structlog.get_logger("dstore.upload")
@@ -57,6 +61,7 @@ class UploadSettings:
     window: int
     lease: float
     max_object_size: int | None = None
+    inline_max: int = 0  # files up to this size (and one chunk) are kept in the metadata
 
 
 @dataclass(slots=True)
@@ -107,6 +112,7 @@ class _Upload:
     name: str
     content_type: str
     version_id: int | None = None  # set once the version is begun
+    inline: InlineBody | None = None  # set instead for a small file kept inline
 
 
 class Uploader:
@@ -151,12 +157,14 @@ class Uploader:
         started = time.monotonic()
         try:
             size, checksums = await self._store_body(upload, body, expect or Expectations(), trace)
-            if upload.version_id is None:  # an empty body: no chunk at all
-                await self._begin(upload, None)
-            assert upload.version_id is not None
-            result = await self.meta.commit(
-                upload.version_id, size, etag_of(checksums), if_absent=if_absent
-            )
+            etag = etag_of(checksums)
+            if upload.inline is not None:
+                result = await self.meta.commit_inline(
+                    name, content_type, upload.inline, etag, if_absent=if_absent
+                )
+            else:
+                assert upload.version_id is not None
+                result = await self.meta.commit(upload.version_id, size, etag, if_absent=if_absent)
         except BaseException as exc:
             # shielded: a cancelled request must still give up its version
             await asyncio.shield(self._abort(upload.version_id, name, exc, started))
@@ -168,15 +176,10 @@ class Uploader:
             self.reaper.wake()
         return result
 
-    async def _begin(
-        self, upload: _Upload, first: Chunk | None, held: _Held | None = None
-    ) -> ChunkIntent | None:
+    async def _begin(self, upload: _Upload, first: Chunk, held: _Held) -> ChunkIntent:
         """Begin the version, with the intent for its first chunk (placed here; its
         reservations go in ``held``)."""
-        intent = None
-        if first is not None:
-            assert held is not None
-            intent = self._place(first, held)
+        intent = self._place(first, held)
         upload.version_id = await self.meta.begin_upload(
             upload.name, upload.content_type, self.settings.lease, first=intent
         )
@@ -228,7 +231,7 @@ class Uploader:
         try:
             async with asyncio.TaskGroup() as group:
 
-                async def hand_on(chunk: Chunk, *, inline: bool = False) -> None:
+                async def hand_on(chunk: Chunk, *, here: bool = False) -> None:
                     nonlocal holding
                     intent = None
                     if upload.version_id is None:
@@ -236,7 +239,7 @@ class Uploader:
                     assert upload.version_id is not None
                     checksums[chunk.index] = chunk.checksum
                     replicate = self._replicate(upload.version_id, chunk, trace, held, intent)
-                    if inline:
+                    if here:
                         try:
                             await replicate
                         finally:
@@ -264,9 +267,16 @@ class Uploader:
                         await self._take_slot(window)
                         holding = True
                 last = chunker.finish()
-                if last is not None:
+                if upload.version_id is None and chunker.total <= settings.inline_max:
+                    # the whole file, and small: kept inline, with its version
+                    if last is None:  # empty
+                        upload.inline = InlineBody(b"", checksum_of(b""))
+                    else:
+                        upload.inline = InlineBody(b"".join(last.pieces), last.checksum)
+                        checksums[0] = last.checksum
+                elif last is not None:
                     # the only chunk (most small files) is stored right here, no task
-                    await hand_on(last, inline=upload.version_id is None)
+                    await hand_on(last, here=upload.version_id is None)
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
         finally:

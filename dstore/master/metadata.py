@@ -6,9 +6,10 @@ dedicated thread, so the event loop never blocks and the store is never held acr
 network I/O. All SQL lives in this module; every state change is one transaction.
 
 Versions move ``pending`` → ``live`` → ``dead`` (or ``pending`` → ``dead`` when an upload
-is abandoned). A name points at its one live version; a commit swaps that pointer in one
-transaction. Dead versions are reclaimed by the reaper, which deletes their chunks from
-the nodes and then their rows.
+is abandoned). A small file's version is born ``live`` with its bytes inline (table
+``bodies``): no chunk, no node, one transaction. A name points at its one live version;
+a commit swaps that pointer in one transaction. Dead versions are reclaimed by the reaper,
+which deletes their chunks from the nodes and then their rows.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dstore.errors import DstoreError
+from dstore.errors import DstoreError, OutOfSpace
 
 T = TypeVar("T")
 
@@ -61,6 +62,15 @@ class ChunkRef:
 
 
 @dataclass(frozen=True, slots=True)
+class InlineBody:
+    """A small file's bytes, kept in the metadata store itself instead of on the nodes,
+    with their checksum (verified before they are served, like a chunk's)."""
+
+    data: bytes
+    checksum: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class FileVersion:
     name: str
     version_id: int
@@ -69,6 +79,7 @@ class FileVersion:
     content_type: str
     created: float
     chunks: tuple[ChunkRef, ...] = ()
+    inline: InlineBody | None = None  # the bytes, for a file kept inline (no chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +157,19 @@ class MetadataStore(abc.ABC):
     ) -> CommitResult:
         """Make the version current for its name, atomically; the old one becomes dead.
         ``if_absent``: raise ``PreconditionFailed`` if the name exists (and abort)."""
+
+    @abc.abstractmethod
+    async def commit_inline(
+        self,
+        name: str,
+        content_type: str,
+        body: InlineBody,
+        etag: str,
+        *,
+        if_absent: bool = False,
+    ) -> CommitResult:
+        """A whole small file in one transaction: a new version, live at once, holding
+        its bytes; the name's old version becomes dead. ``if_absent`` as for ``commit``."""
 
     @abc.abstractmethod
     async def abort(self, version_id: int) -> None:
@@ -259,6 +283,11 @@ CREATE TABLE IF NOT EXISTS chunks (
     checksum    BLOB NOT NULL,
     PRIMARY KEY (version_id, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bodies (  -- the bytes of files kept inline (no chunks)
+    version_id  INTEGER PRIMARY KEY REFERENCES versions (id),
+    checksum    BLOB NOT NULL,
+    data        BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS replicas (
     chunk_id    TEXT NOT NULL,
     node_id     TEXT NOT NULL,
@@ -297,7 +326,8 @@ class LookupCache:
     """The current version of recently read names, so that a `lookup` of a name read
     before needs no trip to the metadata thread (for a small file that trip was a third
     of the gateway's CPU per GET). Bounded: `entries` names, each of at most
-    `max_chunks` chunks (a large file's lookup is nothing beside its transfer).
+    `max_chunks` chunks (a large file's lookup is nothing beside its transfer), and
+    `max_bytes` of inline bodies in all.
 
     Only the metadata thread fills or empties it, and only once the transaction that
     read or changed the rows has committed, in the order of the operations, and before
@@ -307,9 +337,11 @@ class LookupCache:
     anyone has been told of. This holds because the database belongs to this process
     alone; an engine shared by several gateways needs another way to hear of changes."""
 
-    def __init__(self, entries: int = 4096, max_chunks: int = 8) -> None:
+    def __init__(self, entries: int = 4096, max_chunks: int = 8, max_bytes: int = 16 << 20) -> None:
         self.entries = entries
         self.max_chunks = max_chunks
+        self.max_bytes = max_bytes
+        self.bytes = 0  # of the inline bodies held
         self.hits = 0
         self.misses = 0
         self._versions: OrderedDict[str, FileVersion] = OrderedDict()
@@ -333,15 +365,21 @@ class LookupCache:
             self.hits += 1
             return version
 
+    def keeps(self, version: FileVersion) -> bool:
+        """Whether this version would be kept."""
+        body = _body_size(version)
+        return self.admits(len(version.chunks)) and body <= self.max_bytes // 16
+
     def put(self, version: FileVersion) -> None:
-        if not self.admits(len(version.chunks)):
+        if not self.keeps(version):
             return
         with self._lock:
             self._forget(version.name)
             self._versions[version.name] = version
+            self.bytes += _body_size(version)
             for chunk in version.chunks:
                 self._by_chunk[chunk.chunk_id] = version.name
-            while len(self._versions) > self.entries:
+            while len(self._versions) > self.entries or self.bytes > self.max_bytes:
                 self._forget(next(iter(self._versions)))
 
     def drop(self, name: str) -> None:
@@ -358,12 +396,18 @@ class LookupCache:
         with self._lock:
             self._versions.clear()
             self._by_chunk.clear()
+            self.bytes = 0
 
     def _forget(self, name: str) -> None:
         version = self._versions.pop(name, None)
         if version is not None:
+            self.bytes -= _body_size(version)
             for chunk in version.chunks:
                 self._by_chunk.pop(chunk.chunk_id, None)
+
+
+def _body_size(version: FileVersion) -> int:
+    return 0 if version.inline is None else len(version.inline.data)
 
 
 class SQLiteMetadataStore(MetadataStore):
@@ -424,7 +468,12 @@ class SQLiteMetadataStore(MetadataStore):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Op(fn, durable, loop, future))
-        return await future
+        try:
+            return await future
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                raise OutOfSpace("the metadata store's disk is full") from exc
+            raise
 
     def _worker(self) -> None:
         db = self._db
@@ -449,9 +498,35 @@ class SQLiteMetadataStore(MetadataStore):
                 return
 
     def _run_group(self, db: sqlite3.Connection, group: list[_Op]) -> None:
+        effects = self._after_commit
+        results, again = self._transact(db, group, effects)
+        if again:  # once: if SQLite gives up this one too, its ops all fail
+            results += self._transact(db, again, effects, retry=False)[0]
+        for effect in effects:  # before any caller hears of the group
+            effect()
+        effects.clear()
+        self.groups += 1
+        self.ops += len(group)
+        # one wake-up per loop for the whole group, not one per op
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, bool, Any]]] = {}
+        for result in results:
+            by_loop.setdefault(result[0].loop, []).append(result)
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, settled)
+
+    def _transact(
+        self,
+        db: sqlite3.Connection,
+        group: list[_Op],
+        effects: list[Callable[[], None]],
+        *,
+        retry: bool = True,
+    ) -> tuple[list[tuple[_Op, bool, Any]], list[_Op]]:
+        """Run a group in one transaction; each op's result, and the ops to run again in
+        a new one: SQLite rolls a whole transaction back on some errors (a full disk, an
+        I/O error), and then only the op that hit it has failed."""
         results: list[tuple[_Op, bool, Any]] = []
         durable = any(op.durable for op in group)
-        effects = self._after_commit
         effects.clear()
         try:
             if durable:
@@ -463,6 +538,12 @@ class SQLiteMetadataStore(MetadataStore):
                 try:
                     value = op.fn(db)
                 except Exception as exc:
+                    if not db.in_transaction:  # SQLite gave the whole transaction up
+                        if not retry:
+                            raise
+                        effects.clear()
+                        self.cache.clear()  # what the group read may never have been
+                        return [(op, False, exc)], [o for o in group if o is not op]
                     db.execute("ROLLBACK TO op")
                     db.execute("RELEASE op")
                     del effects[mark:]
@@ -480,17 +561,7 @@ class SQLiteMetadataStore(MetadataStore):
         finally:
             if durable:
                 db.execute("PRAGMA synchronous = NORMAL")
-        for effect in effects:  # before any caller hears of the group
-            effect()
-        effects.clear()
-        self.groups += 1
-        self.ops += len(group)
-        # one wake-up per loop for the whole group, not one per op
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, bool, Any]]] = {}
-        for result in results:
-            by_loop.setdefault(result[0].loop, []).append(result)
-        for loop, settled in by_loop.items():
-            loop.call_soon_threadsafe(_settle_all, settled)
+        return results, []
 
     # --- uploads --------------------------------------------------------------------------
 
@@ -564,19 +635,7 @@ class SQLiteMetadataStore(MetadataStore):
                 " lease_expires = NULL WHERE id = ?",
                 (size, etag, now, version_id),
             )
-            replaced = None
-            if current is None:
-                db.execute(
-                    "INSERT INTO files (name, version_id, generation) VALUES (?, ?, 1)",
-                    (name, version_id),
-                )
-            else:
-                replaced, generation = current
-                db.execute(
-                    "UPDATE files SET version_id = ?, generation = ? WHERE name = ?",
-                    (version_id, generation + 1, name),
-                )
-                _kill(db, replaced, now)
+            replaced = _point(db, name, version_id, current, now)
             version = FileVersion(name, version_id, size, etag, content_type, now)
             # one read of the rows: a small file's chunk list (one more than the cache
             # keeps, at most) also counts its chunks; only a larger file is counted apart
@@ -593,6 +652,43 @@ class SQLiteMetadataStore(MetadataStore):
             else:
                 self._after_commit.append(lambda: self.cache.drop(name))
             return CommitResult(version, replaced, {"chunks": chunks})
+
+        return await self._submit(tx, durable=True)
+
+    async def commit_inline(
+        self,
+        name: str,
+        content_type: str,
+        body: InlineBody,
+        etag: str,
+        *,
+        if_absent: bool = False,
+    ) -> CommitResult:
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> CommitResult:
+            current = db.execute(
+                "SELECT version_id, generation FROM files WHERE name = ?", (name,)
+            ).fetchone()
+            if current is not None and if_absent:
+                raise PreconditionFailed(f"{name!r} exists")
+            cur = db.execute(
+                "INSERT INTO versions (name, state, size, etag, content_type, created)"
+                " VALUES (?, 'live', ?, ?, ?, ?)",
+                (name, len(body.data), etag, content_type, now),
+            )
+            version_id = cur.lastrowid
+            assert version_id is not None
+            db.execute(
+                "INSERT INTO bodies (version_id, checksum, data) VALUES (?, ?, ?)",
+                (version_id, body.checksum, body.data),
+            )
+            replaced = _point(db, name, version_id, current, now)
+            version = FileVersion(
+                name, version_id, len(body.data), etag, content_type, now, inline=body
+            )
+            self._after_commit.append(lambda: self.cache.put(version))
+            return CommitResult(version, replaced, {"chunks": 0})
 
         return await self._submit(tx, durable=True)
 
@@ -618,6 +714,20 @@ class SQLiteMetadataStore(MetadataStore):
             raise FileNotFound(f"no file named {name!r}")
         return FileVersion(name, *row)
 
+    def _current_whole(self, db: sqlite3.Connection, name: str) -> FileVersion:
+        """The current version with its inline body, if it has one."""
+        row = db.execute(
+            "SELECT v.id, v.size, v.etag, v.content_type, v.created, b.checksum, b.data"
+            " FROM files f JOIN versions v ON v.id = f.version_id"
+            " LEFT JOIN bodies b ON b.version_id = v.id WHERE f.name = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            raise FileNotFound(f"no file named {name!r}")
+        version_id, size, etag, content_type, created, checksum, data = row
+        inline = None if data is None else InlineBody(bytes(data), bytes(checksum))
+        return FileVersion(name, version_id, size, etag, content_type, created, inline=inline)
+
     async def head(self, name: str) -> FileVersion:
         return await self._submit(lambda db: self._current(db, name))
 
@@ -633,7 +743,10 @@ class SQLiteMetadataStore(MetadataStore):
             rows = max(limit, self.cache.max_chunks + 1)
 
         def tx(db: sqlite3.Connection) -> FileVersion:
-            version = self._current(db, name)
+            version = self._current_whole(db, name)
+            if version.inline is not None:
+                self._after_commit.append(lambda: self.cache.put(version))
+                return version
             refs = _chunk_refs(db, version.version_id, limit=rows, start=start)
             found = dataclasses.replace(version, chunks=refs)
             if start == 0 and (rows < 0 or len(refs) < rows):  # the whole list
@@ -734,6 +847,11 @@ class SQLiteMetadataStore(MetadataStore):
 
     async def purge_dead(self) -> int:
         def tx(db: sqlite3.Connection) -> int:
+            # an inline body has no reader to wait for: a GET holds its bytes from the lookup
+            db.execute(
+                "DELETE FROM bodies WHERE version_id IN (SELECT id FROM versions WHERE state ="
+                " 'dead')"
+            )
             db.execute(
                 "DELETE FROM chunks WHERE version_id IN (SELECT id FROM versions WHERE state ="
                 " 'dead') AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.chunk_id ="
@@ -893,6 +1011,31 @@ def _settle_all(results: list[tuple[_Op, bool, Any]]) -> None:
             op.future.set_result(value)
         else:
             op.future.set_exception(value)
+
+
+def _point(
+    db: sqlite3.Connection,
+    name: str,
+    version_id: int,
+    current: tuple[int, int] | None,
+    now: float,
+) -> int | None:
+    """Make ``version_id`` the name's current version, the compare-and-swap of a commit
+    (``current``: the name's row as the same transaction read it); the version it
+    replaces, now dead, is returned."""
+    if current is None:
+        db.execute(
+            "INSERT INTO files (name, version_id, generation) VALUES (?, ?, 1)",
+            (name, version_id),
+        )
+        return None
+    replaced, generation = current
+    db.execute(
+        "UPDATE files SET version_id = ?, generation = ? WHERE name = ?",
+        (version_id, generation + 1, name),
+    )
+    _kill(db, replaced, now)
+    return int(replaced)
 
 
 def _kill(db: sqlite3.Connection, version_id: int, now: float) -> None:

@@ -1,0 +1,275 @@
+"""Small files kept inline in the metadata store: no chunk, no node, one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from dstore.chunk import checksum
+from dstore.gateway import keys
+from dstore.gateway.upload import etag_of
+from dstore.master.metadata import FileVersion, InlineBody, LookupCache
+from tests.conftest import LocalCluster, chunk_files, tmp_leftovers
+from tests.test_gateway_api import check_ranges, random_ranges
+
+MakeCluster = Callable[..., Awaitable[LocalCluster]]
+LIMIT = 4096  # the default inline_max
+
+
+def stored_chunks(cluster: LocalCluster) -> int:
+    return sum(len(chunk_files(n.config.data_dir)) for n in cluster.nodes)
+
+
+async def bodies(cluster: LocalCluster) -> int:
+    count: int = await cluster.app[keys.META]._submit(
+        lambda db: db.execute("SELECT COUNT(*) FROM bodies").fetchone()[0]
+    )
+    return count
+
+
+def reserved(cluster: LocalCluster) -> int:
+    return sum(m.reserved for m in cluster.app[keys.CLUSTER].members.values())
+
+
+@pytest.mark.parametrize("size", [0, 1, LIMIT - 1, LIMIT, LIMIT + 1])
+async def test_files_up_to_inline_max_never_reach_a_node(cluster: LocalCluster, size: int) -> None:
+    assert cluster.app[keys.CONFIG].inline_max == LIMIT
+    data = os.urandom(size)
+    response = await cluster.put("f", data)
+    assert response.status == 201
+    body = await response.json()
+    inline = size <= LIMIT
+    assert body["size"] == size and body["chunks"] == (0 if inline else 1)
+    # the same ETag whether a file is kept inline or in a chunk
+    assert body["etag"] == etag_of([checksum(data)] if size else [])
+    assert stored_chunks(cluster) == (0 if inline else 2)
+    assert await bodies(cluster) == (1 if inline else 0)
+    assert reserved(cluster) == 0
+    for attempt in range(2):  # from the store, then from the lookup cache
+        got, read = await cluster.get("f")
+        assert got.status == 200 and read == data, attempt
+        assert got.headers["ETag"] == body["etag"]
+        assert got.headers["Content-Length"] == str(size)
+    cluster.app[keys.META].cache.clear()
+    assert (await cluster.get("f"))[1] == data
+
+
+async def test_without_content_length_and_in_pieces(cluster: LocalCluster) -> None:
+    data = os.urandom(3000)
+
+    async def pieces() -> Any:
+        for at in range(0, len(data), 700):
+            yield data[at : at + 700]
+            await asyncio.sleep(0)
+
+    response = await cluster.put("p", pieces())
+    assert response.status == 201 and (await response.json())["chunks"] == 0
+    assert (await cluster.get("p"))[1] == data and stored_chunks(cluster) == 0
+
+
+async def test_inline_max_zero_sends_every_byte_to_the_nodes(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster(inline_max=0)
+    response = await cluster.put("one", b"x")
+    assert (await response.json())["chunks"] == 1 and stored_chunks(cluster) == 2
+    response = await cluster.put("empty", b"")  # an empty file has no bytes to send anyway
+    assert (await response.json())["chunks"] == 0 and stored_chunks(cluster) == 2
+    assert (await cluster.get("empty"))[1] == b"" and (await cluster.get("one"))[1] == b"x"
+
+
+async def test_a_file_longer_than_a_chunk_is_never_inline(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster(chunk_size=1024)  # inline_max (4 KiB) is above the chunk
+    data = os.urandom(3000)
+    response = await cluster.put("f", data)
+    assert (await response.json())["chunks"] == 3 and await bodies(cluster) == 0
+    assert (await cluster.get("f"))[1] == data
+    small = os.urandom(1000)
+    assert (await (await cluster.put("s", small)).json())["chunks"] == 0
+    assert (await cluster.get("s"))[1] == small
+
+
+async def test_ranges_head_and_conditionals(cluster: LocalCluster) -> None:
+    data = os.urandom(LIMIT)
+    etag = (await (await cluster.put("r", data)).json())["etag"]
+    await check_ranges(cluster, "r", data, random_ranges(random.Random(7), len(data), 20))
+    response, body = await cluster.get("r", headers={"Range": f"bytes={LIMIT}-"})
+    assert response.status == 416 and response.headers["Content-Range"] == f"bytes */{LIMIT}"
+    assert cluster.session is not None
+    async with cluster.session.head(cluster.file_url("r")) as head:
+        assert head.status == 200 and head.headers["Content-Length"] == str(LIMIT)
+        assert head.headers["ETag"] == etag and await head.read() == b""
+    response, body = await cluster.get("r", headers={"If-None-Match": etag})
+    assert response.status == 304 and body == b""
+    response = await cluster.put("r", b"other", headers={"If-None-Match": "*"})
+    assert response.status == 412
+    assert (await cluster.get("r"))[1] == data
+
+
+async def test_content_type_and_checksums(cluster: LocalCluster) -> None:
+    data = b"hello, inline"
+    response = await cluster.put(
+        "t", data, headers={"Content-Type": "text/plain", "X-Checksum-Sha256": "00" * 32}
+    )
+    assert response.status == 400
+    assert await bodies(cluster) == 0 and (await cluster.get("t"))[0].status == 404
+    response = await cluster.put("t", data, headers={"Content-Type": "text/plain"})
+    assert response.status == 201
+    got, body = await cluster.get("t")
+    assert body == data and got.headers["Content-Type"] == "text/plain"
+
+
+async def test_overwrite_across_inline_and_chunks_and_delete_leave_nothing(
+    cluster: LocalCluster,
+) -> None:
+    small, large, tiny = os.urandom(100), os.urandom(200_000), os.urandom(10)
+    for data in (small, large, tiny):
+        assert (await cluster.put("f", data)).status == 201
+        assert (await cluster.get("f"))[1] == data
+    await cluster.wait_reaped()  # the large version's chunks are gone from the nodes
+    assert stored_chunks(cluster) == 0
+    await wait_bodies(cluster, 1)  # the replaced inline body is gone from the store
+    async with cluster.session.get(f"{cluster.url}/v1/cluster") as response:  # type: ignore[union-attr]
+        totals = await response.json()
+    assert (totals["files"], totals["bytes"]) == (1, 10)
+    async with cluster.session.delete(cluster.file_url("f")) as response:  # type: ignore[union-attr]
+        assert response.status == 204
+    assert (await cluster.get("f"))[0].status == 404
+    await wait_bodies(cluster, 0)
+    assert reserved(cluster) == 0 and not tmp_leftovers(cluster.nodes)
+
+
+async def wait_bodies(cluster: LocalCluster, count: int) -> None:
+    for _ in range(100):
+        if await bodies(cluster) == count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{await bodies(cluster)} inline bodies kept, {count} expected")
+
+
+async def test_inline_files_survive_a_gateway_restart(cluster: LocalCluster) -> None:
+    files = {f"dir/{i}": os.urandom(i * 100) for i in range(20)}
+    for name, data in files.items():
+        assert (await cluster.put(name, data)).status == 201
+    await cluster.restart_gateway()
+    for name, data in files.items():
+        assert (await cluster.get(name))[1] == data
+    assert cluster.session is not None
+    async with cluster.session.get(f"{cluster.url}/v1/files?prefix=dir/") as response:
+        listed = (await response.json())["files"]
+    assert sorted(f["name"] for f in listed) == sorted(files)
+    assert {f["name"]: f["size"] for f in listed} == {n: len(d) for n, d in files.items()}
+
+
+async def test_a_corrupt_inline_body_is_never_served(cluster: LocalCluster) -> None:
+    data = os.urandom(1000)
+    await cluster.put("rot", data)
+    await cluster.stop_gateway()
+    db = sqlite3.connect(cluster.gateway_settings["data_dir"] / "meta.db")
+    with db:
+        (stored,) = db.execute("SELECT data FROM bodies").fetchone()
+        flipped = bytes([stored[0] ^ 1]) + stored[1:]
+        db.execute("UPDATE bodies SET data = ?", (flipped,))
+    db.close()
+    await cluster.start_gateway()
+    response, body = await cluster.get("rot")
+    assert response.status == 500 and b'"code":"chunk_corrupt"' in body
+    assert data not in body and flipped not in body
+    ranged, part = await cluster.get("rot", headers={"Range": "bytes=0-9"})
+    assert ranged.status == 500 and part[:10] != flipped[:10]
+
+
+async def test_a_full_metadata_disk_gives_507_and_keeps_nothing(cluster: LocalCluster) -> None:
+    meta = cluster.app[keys.META]
+    assert (await cluster.put("before", b"x" * 10)).status == 201
+
+    def fill(db: sqlite3.Connection) -> None:  # the store may not grow by another page
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        db.execute(f"PRAGMA max_page_count = {pages}")
+
+    await meta._submit(fill)
+    response = await cluster.put("big", os.urandom(LIMIT))
+    assert response.status == 507
+    assert (await response.json())["error"]["code"] == "out_of_space"
+    await meta._submit(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
+    assert (await cluster.get("big"))[0].status == 404
+    assert (await cluster.get("before"))[1] == b"x" * 10
+    assert await bodies(cluster) == 1 and reserved(cluster) == 0
+    assert (await cluster.put("big", b"now it fits")).status == 201
+
+
+async def test_concurrent_creates_of_one_name_if_absent_let_exactly_one_win(
+    cluster: LocalCluster,
+) -> None:
+    payloads = [os.urandom(500) for _ in range(12)]
+    responses = await asyncio.gather(
+        *(cluster.put("once", p, headers={"If-None-Match": "*"}) for p in payloads)
+    )
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [201] + [412] * 11
+    winner = payloads[[r.status for r in responses].index(201)]
+    assert (await cluster.get("once"))[1] == winner
+    assert await bodies(cluster) == 1
+
+
+async def test_overwrites_while_readers_read_see_whole_versions(cluster: LocalCluster) -> None:
+    """Writers overwrite a few names with inline and chunked versions while readers
+    read them: every read is exactly one version that was written."""
+    rng = random.Random(3)
+    written: dict[str, set[bytes]] = {f"n{i}": set() for i in range(3)}
+    for name in written:
+        data = os.urandom(50)
+        written[name].add(data)
+        await cluster.put(name, data)
+
+    async def writer(seed: int) -> None:
+        local = random.Random(seed)
+        for _ in range(25):
+            name = local.choice(sorted(written))
+            data = os.urandom(local.choice([1, 300, LIMIT, LIMIT + 1, 70_000]))
+            written[name].add(data)
+            assert (await cluster.put(name, data)).status == 201
+
+    async def reader() -> int:
+        reads = 0
+        for _ in range(60):
+            name = rng.choice(sorted(written))
+            response, body = await cluster.get(name)
+            assert response.status == 200 and body in written[name]
+            reads += 1
+        return reads
+
+    results = await asyncio.gather(*(writer(i) for i in range(3)), *(reader() for _ in range(4)))
+    assert sum(r for r in results if r) == 240
+    await cluster.wait_reaped()
+    live_inline = 0
+    for name in written:
+        version = await cluster.app[keys.META].lookup(name)
+        live_inline += version.inline is not None
+    await wait_bodies(cluster, live_inline)
+
+
+def test_the_lookup_cache_bounds_the_bytes_of_inline_bodies() -> None:
+    cache = LookupCache(entries=100, max_bytes=64 << 10)
+
+    def version(name: str, size: int) -> FileVersion:
+        data = b"x" * size
+        return FileVersion(name, 1, size, '"e"', "", 0.0, inline=InlineBody(data, checksum(data)))
+
+    for i in range(10):
+        cache.put(version(f"v{i}", 3000))
+    assert len(cache) == 10 and cache.bytes == 30000
+    for i in range(10, 30):
+        cache.put(version(f"v{i}", 3000))
+    assert cache.bytes <= 64 << 10 and len(cache) == (64 << 10) // 3000
+    assert cache.get("v0") is None and cache.get("v29") is not None  # the oldest went first
+    cache.put(version("huge", 5000))  # over a sixteenth of the bound: never kept
+    assert cache.get("huge") is None
+    cache.drop("v29")
+    assert cache.bytes == (len(cache)) * 3000
+    cache.clear()
+    assert cache.bytes == 0 and len(cache) == 0
