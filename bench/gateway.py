@@ -6,8 +6,9 @@
   first read after the upload on its own: the one no page cache holds), and against
   the disk's cold read (``O_DIRECT``, 4 readers), since nodes read chunks no cache holds;
 - gateway peak RSS while uploading 1 GiB and 4 GiB;
-- 4 KiB objects, 16 concurrent clients, replicas 2: PUT/s and GET/s, with the gateway's
-  read cache on (the default) and off, and with every chunk in a file of its own
+- 4 KiB objects, 16 concurrent clients, replicas 2: PUT/s and GET/s as configured by
+  default (kept inline in the metadata store), then on the nodes (``inline_max=0``)
+  with the gateway's read cache on and off, and with every chunk in a file of its own
   (``small_chunk_max=0``, read cache off: the baseline for volume files), each on a
   fresh cluster; next to the same client against the do-nothing aiohttp server (the
   small-request ceiling of the Python front end, measured in the same run);
@@ -271,16 +272,25 @@ async def main() -> None:
         print(
             f"  4 KiB objects, 16 clients: {small_put:6.0f} PUT/s  {small_get:6.0f} GET/s"
             f"   ({small_put / small_put_ceiling:4.2f} x, {small_get / small_get_ceiling:4.2f} x"
-            " the small-request ceiling)"
+            " the small-request ceiling; kept inline)"
         )
-    async with Up(root / "nocache", 2, cache_size="0") as cluster:
+    async with Up(root / "chunked", 2, inline_max="0") as cluster:
         small_put, small_get = await small_objects(cluster.url)
         print(
-            f"  same, read cache off:      {small_put:6.0f} PUT/s  {small_get:6.0f} GET/s"
+            f"  same, on the nodes:        {small_put:6.0f} PUT/s  {small_get:6.0f} GET/s"
+            f"   (inline_max 0: two replicas each; {small_put / small_put_ceiling:4.2f} x,"
+            f" {small_get / small_get_ceiling:4.2f} x)"
+        )
+    async with Up(root / "nocache", 2, cache_size="0", inline_max="0") as cluster:
+        small_put, small_get = await small_objects(cluster.url)
+        print(
+            f"  same, read cache off too:  {small_put:6.0f} PUT/s  {small_get:6.0f} GET/s"
             "   (every GET reads a node)"
         )
     # the baseline for the volume files: every chunk in a file of its own, as before them
-    async with Up(root / "files", 2, cache_size="0", small_chunk_max="0") as cluster:
+    async with Up(
+        root / "files", 2, cache_size="0", small_chunk_max="0", inline_max="0"
+    ) as cluster:
         files_put, files_get = await small_objects(cluster.url)
         print(
             f"  same, one file per chunk:  {files_put:6.0f} PUT/s  {files_get:6.0f} GET/s"

@@ -156,7 +156,7 @@ class GatewayConfig:
     memory_budget: int = _opt(256 << 20, parse_size, "chunk bytes all uploads may buffer")
     budget_wait: float = _opt(10.0, parse_duration, "how long an upload waits for memory")
     cache_size: int = _opt(64 << 20, parse_size, "read cache for small chunks (0: off)")
-    lookup_cache: int = _opt(4096, int, "names whose current version is kept in memory (0: off)")
+    lookup_cache: int = _opt(16384, int, "names whose current version is kept in memory (0: off)")
     inline_max: int = _opt(
         4 << 10,
         parse_size,

@@ -63,6 +63,8 @@ def test_list_settings_from_env_and_file(tmp_path: Path) -> None:
         (GatewayConfig, {"cluster_secret": "s", "chunk_size": "1GiB"}, "chunk size"),
         (GatewayConfig, {"cluster_secret": "s", "gc_grace": "soon"}, "--gc-grace"),
         (GatewayConfig, {"cluster_secret": "s", "lookup_cache": "-1"}, "lookup_cache"),
+        (GatewayConfig, {"cluster_secret": "s", "inline_max": "1MiB"}, "inline_max"),
+        (GatewayConfig, {"cluster_secret": "s", "inline_max": "small"}, "--inline-max"),
     ],
 )
 def test_bad_values_are_refused_with_a_reason(cls: type, flags: dict, message: str) -> None:  # type: ignore[type-arg]

@@ -14,7 +14,6 @@ import pytest
 from dstore.chunk import checksum
 from dstore.gateway import keys
 from dstore.gateway.upload import etag_of
-from dstore.master.metadata import FileVersion, InlineBody, LookupCache
 from tests.conftest import LocalCluster, chunk_files, tmp_leftovers
 from tests.test_gateway_api import check_ranges, random_ranges
 
@@ -253,23 +252,52 @@ async def test_overwrites_while_readers_read_see_whole_versions(cluster: LocalCl
     await wait_bodies(cluster, live_inline)
 
 
-def test_the_lookup_cache_bounds_the_bytes_of_inline_bodies() -> None:
-    cache = LookupCache(entries=100, max_bytes=64 << 10)
+async def test_bytes_come_from_the_read_cache_and_the_lookup_cache_keeps_none(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = await make_cluster(cache_size=4 << 20)
+    meta, cache = cluster.app[keys.META], cluster.app[keys.DOWNLOADER].cache
+    data = os.urandom(LIMIT)
+    await cluster.put("c", data)
+    cached = meta.cache.get("c")
+    assert cached is not None and cached.inline is not None and cached.inline.data is None
+    assert len(cache) == 1  # the upload offered the bytes to the read cache
+    trips = meta.ops
+    for _ in range(3):
+        assert (await cluster.get("c"))[1] == data
+    assert meta.ops == trips  # names and bytes from memory: no trip to the store
+    cache.capacity = 0  # (empty it, and keep it so)
+    cache._entries.clear()
+    cache.used = 0
+    assert (await cluster.get("c"))[1] == data
+    assert meta.ops == trips + 1  # the bytes, from the store
+    meta.cache.clear()
+    assert (await cluster.get("c"))[1] == data
+    assert meta.ops == trips + 2  # the version with its bytes, in one trip
 
-    def version(name: str, size: int) -> FileVersion:
-        data = b"x" * size
-        return FileVersion(name, 1, size, '"e"', "", 0.0, inline=InlineBody(data, checksum(data)))
 
-    for i in range(10):
-        cache.put(version(f"v{i}", 3000))
-    assert len(cache) == 10 and cache.bytes == 30000
-    for i in range(10, 30):
-        cache.put(version(f"v{i}", 3000))
-    assert cache.bytes <= 64 << 10 and len(cache) == (64 << 10) // 3000
-    assert cache.get("v0") is None and cache.get("v29") is not None  # the oldest went first
-    cache.put(version("huge", 5000))  # over a sixteenth of the bound: never kept
-    assert cache.get("huge") is None
-    cache.drop("v29")
-    assert cache.bytes == (len(cache)) * 3000
-    cache.clear()
-    assert cache.bytes == 0 and len(cache) == 0
+async def test_a_version_reclaimed_before_its_bytes_are_read_serves_the_new_one(
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = await make_cluster()
+    meta = cluster.app[keys.META]
+    await cluster.put("moving", b"old")
+    read = meta.inline_data
+    calls = 0
+
+    async def overwritten_first(version_id: int) -> bytes | None:
+        # fault injection: between the lookup (a cache hit) and the read of the bytes,
+        # the file is overwritten and the old version reclaimed
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            assert (await cluster.put("moving", b"new")).status == 201
+            await meta.purge_dead()
+        return await read(version_id)
+
+    monkeypatch.setattr(meta, "inline_data", overwritten_first)
+    response, body = await cluster.get("moving")
+    assert response.status == 200 and body == b"new"
+    assert calls == 2  # the old bytes were gone; the name resolved again, to the new ones
+
+

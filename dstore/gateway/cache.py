@@ -5,7 +5,9 @@ never be stale: a name still resolves to its current version through the metadat
 every request, and only the bytes of that version's chunks may come from here. Only
 bodies that passed the gateway's own checksum check go in, so what is served from the
 cache is exactly what was written. Hot small files then cost no node round trip; large
-chunks never enter (they would evict hundreds of small ones for one hit).
+chunks never enter (they would evict hundreds of small ones for one hit). The bytes of
+files kept inline in the metadata store are cached here too, by version (`inline_key`),
+so one bound holds every cached byte.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 MAX_ENTRY = 1 << 20  # largest chunk kept, at most; smaller for a small cache
+
+
+def inline_key(version_id: int) -> str:
+    """The cache key of an inline file's bytes: version ids are never reused either (and
+    chunk ids are hex, so the two never meet)."""
+    return f"inline/{version_id}"
 
 
 class ChunkCache:

@@ -28,6 +28,7 @@ from dstore.errors import (
     OutOfSpace,
 )
 from dstore.gateway import keys
+from dstore.gateway.cache import inline_key
 from dstore.gateway.download import SpanFeed
 from dstore.gateway.names import BadName, name_from_raw_path
 from dstore.gateway.ranges import RangeNotSatisfiable, parse_range
@@ -296,7 +297,38 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     version = await app[keys.META].lookup(name, start, limit)
     # pinned at once (no await in between), so the reaper keeps its chunks while we read
     with app[keys.PINS].pin(version.version_id):
+        try:
+            return await _serve(request, version)
+        except _Reclaimed:
+            pass
+    # an inline version replaced and reclaimed between its lookup and the read of its
+    # bytes: the name has moved on, so serve what it is now
+    version = await app[keys.META].lookup(name, start, limit)
+    with app[keys.PINS].pin(version.version_id):
         return await _serve(request, version)
+
+
+class _Reclaimed(NodeUnavailable):
+    """The bytes of an inline version were gone when they were read."""
+
+
+async def _inline_bytes(app: web.Application, version: FileVersion) -> bytes:
+    """An inline file's bytes, verified: from its lookup, the read cache (which holds
+    verified bytes only) or the metadata store."""
+    assert version.inline is not None
+    cache, key = app[keys.DOWNLOADER].cache, inline_key(version.version_id)
+    data = version.inline.data
+    if data is None:  # the version came from the lookup cache
+        data = cache.get(key)
+        if data is not None:
+            return data
+        data = await app[keys.META].inline_data(version.version_id)
+        if data is None:
+            raise _Reclaimed(f"version {version.version_id} of {version.name!r} is gone")
+    if checksum(data) != version.inline.checksum:
+        raise ChunkCorrupt(f"the stored bytes of {version.name!r} fail their checksum")
+    cache.put(key, data)
+    return data
 
 
 def _range_start(header: str | None) -> int:
@@ -335,10 +367,8 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         await response.prepare(request)
         await response.write_eof()
         return response
-    if version.inline is not None:  # a small file's bytes came with its version
-        data = version.inline.data
-        if checksum(data) != version.inline.checksum:
-            raise ChunkCorrupt(f"the stored bytes of {version.name!r} fail their checksum")
+    if version.inline is not None:  # a small file kept in the metadata store
+        data = await _inline_bytes(request.app, version)
         part = data if end - start == len(data) else data[start:end]
         request[keys.REQUEST_BYTES_OUT] = len(part)
         return web.Response(status=status, headers=headers, body=part)

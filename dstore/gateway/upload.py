@@ -35,7 +35,7 @@ from dstore.errors import (
     NotEnoughNodes,
     OutOfSpace,
 )
-from dstore.gateway.cache import ChunkCache
+from dstore.gateway.cache import ChunkCache, inline_key
 from dstore.master.budget import MemoryBudget
 from dstore.master.chunker import Chunk, Chunker
 from dstore.master.cluster import Cluster
@@ -162,6 +162,8 @@ class Uploader:
                 result = await self.meta.commit_inline(
                     name, content_type, upload.inline, etag, if_absent=if_absent
                 )
+                if upload.inline.data:
+                    self.cache.offer(inline_key(result.version.version_id), [upload.inline.data])
             else:
                 assert upload.version_id is not None
                 result = await self.meta.commit(upload.version_id, size, etag, if_absent=if_absent)

@@ -64,9 +64,11 @@ class ChunkRef:
 @dataclass(frozen=True, slots=True)
 class InlineBody:
     """A small file's bytes, kept in the metadata store itself instead of on the nodes,
-    with their checksum (verified before they are served, like a chunk's)."""
+    with their checksum (verified before they are served, like a chunk's). ``data`` is
+    None in a version from the lookup cache, which keeps no bytes: ``inline_data`` has
+    them (and the gateway's read cache, usually)."""
 
-    data: bytes
+    data: bytes | None
     checksum: bytes
 
 
@@ -79,7 +81,7 @@ class FileVersion:
     content_type: str
     created: float
     chunks: tuple[ChunkRef, ...] = ()
-    inline: InlineBody | None = None  # the bytes, for a file kept inline (no chunks)
+    inline: InlineBody | None = None  # for a file kept inline (no chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +189,10 @@ class MetadataStore(abc.ABC):
     async def chunk_page(self, version_id: int, start: int, limit: int) -> tuple[ChunkRef, ...]:
         """A version's chunks from the one holding byte ``start`` on, at most ``limit``;
         fewer than asked for only at the end of the version (or if it is gone)."""
+
+    @abc.abstractmethod
+    async def inline_data(self, version_id: int) -> bytes | None:
+        """The bytes of an inline file's version; None once the version is reclaimed."""
 
     @abc.abstractmethod
     async def head(self, name: str) -> FileVersion:
@@ -326,8 +332,9 @@ class LookupCache:
     """The current version of recently read names, so that a `lookup` of a name read
     before needs no trip to the metadata thread (for a small file that trip was a third
     of the gateway's CPU per GET). Bounded: `entries` names, each of at most
-    `max_chunks` chunks (a large file's lookup is nothing beside its transfer), and
-    `max_bytes` of inline bodies in all.
+    `max_chunks` chunks (a large file's lookup is nothing beside its transfer). It keeps
+    no file bytes: an inline file's version goes in without them (the gateway's read
+    cache holds bytes, under its own bound).
 
     Only the metadata thread fills or empties it, and only once the transaction that
     read or changed the rows has committed, in the order of the operations, and before
@@ -337,11 +344,9 @@ class LookupCache:
     anyone has been told of. This holds because the database belongs to this process
     alone; an engine shared by several gateways needs another way to hear of changes."""
 
-    def __init__(self, entries: int = 4096, max_chunks: int = 8, max_bytes: int = 16 << 20) -> None:
+    def __init__(self, entries: int = 4096, max_chunks: int = 8) -> None:
         self.entries = entries
         self.max_chunks = max_chunks
-        self.max_bytes = max_bytes
-        self.bytes = 0  # of the inline bodies held
         self.hits = 0
         self.misses = 0
         self._versions: OrderedDict[str, FileVersion] = OrderedDict()
@@ -365,21 +370,17 @@ class LookupCache:
             self.hits += 1
             return version
 
-    def keeps(self, version: FileVersion) -> bool:
-        """Whether this version would be kept."""
-        body = _body_size(version)
-        return self.admits(len(version.chunks)) and body <= self.max_bytes // 16
-
     def put(self, version: FileVersion) -> None:
-        if not self.keeps(version):
+        if not self.admits(len(version.chunks)):
             return
+        if version.inline is not None and version.inline.data is not None:
+            version = dataclasses.replace(version, inline=InlineBody(None, version.inline.checksum))
         with self._lock:
             self._forget(version.name)
             self._versions[version.name] = version
-            self.bytes += _body_size(version)
             for chunk in version.chunks:
                 self._by_chunk[chunk.chunk_id] = version.name
-            while len(self._versions) > self.entries or self.bytes > self.max_bytes:
+            while len(self._versions) > self.entries:
                 self._forget(next(iter(self._versions)))
 
     def drop(self, name: str) -> None:
@@ -396,18 +397,12 @@ class LookupCache:
         with self._lock:
             self._versions.clear()
             self._by_chunk.clear()
-            self.bytes = 0
 
     def _forget(self, name: str) -> None:
         version = self._versions.pop(name, None)
         if version is not None:
-            self.bytes -= _body_size(version)
             for chunk in version.chunks:
                 self._by_chunk.pop(chunk.chunk_id, None)
-
-
-def _body_size(version: FileVersion) -> int:
-    return 0 if version.inline is None else len(version.inline.data)
 
 
 class SQLiteMetadataStore(MetadataStore):
@@ -665,6 +660,8 @@ class SQLiteMetadataStore(MetadataStore):
         if_absent: bool = False,
     ) -> CommitResult:
         now = time.time()
+        data = body.data
+        assert data is not None
 
         def tx(db: sqlite3.Connection) -> CommitResult:
             current = db.execute(
@@ -675,18 +672,16 @@ class SQLiteMetadataStore(MetadataStore):
             cur = db.execute(
                 "INSERT INTO versions (name, state, size, etag, content_type, created)"
                 " VALUES (?, 'live', ?, ?, ?, ?)",
-                (name, len(body.data), etag, content_type, now),
+                (name, len(data), etag, content_type, now),
             )
             version_id = cur.lastrowid
             assert version_id is not None
             db.execute(
                 "INSERT INTO bodies (version_id, checksum, data) VALUES (?, ?, ?)",
-                (version_id, body.checksum, body.data),
+                (version_id, body.checksum, data),
             )
             replaced = _point(db, name, version_id, current, now)
-            version = FileVersion(
-                name, version_id, len(body.data), etag, content_type, now, inline=body
-            )
+            version = FileVersion(name, version_id, len(data), etag, content_type, now, inline=body)
             self._after_commit.append(lambda: self.cache.put(version))
             return CommitResult(version, replaced, {"chunks": 0})
 
@@ -752,6 +747,14 @@ class SQLiteMetadataStore(MetadataStore):
             if start == 0 and (rows < 0 or len(refs) < rows):  # the whole list
                 self._after_commit.append(lambda: self.cache.put(found))
             return found
+
+        return await self._submit(tx)
+
+    async def inline_data(self, version_id: int) -> bytes | None:
+        def tx(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute("SELECT data FROM bodies WHERE version_id = ?", (version_id,))
+            found = row.fetchone()
+            return None if found is None else bytes(found[0])
 
         return await self._submit(tx)
 
