@@ -299,5 +299,3 @@ async def test_a_version_reclaimed_before_its_bytes_are_read_serves_the_new_one(
     response, body = await cluster.get("moving")
     assert response.status == 200 and body == b"new"
     assert calls == 2  # the old bytes were gone; the name resolved again, to the new ones
-
-
