@@ -253,27 +253,36 @@ async def test_overwrites_while_readers_read_see_whole_versions(cluster: LocalCl
 
 
 async def test_bytes_come_from_the_read_cache_and_the_lookup_cache_keeps_none(
-    make_cluster: MakeCluster,
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cluster = await make_cluster(cache_size=4 << 20)
     meta, cache = cluster.app[keys.META], cluster.app[keys.DOWNLOADER].cache
+    reads = 0
+    read = meta.inline_data
+
+    async def counted(version_id: int) -> bytes | None:
+        nonlocal reads
+        reads += 1
+        return await read(version_id)
+
+    monkeypatch.setattr(meta, "inline_data", counted)
     data = os.urandom(LIMIT)
     await cluster.put("c", data)
     cached = meta.cache.get("c")
     assert cached is not None and cached.inline is not None and cached.inline.data is None
     assert len(cache) == 1  # the upload offered the bytes to the read cache
-    trips = meta.ops
+    misses = meta.cache.misses
     for _ in range(3):
         assert (await cluster.get("c"))[1] == data
-    assert meta.ops == trips  # names and bytes from memory: no trip to the store
+    assert (meta.cache.misses, reads) == (misses, 0)  # names and bytes from memory
     cache.capacity = 0  # (empty it, and keep it so)
     cache._entries.clear()
     cache.used = 0
     assert (await cluster.get("c"))[1] == data
-    assert meta.ops == trips + 1  # the bytes, from the store
+    assert (meta.cache.misses, reads) == (misses, 1)  # the bytes, from the store
     meta.cache.clear()
     assert (await cluster.get("c"))[1] == data
-    assert meta.ops == trips + 2  # the version with its bytes, in one trip
+    assert (meta.cache.misses, reads) == (misses + 1, 1)  # the version, with its bytes
 
 
 async def test_a_version_reclaimed_before_its_bytes_are_read_serves_the_new_one(

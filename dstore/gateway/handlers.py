@@ -294,16 +294,16 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     # the chunk list a page at a time, from where the range starts (if it says)
     start = 0 if request.method == "HEAD" else _range_start(request.headers.get("Range"))
     limit = 0 if request.method == "HEAD" else FIRST_PAGE
-    version = await app[keys.META].lookup(name, start, limit)
-    # pinned at once (no await in between), so the reaper keeps its chunks while we read
-    with app[keys.PINS].pin(version.version_id):
+    meta = app[keys.META]
+    version = await meta.lookup(name, start, limit)
+    if version.inline is not None:  # no chunks for the reaper to keep: nothing to pin
         try:
             return await _serve(request, version)
         except _Reclaimed:
-            pass
-    # an inline version replaced and reclaimed between its lookup and the read of its
-    # bytes: the name has moved on, so serve what it is now
-    version = await app[keys.META].lookup(name, start, limit)
+            # replaced and reclaimed between its lookup and the read of its bytes: the
+            # name has moved on, so serve what it is now
+            version = await meta.lookup(name, start, limit)
+    # pinned at once (no await in between), so the reaper keeps its chunks while we read
     with app[keys.PINS].pin(version.version_id):
         return await _serve(request, version)
 
@@ -361,9 +361,9 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
     if wanted is not None:
         status, (start, end) = 206, wanted
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{version.size}"
-    response = web.StreamResponse(status=status, headers=headers)
-    response.content_length = end - start
     if request.method == "HEAD" or start == end:
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = end - start
         await response.prepare(request)
         await response.write_eof()
         return response
@@ -382,6 +382,8 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         body = pieces[0] if len(pieces) == 1 else b"".join(pieces)  # a cache hit: no copy
         request[keys.REQUEST_BYTES_OUT] = len(body)
         return web.Response(status=status, headers=headers, body=body)
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = end - start
 
     async def send_status() -> None:
         # only once the first chunk is in hand and verified: a file that cannot be
