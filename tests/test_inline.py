@@ -70,6 +70,12 @@ async def test_without_content_length_and_in_pieces(cluster: LocalCluster) -> No
     response = await cluster.put("p", pieces())
     assert response.status == 201 and (await response.json())["chunks"] == 0
     assert (await cluster.get("p"))[1] == data and stored_chunks(cluster) == 0
+    assert (await cluster.put("q", os.urandom(LIMIT + 1))).status == 201
+    assert cluster.session is not None
+    async with cluster.session.get(f"{cluster.url}/metrics") as metrics:
+        text = await metrics.text()
+    assert 'dstore_files_stored_total{kind="inline"} 1' in text
+    assert 'dstore_files_stored_total{kind="chunked"} 1' in text
 
 
 async def test_inline_max_zero_sends_every_byte_to_the_nodes(make_cluster: MakeCluster) -> None:

@@ -105,6 +105,16 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         "read cache lookups by result",
         [('{result="hit"}', cache.hits), ('{result="miss"}', cache.misses)],
     )
+    uploader = app[keys.UPLOADER]
+    metric(
+        "dstore_files_stored_total",
+        "counter",
+        "files committed, by where their bytes went (inline: the metadata store)",
+        [
+            ('{kind="inline"}', uploader.stored_inline),
+            ('{kind="chunked"}', uploader.stored_chunked),
+        ],
+    )
     meta = app[keys.META]
     if isinstance(meta, SQLiteMetadataStore):
         lookups = meta.cache

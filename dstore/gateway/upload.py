@@ -133,6 +133,8 @@ class Uploader:
         # the read cache: offered each small chunk once it is stored (size 0: keeps none)
         self.cache = cache if cache is not None else ChunkCache(0)
         self.active: set[int] = set()  # versions being uploaded, whose leases we renew
+        self.stored_inline = 0  # files committed, kept in the metadata store
+        self.stored_chunked = 0  # files committed, in chunks on the nodes
         self.lease_keeper = LeaseKeeper(meta, self.active, settings.lease)
 
     def __repr__(self) -> str:
@@ -164,9 +166,11 @@ class Uploader:
                 )
                 if upload.inline.data:
                     self.cache.offer(inline_key(result.version.version_id), [upload.inline.data])
+                self.stored_inline += 1
             else:
                 assert upload.version_id is not None
                 result = await self.meta.commit(upload.version_id, size, etag, if_absent=if_absent)
+                self.stored_chunked += 1
         except BaseException as exc:
             # shielded: a cancelled request must still give up its version
             await asyncio.shield(self._abort(upload.version_id, name, exc, started))
