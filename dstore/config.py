@@ -181,6 +181,11 @@ class GatewayConfig:
     repair_bandwidth: int = _opt(
         50 << 20, parse_size, "bytes per second repair, drain and rebalance may copy"
     )
+    inline_scrub_interval: float = _opt(
+        1.0,
+        parse_duration,
+        "how often the next 256 inline files are checked against their checksums",
+    )
     reconcile_interval: float = _opt(
         600.0, parse_duration, "how often node inventories are checked for orphaned chunks"
     )

@@ -7,6 +7,7 @@ import os
 import random
 import sqlite3
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,9 @@ import pytest
 from dstore.chunk import checksum
 from dstore.gateway import keys
 from dstore.gateway.upload import etag_of
-from tests.conftest import LocalCluster, chunk_files, tmp_leftovers
+from dstore.master.inline_scrub import InlineScrubber
+from dstore.master.metadata import InlineBody, SQLiteMetadataStore
+from tests.conftest import LocalCluster, chunk_files, tmp_leftovers, wait_for
 from tests.test_gateway_api import check_ranges, random_ranges
 
 MakeCluster = Callable[..., Awaitable[LocalCluster]]
@@ -180,7 +183,13 @@ async def test_a_corrupt_inline_body_is_never_served(cluster: LocalCluster) -> N
         flipped = bytes([stored[0] ^ 1]) + stored[1:]
         db.execute("UPDATE bodies SET data = ?", (flipped,))
     db.close()
-    await cluster.start_gateway()
+    await cluster.start_gateway(inline_scrub_interval=0.05)
+    scrubber = cluster.app[keys.INLINE_SCRUBBER]
+    await wait_for(lambda: scrubber.passes >= 1)  # found before anyone asked for it
+    assert list(scrubber.corrupt.values()) == ["rot"]
+    assert cluster.session is not None
+    async with cluster.session.get(f"{cluster.url}/metrics") as metrics:
+        assert "dstore_inline_corrupt_files 1" in await metrics.text()
     response, body = await cluster.get("rot")
     assert response.status == 500 and b'"code":"chunk_corrupt"' in body
     assert data not in body and flipped not in body
@@ -314,3 +323,38 @@ async def test_a_version_reclaimed_before_its_bytes_are_read_serves_the_new_one(
     response, body = await cluster.get("moving")
     assert response.status == 200 and body == b"new"
     assert calls == 2  # the old bytes were gone; the name resolved again, to the new ones
+
+
+async def test_the_inline_scrubber_checks_every_live_body_a_batch_at_a_time(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteMetadataStore(tmp_path / "meta.db")
+    await store.open()
+    try:
+        sizes = {}
+        for i in range(10):
+            data = os.urandom(100 + i)
+            result = await store.commit_inline(f"f{i}", "", InlineBody(data, checksum(data)), '"e"')
+            sizes[result.version.version_id] = len(data)
+        replaced = await store.commit_inline("f9", "", InlineBody(b"new", checksum(b"new")), '"e"')
+        del sizes[replaced.replaced]  # dead: not scrubbed
+        sizes[replaced.version.version_id] = 3
+        victim = sorted(sizes)[4]
+
+        def rot(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE bodies SET data = ? WHERE version_id = ?", (b"x" * 104, victim))
+
+        await store._submit(rot)
+        scrubber = InlineScrubber(store, batch=3)
+        cycles = 0
+        while scrubber.passes == 0:
+            await scrubber.cycle()
+            cycles += 1
+        assert cycles == 4  # 10 live bodies, 3 at a time
+        assert scrubber.corrupt == {victim: "f4"} and scrubber.bytes_scanned == sum(sizes.values())
+        await store.delete("f4")  # gone: the next whole pass no longer reports it
+        while scrubber.passes == 1:
+            await scrubber.cycle()
+        assert scrubber.corrupt == {}
+    finally:
+        await store.close()

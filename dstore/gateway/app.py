@@ -20,6 +20,7 @@ from dstore.gateway.metrics import metrics
 from dstore.gateway.upload import Uploader, UploadSettings
 from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster
+from dstore.master.inline_scrub import InlineScrubber
 from dstore.master.metadata import LookupCache, SQLiteMetadataStore
 from dstore.master.reaper import ReadPins, Reaper
 from dstore.master.reconcile import Reconciler
@@ -109,7 +110,10 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         app[keys.DOWNLOADER] = Downloader(
             cluster, budget, on_bad_replica=repairer.report_bad, cache=cache
         )
+        inline_scrubber = InlineScrubber(meta, interval=config.inline_scrub_interval)
+        app[keys.INLINE_SCRUBBER] = inline_scrubber
         reaper.start()
+        inline_scrubber.start()
         reconciler.start()
         repairer.start()
         uploader.lease_keeper.start()
@@ -126,6 +130,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
             await uploader.lease_keeper.stop()
             await repairer.stop()
             await reconciler.stop()
+            await inline_scrubber.stop()
             await reaper.stop()
             await cluster.stop()
             await meta.close()

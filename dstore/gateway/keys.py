@@ -11,6 +11,7 @@ from dstore.gateway.download import Downloader
 from dstore.gateway.upload import Uploader
 from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster
+from dstore.master.inline_scrub import InlineScrubber
 from dstore.master.metadata import MetadataStore
 from dstore.master.reaper import ReadPins, Reaper
 from dstore.master.reconcile import Reconciler
@@ -23,6 +24,7 @@ CLUSTER = web.AppKey("cluster", Cluster)
 BUDGET = web.AppKey("budget", MemoryBudget)
 PINS = web.AppKey("pins", ReadPins)
 REAPER = web.AppKey("reaper", Reaper)
+INLINE_SCRUBBER = web.AppKey("inline_scrubber", InlineScrubber)
 RECONCILER = web.AppKey("reconciler", Reconciler)
 REPAIRER = web.AppKey("repairer", Repairer)
 UPLOADER = web.AppKey("uploader", Uploader)

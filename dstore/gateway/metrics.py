@@ -105,6 +105,25 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         "read cache lookups by result",
         [('{result="hit"}', cache.hits), ('{result="miss"}', cache.misses)],
     )
+    scrubber = app[keys.INLINE_SCRUBBER]
+    metric(
+        "dstore_inline_scrub_bytes_total",
+        "counter",
+        "bytes of inline files checked against their checksums",
+        [("", scrubber.bytes_scanned)],
+    )
+    metric(
+        "dstore_inline_scrub_passes_total",
+        "counter",
+        "whole passes over the inline files",
+        [("", scrubber.passes)],
+    )
+    metric(
+        "dstore_inline_corrupt_files",
+        "gauge",
+        "inline files whose bytes fail their checksum",
+        [("", len(scrubber.corrupt_now))],
+    )
     uploader = app[keys.UPLOADER]
     metric(
         "dstore_files_stored_total",

@@ -195,6 +195,11 @@ class MetadataStore(abc.ABC):
         """The bytes of an inline file's version; None once the version is reclaimed."""
 
     @abc.abstractmethod
+    async def inline_bodies(self, after: int, limit: int) -> list[tuple[int, str, InlineBody]]:
+        """(version id, name, body) of live inline versions with ids above ``after``, in
+        id order, at most ``limit``: what the inline scrubber reads, a batch at a time."""
+
+    @abc.abstractmethod
     async def head(self, name: str) -> FileVersion:
         """Like ``lookup`` without the chunk list."""
 
@@ -755,6 +760,18 @@ class SQLiteMetadataStore(MetadataStore):
             row = db.execute("SELECT data FROM bodies WHERE version_id = ?", (version_id,))
             found = row.fetchone()
             return None if found is None else bytes(found[0])
+
+        return await self._submit(tx)
+
+    async def inline_bodies(self, after: int, limit: int) -> list[tuple[int, str, InlineBody]]:
+        def tx(db: sqlite3.Connection) -> list[tuple[int, str, InlineBody]]:
+            rows = db.execute(
+                "SELECT b.version_id, v.name, b.checksum, b.data FROM bodies b"
+                " JOIN versions v ON v.id = b.version_id"
+                " WHERE b.version_id > ? AND v.state = 'live' ORDER BY b.version_id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+            return [(vid, name, InlineBody(bytes(data), bytes(cs))) for vid, name, cs, data in rows]
 
         return await self._submit(tx)
 
