@@ -183,7 +183,8 @@ class MetadataStore(abc.ABC):
         ``limit``: only the chunks from the one holding byte ``start`` on, at most
         ``limit`` of them (or more: a version kept whole in a cache comes whole), so
         that the first byte of a large file waits for one page of its chunk list, not
-        all of it; ``chunk_page`` gives the rest."""
+        all of it; ``chunk_page`` gives the rest. An inline file's version has no chunks
+        and comes with its bytes (from the lookup cache, with their checksum only)."""
 
     @abc.abstractmethod
     async def chunk_page(self, version_id: int, start: int, limit: int) -> tuple[ChunkRef, ...]:
