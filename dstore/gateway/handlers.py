@@ -33,6 +33,7 @@ from dstore.gateway.download import SpanFeed
 from dstore.gateway.names import BadName, name_from_raw_path
 from dstore.gateway.ranges import RangeNotSatisfiable, parse_range
 from dstore.gateway.upload import ClientGone, Expectations, TooLarge
+from dstore.log import log_context
 from dstore.master.budget import Overloaded
 from dstore.master.metadata import FileNotFound, FileVersion, PreconditionFailed
 from dstore.protocol import handshake
@@ -106,7 +107,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.monotonic()
     status = 500
     response: web.StreamResponse | None = None
-    with structlog.contextvars.bound_contextvars(req=request_id):
+    with log_context(req=request_id):
         try:
             response = await handler(request)
             status = response.status
@@ -271,7 +272,7 @@ async def put_file(request: web.Request) -> web.StreamResponse:
         content_type=request.headers.get("Content-Type", "application/octet-stream"),
         if_absent=if_absent,
         expect=expect,
-        trace=structlog.contextvars.get_contextvars().get("req", ""),
+        trace=request[keys.REQUEST_ID],
     )
     version = result.version
     return json_response(
@@ -373,7 +374,7 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         request[keys.REQUEST_BYTES_OUT] = len(part)
         return web.Response(status=status, headers=headers, body=part)
     downloader = request.app[keys.DOWNLOADER]
-    trace = structlog.contextvars.get_contextvars().get("req", "")
+    trace = request[keys.REQUEST_ID]
     meta, version_id = request.app[keys.META], version.version_id
     feed = SpanFeed(version.chunks, start, end, lambda at: meta.chunk_page(version_id, at, PAGE))
     if feed.complete and len(feed) == 1 and end - start <= SMALL_RESPONSE:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 
 from dstore.errors import NodeUnavailable, ProtocolError, RemoteProtocolError
+from dstore.log import log_context
 from dstore.protocol import (
     CLOSED,
     Auth,
@@ -152,9 +153,7 @@ class RpcServer:
             assert isinstance(request, Request)
             state.busy = True
             try:
-                with structlog.contextvars.bound_contextvars(
-                    req=request.trace or None, rid=request.rid, op=request.OP
-                ):
+                with log_context(req=request.trace or None, rid=request.rid, op=request.OP):
                     await self._handler(request, stream)
             finally:
                 state.busy = False
