@@ -2,7 +2,8 @@
 through a real `dstore up` (gateway + 3 storage node processes), next to the same client
 against the do-nothing aiohttp server (`bench/ceiling.py`) in the same run. CPU time per
 request is steadier than requests per second on a noisy 2-core machine, and says which
-process the time goes to.
+process the time goes to. Twice: as configured by default (4 KiB files kept inline in
+the metadata store) and with every byte on the nodes (``inline_max=0``).
 
     python -m bench smallcpu        DSTORE_BENCH_SECONDS=6 (per figure)
 """
@@ -15,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -77,18 +79,26 @@ async def main() -> None:
     floor = await ceiling()
     root = Path(tempfile.mkdtemp(prefix="dstore-bench-"))
     try:
-        async with Up(root / "c", 2) as cluster:
-            assert cluster.proc is not None
-            pids = [cluster.proc.pid, *children(cluster.proc.pid)]
-            for op in ("PUT", "GET"):
-                rate, costs = await load(cluster.url, op, pids)
-                base_rate, (base_server, _) = floor[op]
-                gateway, *nodes, client = (c * 1e6 for c in costs)
-                print(
-                    f"  {op}: {rate:5.0f}/s   gateway {gateway:5.0f}   nodes "
-                    f"{sum(nodes):5.0f} ({' + '.join(f'{n:.0f}' for n in nodes)})   client "
-                    f"{client:4.0f}   | do-nothing server {base_rate:5.0f}/s, "
-                    f"{base_server * 1e6:4.0f} µs   gateway {gateway / (base_server * 1e6):4.1f} x"
-                )
+        # as configured by default (4 KiB files kept inline), then with every byte on
+        # the nodes
+        for label, settings in (("inline", {}), ("on the nodes", {"inline_max": "0"})):
+            print(f"  {label}:")
+            await measure(root / label.replace(" ", "-"), settings, floor)
     finally:
         subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+async def measure(root: Path, settings: dict[str, str], floor: dict[str, Any]) -> None:
+    async with Up(root, 2, **settings) as cluster:
+        assert cluster.proc is not None
+        pids = [cluster.proc.pid, *children(cluster.proc.pid)]
+        for op in ("PUT", "GET"):
+            rate, costs = await load(cluster.url, op, pids)
+            base_rate, (base_server, _) = floor[op]
+            gateway, *nodes, client = (c * 1e6 for c in costs)
+            print(
+                f"    {op}: {rate:5.0f}/s   gateway {gateway:5.0f}   nodes "
+                f"{sum(nodes):5.0f} ({' + '.join(f'{n:.0f}' for n in nodes)})   client "
+                f"{client:4.0f}   | do-nothing server {base_rate:5.0f}/s, "
+                f"{base_server * 1e6:4.0f} µs   gateway {gateway / (base_server * 1e6):4.1f} x"
+            )
