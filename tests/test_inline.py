@@ -14,6 +14,7 @@ import pytest
 
 from dstore.chunk import checksum
 from dstore.gateway import keys
+from dstore.gateway.cache import inline_key
 from dstore.gateway.upload import etag_of
 from dstore.master.inline_scrub import InlineScrubber
 from dstore.master.metadata import InlineBody, SQLiteMetadataStore
@@ -141,10 +142,11 @@ async def test_overwrite_across_inline_and_chunks_and_delete_leave_nothing(
     await cluster.wait_reaped()  # the large version's chunks are gone from the nodes
     assert stored_chunks(cluster) == 0
     await wait_bodies(cluster, 1)  # the replaced inline body is gone from the store
-    async with cluster.session.get(f"{cluster.url}/v1/cluster") as response:  # type: ignore[union-attr]
+    assert cluster.session is not None
+    async with cluster.session.get(f"{cluster.url}/v1/cluster") as response:
         totals = await response.json()
     assert (totals["files"], totals["bytes"]) == (1, 10)
-    async with cluster.session.delete(cluster.file_url("f")) as response:  # type: ignore[union-attr]
+    async with cluster.session.delete(cluster.file_url("f")) as response:
         assert response.status == 204
     assert (await cluster.get("f"))[0].status == 404
     await wait_bodies(cluster, 0)
@@ -290,9 +292,8 @@ async def test_bytes_come_from_the_read_cache_and_the_lookup_cache_keeps_none(
     for _ in range(3):
         assert (await cluster.get("c"))[1] == data
     assert (meta.cache.misses, reads) == (misses, 0)  # names and bytes from memory
-    cache.capacity = 0  # (empty it, and keep it so)
-    cache._entries.clear()
-    cache.used = 0
+    cache.discard(inline_key(cached.version_id))
+    cache.capacity = 0  # (and keep it empty)
     assert (await cluster.get("c"))[1] == data
     assert (meta.cache.misses, reads) == (misses, 1)  # the bytes, from the store
     meta.cache.clear()
