@@ -3,6 +3,8 @@
 - a canonical JSON log line: orjson written as bytes, the time of day formatted once a
   second, loggers bound once (``dstore.log``), against structlog's time stamper and the
   standard library's encoder through a text stream, bound per call;
+- a request's log context (its request id on every line): ``log_context`` against
+  structlog's ``bound_contextvars``;
 - handing a blocking call to the volumes' writer thread (``DiskThread``) against
   ``asyncio.to_thread``;
 - a request to a storage node (its own process; ping, 16 in flight): client CPU per
@@ -25,7 +27,7 @@ from pathlib import Path
 import structlog
 
 from dstore.local import storage_argv
-from dstore.log import UtcStamp, configure
+from dstore.log import UtcStamp, configure, log_context
 from dstore.rpc.client import NodeClient
 from dstore.storage.disk import DiskThread
 
@@ -50,6 +52,20 @@ def _log_lines(n: int) -> float:
                 ms=0.42,
             )
     return (time.process_time() - start) / n
+
+
+def context_costs(n: int = LINES) -> tuple[float, float]:
+    """(before, now) CPU seconds to enter and leave a request's log context."""
+    start = time.process_time()
+    for i in range(n):
+        with structlog.contextvars.bound_contextvars(req=f"bench-{i}"):
+            pass
+    before = (time.process_time() - start) / n
+    start = time.process_time()
+    for i in range(n):
+        with log_context(req=f"bench-{i}"):
+            pass
+    return before, (time.process_time() - start) / n
 
 
 def log_line_costs() -> tuple[float, float]:
@@ -140,6 +156,11 @@ async def main() -> None:
     print(
         f"  canonical log line      {before * 1e6:6.1f} us (as before) -> "
         f"{now * 1e6:6.1f} us   {now / before:4.2f} x"
+    )
+    before, now = context_costs()
+    print(
+        f"  request log context     {before * 1e6:6.1f} us (bound_contextvars) -> "
+        f"{now * 1e6:6.1f} us (log_context)   {now / before:4.2f} x"
     )
     before, now = await hop_costs()
     print(
