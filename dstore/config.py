@@ -218,6 +218,9 @@ class GatewayConfig:
             raise ConfigError("lookup_cache must be 0 or more")
         if not 0 <= self.inline_max <= 64 << 10:
             raise ConfigError("inline_max must be between 0 and 64KiB")
+        for key in ("heartbeat", "reaper_interval", "reconcile_interval", "inline_scrub_interval"):
+            if getattr(self, key) <= 0:  # a job run every 0 s would spin
+                raise ConfigError(f"{key} must be more than 0")
         if self.window < 1:
             raise ConfigError("window must be at least 1")
         if self.memory_budget < self.chunk_size * 2:

@@ -64,6 +64,8 @@ def test_list_settings_from_env_and_file(tmp_path: Path) -> None:
         (GatewayConfig, {"cluster_secret": "s", "gc_grace": "soon"}, "--gc-grace"),
         (GatewayConfig, {"cluster_secret": "s", "lookup_cache": "-1"}, "lookup_cache"),
         (GatewayConfig, {"cluster_secret": "s", "inline_max": "1MiB"}, "inline_max"),
+        (GatewayConfig, {"cluster_secret": "s", "inline_scrub_interval": "0s"}, "more than 0"),
+        (GatewayConfig, {"cluster_secret": "s", "reaper_interval": "0"}, "reaper_interval"),
         (GatewayConfig, {"cluster_secret": "s", "inline_max": "small"}, "--inline-max"),
     ],
 )
