@@ -16,7 +16,7 @@ from dstore.errors import ChunkRetired
 from dstore.gateway import handlers, keys
 from dstore.log import configure
 from dstore.rpc.client import NodeClient
-from tests.conftest import SECRET, LocalCluster
+from tests.conftest import SECRET, LocalCluster, wait_for
 
 CHUNK = 64 * 1024
 
@@ -141,6 +141,51 @@ async def test_upload_that_cannot_get_memory_in_time_is_503(make_cluster) -> Non
     gate.set()
     assert [(await s).status for s in slow] == [201, 201]
     assert cluster.app[keys.BUDGET].in_use == 0
+
+
+# inline, and a short chunk on the nodes: more at once than two whole chunks' shares allow
+@pytest.mark.parametrize(("count", "size"), [(40, 1000), (5, 20_000)])
+async def test_small_bodies_of_declared_length_take_only_their_size_of_the_budget(
+    make_cluster, count: int, size: int
+) -> None:  # type: ignore[no-untyped-def]
+    """With a budget of two chunks, more than two uploads of a declared small length are
+    all in the middle of their bodies at once; without a Content-Length each takes a whole chunk's
+    share, so only two can, and the rest give up (503)."""
+    cluster = await make_cluster(memory_budget=2 * CHUNK, window=2, budget_wait=0.5)
+    budget = cluster.app[keys.BUDGET]
+    bodies = [os.urandom(size) for _ in range(count)]
+    streams = []
+    for i, data in enumerate(bodies):  # each sends its headers and half its body, then waits
+        reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+        writer.write(
+            f"PUT /v1/files/s{i} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
+            + data[: size // 2]
+        )
+        await writer.drain()
+        streams.append((reader, writer))
+    await wait_for(lambda: budget.in_use == count * size)  # every one of them reading
+    assert budget.peak <= 2 * CHUNK
+    for (_, writer), data in zip(streams, bodies, strict=True):
+        writer.write(data[size // 2 :])
+        await writer.drain()
+    for reader, writer in streams:
+        status = await reader.readline()
+        assert status.startswith(b"HTTP/1.1 201"), status
+        writer.close()
+    assert budget.in_use == 0
+    for i, data in enumerate(bodies):
+        assert (await cluster.get(f"s{i}"))[1] == data
+
+    async def unsized(data: bytes):  # type: ignore[no-untyped-def]
+        yield data[:10]
+        await asyncio.sleep(1.0)  # past budget_wait, holding a whole chunk's share
+        yield data[10:]
+
+    results = await asyncio.gather(
+        *(cluster.put(f"u{i}", unsized(d)) for i, d in enumerate(bodies[:4]))
+    )
+    assert sorted(r.status for r in results) == [201, 201, 503, 503]
+    assert budget.in_use == 0
 
 
 async def test_request_id_reaches_the_storage_nodes_logs(cluster: LocalCluster) -> None:

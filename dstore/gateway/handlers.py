@@ -273,6 +273,7 @@ async def put_file(request: web.Request) -> web.StreamResponse:
         if_absent=if_absent,
         expect=expect,
         trace=request[keys.REQUEST_ID],
+        length=request.content_length,
     )
     version = result.version
     return json_response(

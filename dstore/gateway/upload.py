@@ -149,7 +149,11 @@ class Uploader:
         if_absent: bool = False,
         expect: Expectations | None = None,
         trace: str = "",
+        length: int | None = None,
     ) -> CommitResult:
+        """Store ``body`` as the new version of ``name``. ``length``: the body's size if
+        the client declared it (a small body then takes only its size of the memory
+        budget while it is read, not a whole chunk's)."""
         if self.cluster.up_count() < self.settings.replicas:
             raise NotEnoughNodes(
                 f"{self.cluster.up_count()} storage nodes up, {self.settings.replicas} needed"
@@ -158,7 +162,9 @@ class Uploader:
         upload = _Upload(name, content_type)
         started = time.monotonic()
         try:
-            size, checksums = await self._store_body(upload, body, expect or Expectations(), trace)
+            size, checksums = await self._store_body(
+                upload, body, expect or Expectations(), trace, length
+            )
             etag = etag_of(checksums)
             if upload.inline is not None:
                 result = await self.meta.commit_inline(
@@ -224,16 +230,29 @@ class Uploader:
             self.reaper.wake()
 
     async def _store_body(
-        self, upload: _Upload, body: AsyncIterator[bytes], expect: Expectations, trace: str
+        self,
+        upload: _Upload,
+        body: AsyncIterator[bytes],
+        expect: Expectations,
+        trace: str,
+        length: int | None,
     ) -> tuple[int, list[bytes]]:
         settings = self.settings
+        # each chunk's share of the memory budget, taken before its first byte is read:
+        # a whole chunk's, but for a first chunk the declared length says is smaller
+        first = settings.chunk_size if length is None else min(settings.chunk_size, length)
+        first = max(first, 1)
+
+        def share(chunk: Chunk) -> int:
+            return first if chunk.index == 0 else settings.chunk_size
+
         chunker = Chunker(settings.chunk_size)
         md5 = hashlib.md5() if expect.md5 is not None else None
         sha = hashlib.sha256() if expect.sha256 is not None else None
         window = asyncio.Semaphore(settings.window)
         checksums: dict[int, bytes] = {}
         held = _Held(self.cluster)
-        holding = False  # a slot taken for the chunk being filled, not yet handed on
+        holding = 0  # the budget of the slot taken for the chunk being filled, if any
         try:
             async with asyncio.TaskGroup() as group:
 
@@ -249,16 +268,16 @@ class Uploader:
                         try:
                             await replicate
                         finally:
-                            self._give_slot(window, chunk)
-                            holding = False
+                            self._give_slot(window, share(chunk), chunk)
+                            holding = 0
                         return
                     task = group.create_task(replicate)
                     # a done callback runs even if the task is cancelled before it starts
-                    task.add_done_callback(lambda _: self._give_slot(window, chunk))
-                    holding = False
+                    task.add_done_callback(lambda _: self._give_slot(window, share(chunk), chunk))
+                    holding = 0
 
-                await self._take_slot(window)
-                holding = True
+                await self._take_slot(window, first)
+                holding = first
                 async for piece in body:
                     if settings.max_object_size is not None and (
                         chunker.total + len(piece) > settings.max_object_size
@@ -270,8 +289,8 @@ class Uploader:
                         sha.update(piece)
                     for chunk in chunker.feed(piece):
                         await hand_on(chunk)
-                        await self._take_slot(window)
-                        holding = True
+                        await self._take_slot(window, settings.chunk_size)
+                        holding = settings.chunk_size
                 last = chunker.finish()
                 if upload.version_id is None and chunker.total <= settings.inline_max:
                     # the whole file, and small: kept inline, with its version
@@ -287,7 +306,7 @@ class Uploader:
             raise _first_error(group_error) from None
         finally:
             if holding:
-                self._give_slot(window)
+                self._give_slot(window, holding)
             # every task is done: what no put took over (one cancelled before its first
             # step, an intent never recorded) is given back here
             held.release_all()
@@ -297,18 +316,18 @@ class Uploader:
             raise ChecksumMismatch("body does not match X-Checksum-Sha256")
         return chunker.total, [checksums[i] for i in range(len(checksums))]
 
-    async def _take_slot(self, window: asyncio.Semaphore) -> None:
+    async def _take_slot(self, window: asyncio.Semaphore, share: int) -> None:
         await window.acquire()
         try:
-            await self.budget.acquire(self.settings.chunk_size)
+            await self.budget.acquire(share)
         except BaseException:
             window.release()
             raise
 
-    def _give_slot(self, window: asyncio.Semaphore, chunk: Chunk | None = None) -> None:
+    def _give_slot(self, window: asyncio.Semaphore, share: int, chunk: Chunk | None = None) -> None:
         if chunk is not None:
             chunk.pieces.clear()  # the bytes go now, not when the task object does
-        self.budget.release(self.settings.chunk_size)
+        self.budget.release(share)
         window.release()
 
     async def _replicate(
