@@ -705,32 +705,25 @@ class SQLiteMetadataStore(MetadataStore):
 
     # --- reads ----------------------------------------------------------------------------
 
-    def _current(self, db: sqlite3.Connection, name: str) -> FileVersion:
+    def _current(self, db: sqlite3.Connection, name: str, *, data: bool) -> FileVersion:
+        """The name's current version; an inline one with its bytes if ``data`` (else
+        with their checksum only, as the lookup cache keeps it)."""
         row = db.execute(
-            "SELECT v.id, v.size, v.etag, v.content_type, v.created FROM files f"
-            " JOIN versions v ON v.id = f.version_id WHERE f.name = ?",
-            (name,),
-        ).fetchone()
-        if row is None:
-            raise FileNotFound(f"no file named {name!r}")
-        return FileVersion(name, *row)
-
-    def _current_whole(self, db: sqlite3.Connection, name: str) -> FileVersion:
-        """The current version with its inline body, if it has one."""
-        row = db.execute(
-            "SELECT v.id, v.size, v.etag, v.content_type, v.created, b.checksum, b.data"
-            " FROM files f JOIN versions v ON v.id = f.version_id"
+            "SELECT v.id, v.size, v.etag, v.content_type, v.created, b.checksum,"
+            f" {'b.data' if data else 'NULL'} FROM files f JOIN versions v ON v.id = f.version_id"
             " LEFT JOIN bodies b ON b.version_id = v.id WHERE f.name = ?",
             (name,),
         ).fetchone()
         if row is None:
             raise FileNotFound(f"no file named {name!r}")
-        version_id, size, etag, content_type, created, checksum, data = row
-        inline = None if data is None else InlineBody(bytes(data), bytes(checksum))
+        version_id, size, etag, content_type, created, checksum, body = row
+        inline = None
+        if checksum is not None:
+            inline = InlineBody(None if body is None else bytes(body), bytes(checksum))
         return FileVersion(name, version_id, size, etag, content_type, created, inline=inline)
 
     async def head(self, name: str) -> FileVersion:
-        return await self._submit(lambda db: self._current(db, name))
+        return await self._submit(lambda db: self._current(db, name, data=False))
 
     async def lookup(self, name: str, start: int = 0, limit: int | None = None) -> FileVersion:
         hit = self.cache.get(name)
@@ -744,7 +737,7 @@ class SQLiteMetadataStore(MetadataStore):
             rows = max(limit, self.cache.max_chunks + 1)
 
         def tx(db: sqlite3.Connection) -> FileVersion:
-            version = self._current_whole(db, name)
+            version = self._current(db, name, data=True)
             if version.inline is not None:
                 self._after_commit.append(lambda: self.cache.put(version))
                 return version
