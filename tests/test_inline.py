@@ -133,15 +133,22 @@ async def test_content_type_and_checksums(cluster: LocalCluster) -> None:
 
 
 async def test_overwrite_across_inline_and_chunks_and_delete_leave_nothing(
-    cluster: LocalCluster,
+    make_cluster: MakeCluster,
 ) -> None:
+    cluster = await make_cluster(cache_size=4 << 20)
     small, large, tiny = os.urandom(100), os.urandom(200_000), os.urandom(10)
+    cache = cluster.app[keys.DOWNLOADER].cache
     for data in (small, large, tiny):
         assert (await cluster.put("f", data)).status == 201
         assert (await cluster.get("f"))[1] == data
+    assert len(cache) >= 3  # the bytes of every version were read through it
     await cluster.wait_reaped()  # the large version's chunks are gone from the nodes
     assert stored_chunks(cluster) == 0
     await wait_bodies(cluster, 1)  # the replaced inline body is gone from the store
+    current = cluster.app[keys.META].cache.get("f")
+    assert current is not None
+    # and from the read cache: only the live version's bytes are kept
+    assert list(cache._entries) == [inline_key(current.version_id)]
     assert cluster.session is not None
     async with cluster.session.get(f"{cluster.url}/v1/cluster") as response:
         totals = await response.json()
@@ -150,6 +157,7 @@ async def test_overwrite_across_inline_and_chunks_and_delete_leave_nothing(
         assert response.status == 204
     assert (await cluster.get("f"))[0].status == 404
     await wait_bodies(cluster, 0)
+    assert len(cache) == 0
     assert reserved(cluster) == 0 and not tmp_leftovers(cluster.nodes)
 
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from dstore.auth import TokenTable
 from dstore.config import GatewayConfig
 from dstore.gateway import handlers, keys
-from dstore.gateway.cache import ChunkCache
+from dstore.gateway.cache import ChunkCache, inline_key
 from dstore.gateway.counters import HttpCounters
 from dstore.gateway.download import Downloader
 from dstore.gateway.metrics import metrics
@@ -76,6 +76,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
             grace=config.gc_grace,
             interval=config.reaper_interval,
             on_reclaim=cache.discard,
+            on_reclaim_inline=lambda version_id: cache.discard(inline_key(version_id)),
         )
         reconciler = Reconciler(
             meta, cluster, grace=config.gc_grace, interval=config.reconcile_interval

@@ -118,6 +118,14 @@ class MemberRecord:
     state: str  # "active", "draining" or "removed"
 
 
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """What one ``purge_dead`` dropped."""
+
+    versions: int  # dead versions forgotten
+    inline: tuple[int, ...] = ()  # versions whose inline bytes were deleted
+
+
 @dataclass(slots=True)
 class CommitResult:
     version: FileVersion
@@ -230,8 +238,9 @@ class MetadataStore(abc.ABC):
         """A dead chunk's replica is gone from its node."""
 
     @abc.abstractmethod
-    async def purge_dead(self) -> int:
-        """Drop dead versions with no replica left; returns how many."""
+    async def purge_dead(self) -> Purged:
+        """Drop dead versions with no replica left, and the inline bytes of every dead
+        version."""
 
     @abc.abstractmethod
     async def chunks_on(self, node_ids: Sequence[str], limit: int) -> list[ChunkReplicas]:
@@ -859,13 +868,13 @@ class SQLiteMetadataStore(MetadataStore):
 
         await self._submit(tx)
 
-    async def purge_dead(self) -> int:
-        def tx(db: sqlite3.Connection) -> int:
+    async def purge_dead(self) -> Purged:
+        def tx(db: sqlite3.Connection) -> Purged:
             # an inline body has no reader to wait for: a GET holds its bytes from the lookup
-            db.execute(
+            inline = db.execute(
                 "DELETE FROM bodies WHERE version_id IN (SELECT id FROM versions WHERE state ="
-                " 'dead')"
-            )
+                " 'dead') RETURNING version_id"
+            ).fetchall()
             db.execute(
                 "DELETE FROM chunks WHERE version_id IN (SELECT id FROM versions WHERE state ="
                 " 'dead') AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.chunk_id ="
@@ -875,7 +884,7 @@ class SQLiteMetadataStore(MetadataStore):
                 "DELETE FROM versions WHERE state = 'dead' AND NOT EXISTS"
                 " (SELECT 1 FROM chunks c WHERE c.version_id = versions.id)"
             )
-            return cur.rowcount
+            return Purged(cur.rowcount, tuple(row[0] for row in inline))
 
         return await self._submit(tx)
 

@@ -61,6 +61,7 @@ class Reaper(PeriodicJob):
         settle: float = 2.0,
         batch: int = 500,
         on_reclaim: Callable[[str], None] | None = None,
+        on_reclaim_inline: Callable[[int], None] | None = None,
     ) -> None:
         # woken (by a delete, an overwrite, an abort): let the dead version settle first
         super().__init__(interval, after_wake=settle)
@@ -70,7 +71,10 @@ class Reaper(PeriodicJob):
         self.grace = grace
         self.settle = settle
         self.batch = batch
-        self.on_reclaim = on_reclaim  # told each chunk id being reclaimed (the read cache)
+        # told each chunk id being reclaimed, and each version whose inline bytes were
+        # (the read cache, which would otherwise keep them until evicted)
+        self.on_reclaim = on_reclaim
+        self.on_reclaim_inline = on_reclaim_inline
         self.deleted = 0
         self.leases_expired = 0
         self.runs = 0
@@ -100,9 +104,12 @@ class Reaper(PeriodicJob):
         results = await asyncio.gather(*(self._delete(c) for c in ready))
         removed = sum(results)
         purged = await self.meta.purge_dead()
-        if removed or purged:
+        if self.on_reclaim_inline is not None:
+            for version_id in purged.inline:
+                self.on_reclaim_inline(version_id)
+        if removed or purged.versions:
             self.deleted += removed
-            log.info("chunks_reclaimed", replicas=removed, versions=purged)
+            log.info("chunks_reclaimed", replicas=removed, versions=purged.versions)
         return removed
 
     async def _delete(self, chunk: DeadChunk) -> int:
