@@ -1,4 +1,4 @@
-"""Two builds of dstore side by side, on one noisy host: CPU per 4 KiB request, A against B.
+"""Two builds of dstore side by side, on one noisy host: CPU per small request, A against B.
 
 Runs after one another drift apart by more than most changes are worth (on our VMs the
 same code gave 7.0–9.6 × the do-nothing server's CPU per PUT within an hour). Here two
@@ -15,7 +15,7 @@ over the rounds.
 A side is a source tree (put first on ``PYTHONPATH`` of its cluster), optionally followed
 by ``:NAME=VALUE`` settings for its environment (as many as wanted). Both default to this
 tree, which makes an A/A run: the harness's own noise floor. DSTORE_AB_ROUNDS=6 (of 4 windows),
-DSTORE_AB_WINDOW=1.5 (seconds per window).
+DSTORE_AB_WINDOW=1.5 (seconds per window), DSTORE_AB_SIZE=4096 (bytes per object).
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from pathlib import Path
 import aiohttp
 
 from bench.gateway import Up
-from bench.smallcpu import CLIENTS, DATA, children, cpu_seconds
+from bench.smallcpu import CLIENTS, children, cpu_seconds
 
 ROUNDS = int(os.environ.get("DSTORE_AB_ROUNDS", "6"))
 WINDOW = float(os.environ.get("DSTORE_AB_WINDOW", "1.5"))
 OBJECTS = 20  # per client, written first; the GETs read them
+DATA = os.urandom(int(os.environ.get("DSTORE_AB_SIZE", "4096")))  # each object's bytes
 HERE = str(Path(__file__).resolve().parent.parent)
 
 
@@ -125,8 +126,8 @@ async def main() -> None:
     a = Side.parse("A", os.environ.get("DSTORE_AB_A", HERE))
     b = Side.parse("B", os.environ.get("DSTORE_AB_B", HERE))
     print(
-        f"A/B: 4 KiB objects, {CLIENTS} clients, replicas 2, {ROUNDS} rounds of A B B A, "
-        f"{WINDOW:g} s windows; CPU µs per request"
+        f"A/B: {len(DATA)}-byte objects, {CLIENTS} clients, replicas 2,"
+        f" {ROUNDS} rounds of A B B A, {WINDOW:g} s windows; CPU µs per request"
     )
     print(f"  {a.describe()}\n  {b.describe()}")
     root = Path(tempfile.mkdtemp(prefix="dstore-bench-ab-"))
@@ -161,6 +162,11 @@ async def main() -> None:
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
+def ratio(b: float, a: float) -> str:
+    """B ÷ A, or "-" where A spent nothing (a node that every request passed by)."""
+    return f"{b / a:.3f}" if a else "-"
+
+
 def report(a: Side, b: Side, op: str) -> None:
     rate_a, gw_a, nodes_a = per_request(a.windows[op])
     rate_b, gw_b, nodes_b = per_request(b.windows[op])
@@ -168,7 +174,7 @@ def report(a: Side, b: Side, op: str) -> None:
     print(
         f"  {op}: A {rate_a:5.0f}/s gateway {gw_a:5.0f} nodes {nodes_a:5.0f}   "
         f"B {rate_b:5.0f}/s gateway {gw_b:5.0f} nodes {nodes_b:5.0f}   "
-        f"B ÷ A: gateway {gw_b / gw_a:.3f} nodes {nodes_b / nodes_a:.3f} "
+        f"B ÷ A: gateway {ratio(gw_b, gw_a)} nodes {ratio(nodes_b, nodes_a)} "
         f"both {(gw_b + nodes_b) / (gw_a + nodes_a):.3f} "
         f"(rounds {min(ratios):.3f} to {max(ratios):.3f}, "
         f"median {statistics.median(ratios):.3f})"
