@@ -23,7 +23,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check dstore tests bench
 	$(BIN)/ruff format --check dstore tests bench
-	$(BIN)/mypy --strict dstore
+	$(BIN)/mypy --strict dstore bench
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -89,7 +89,7 @@ async def main() -> None:
 
 
 async def measure(root: Path, settings: dict[str, str], floor: dict[str, Any]) -> None:
-    async with Up(root, 2, **settings) as cluster:
+    async with Up(root, 2, env={f"DSTORE_{k.upper()}": v for k, v in settings.items()}) as cluster:
         assert cluster.proc is not None
         pids = [cluster.proc.pid, *children(cluster.proc.pid)]
         for op in ("PUT", "GET"):
