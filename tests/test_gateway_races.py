@@ -303,3 +303,57 @@ async def test_uploads_cancelled_at_any_point_give_back_every_reservation(make_c
     members = cluster.app[keys.CLUSTER].members.values()
     assert [m.reserved for m in members] == [0] * len(members)
     assert cluster.app[keys.BUDGET].in_use == 0
+
+
+@pytest.mark.parametrize(
+    ("late", "budget_chunks", "expect_requested"),
+    [("one", 64, 8), ("all", 64, 3), ("one", 8, 5)],
+    ids=["one-late-chunk", "every-disk-slow", "half-the-budget-for-the-rest"],
+)
+async def test_reads_go_on_past_a_chunk_late_on_its_node(
+    make_cluster,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+    late: str,
+    budget_chunks: int,
+    expect_requested: int,
+) -> None:
+    """Read-ahead 2, hold 6: while chunk 1 is stuck on its node, the chunks behind it are
+    read (up to 6 ahead of the one being sent: 8 requested in all) as the ones reading
+    deliver their first bytes; with every read stuck, no more than 2 read at once (3 in
+    all, with chunk 0); past the read-ahead, chunks are held only while half the budget
+    stays free (a budget of 8 chunks: 4 held, 5 requested). Then every byte arrives."""
+    cluster = await make_cluster(memory_budget=budget_chunks * CHUNK)
+    downloader = cluster.app[keys.DOWNLOADER]
+    downloader.read_ahead, downloader.hold = 2, 6
+    data = os.urandom(20 * CHUNK + 5)
+    await cluster.put("late", data)
+    ids = [c.chunk_id for c in (await cluster.app[keys.META].lookup("late")).chunks]
+    stuck = {ids[1]} if late == "one" else set(ids[1:])
+    release = asyncio.Event()
+    requested: list[str] = []
+    for node in cluster.nodes:
+
+        def wrap(original):  # type: ignore[no-untyped-def]
+            @contextlib.asynccontextmanager
+            async def reader(chunk_id: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+                requested.append(chunk_id)
+                if chunk_id in stuck:
+                    await release.wait()
+                async with original(chunk_id, *args, **kwargs) as opened:
+                    yield opened
+
+            return reader
+
+        monkeypatch.setattr(node.store, "reader", wrap(node.store.reader))
+    budget = cluster.app[keys.BUDGET]
+    get = asyncio.create_task(cluster.get("late"))
+    await wait_for(lambda: len(requested) >= expect_requested)
+    await asyncio.sleep(0.3)  # time to over-reach, if it would
+    assert requested == ids[:expect_requested]
+    assert budget.in_use == (expect_requested - 1) * CHUNK  # chunk 0 sent and let go
+    if budget_chunks == 8:
+        assert budget.in_use <= budget.limit // 2
+    release.set()
+    response, body = await get
+    assert response.status == 200 and body == data
+    assert sorted(set(requested)) == sorted(ids) and budget.in_use == 0

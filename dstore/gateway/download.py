@@ -1,12 +1,20 @@
 """The download pipeline: one resolved version, its chunks streamed in order.
 
-The chunks a byte range overlaps are fetched with a small read-ahead window; each is
-verified against the checksum in the metadata before a byte of it is handed on (a full
-chunk is hashed here; a partial read is vouched for by the node, which hashes the whole
-chunk while reading it, and by its stored checksum matching ours). A replica that fails,
-times out, is missing or corrupt is skipped for the next one. With no replica left the
-stream fails: before the first byte that is a 503, after it the caller aborts the
-response (the client sees fewer bytes than announced, never a complete-looking file).
+The chunks a byte range overlaps are fetched ahead of the one being sent: up to
+``read_ahead`` of them reading on the nodes at once, up to ``hold`` fetched or being
+fetched. The next read starts when one that is reading delivers its first byte (its node
+has read the chunk), not when the oldest has been sent: reads launched together finish
+together (they share the disk), so a window that refills only as chunks leave in order
+lets the disk idle while they cross the network, and one chunk late on its node holds
+back every read behind it.
+
+Each chunk is verified against the checksum in the metadata before a byte of it is
+handed on (a full chunk is hashed here; a partial read is vouched for by the node, which
+hashes the whole chunk while reading it, and by its stored checksum matching ours). A
+replica that fails, times out, is missing or corrupt is skipped for the next one. With no
+replica left the stream fails: before the first byte that is a 503, after it the caller
+aborts the response (the client sees fewer bytes than announced, never a
+complete-looking file).
 
 No aiohttp here: bytes are handed to any async ``write`` callable.
 """
@@ -126,7 +134,9 @@ class SpanFeed:
 class Downloader:
     """Streams versions out of the cluster. Chunk buffers (the one being sent and the
     read-ahead) come from the gateway's memory budget, shared with uploads: the next
-    chunk waits for room; read-ahead only happens while there is room to spare."""
+    chunk waits for room; read-ahead only happens while there is room to spare, and the
+    chunks past the first ``read_ahead`` only while half the budget stays free. A GET
+    holds ``hold`` + 1 chunks at most, however slow its client."""
 
     def __init__(
         self,
@@ -134,6 +144,7 @@ class Downloader:
         budget: MemoryBudget,
         *,
         read_ahead: int = 4,
+        hold: int = 8,
         on_bad_replica: Callable[[str, str, str], None] | None = None,
         cache: ChunkCache | None = None,
     ) -> None:
@@ -141,12 +152,14 @@ class Downloader:
         self.budget = budget
         self.cache = cache if cache is not None else ChunkCache(0)
         self.on_bad_replica = on_bad_replica  # read-repair: (chunk id, node id, reason)
-        self.read_ahead = read_ahead
+        self.read_ahead = read_ahead  # chunks reading on the nodes at once, at most
+        self.hold = max(hold, read_ahead)  # chunks fetched or fetching ahead, at most
         self.failovers = 0
 
     def __repr__(self) -> str:
         return (
-            f"<Downloader read_ahead={self.read_ahead}, {self.failovers} failovers, {self.cache!r}>"
+            f"<Downloader read_ahead={self.read_ahead} hold={self.hold},"
+            f" {self.failovers} failovers, {self.cache!r}>"
         )
 
     async def read_small(self, span: Span, trace: str = "") -> list[memoryview]:
@@ -171,18 +184,34 @@ class Downloader:
         no memory frees up for the next chunk in time."""
         pending: deque[tuple[Span, asyncio.Task[list[memoryview]]]] = deque()
         held = 0
+        reading = 0  # fetches in ``pending`` whose first byte has not come yet
+        ahead = False  # read-ahead may start: set once the first chunk is in hand
 
         def launch(span: Span) -> None:
-            nonlocal held
+            nonlocal held, reading
             held += span.length
-            pending.append((span, asyncio.create_task(self.fetch(span, trace))))
+            reading += 1
+            arrived = False
+
+            def first_byte(_: object = None) -> None:  # also when the fetch ends anyhow
+                nonlocal reading, arrived
+                if not arrived:
+                    arrived = True
+                    reading -= 1
+                    if ahead:
+                        read_ahead()
+
+            task = asyncio.create_task(self.fetch(span, trace, first_byte))
+            task.add_done_callback(first_byte)
+            pending.append((span, task))
 
         def read_ahead() -> None:
-            while (
-                len(pending) < self.read_ahead
-                and feed
-                and self.budget.try_acquire(feed.peek().length)
-            ):
+            nonlocal ahead
+            ahead = True
+            while reading < self.read_ahead and len(pending) < self.hold and feed:
+                spare = self.budget.limit // 2 if len(pending) >= self.read_ahead else 0
+                if not self.budget.try_acquire(feed.peek().length, keep_free=spare):
+                    return
                 launch(feed.pop())
 
         try:
@@ -194,7 +223,7 @@ class Downloader:
                     launch(feed.pop())
                 if before_first_write is None:
                     read_ahead()  # not before the first chunk: it alone sets time to first byte
-                    if len(feed) < self.read_ahead and not feed.complete:
+                    if len(feed) < self.hold and not feed.complete:
                         await feed.refill()  # the next page, while the read-ahead reads
                 span, task = pending.popleft()
                 pieces = await task
@@ -208,6 +237,7 @@ class Downloader:
                 held -= span.length
                 self.budget.release(span.length)
         finally:
+            ahead = False  # the fetches ending below launch no more
             for _, task in pending:
                 task.cancel()
             for _, task in pending:
@@ -229,27 +259,33 @@ class Downloader:
             ranked.append((member.state is not NodeState.UP, position, node_id))
         return [entry[-1] for entry in sorted(ranked)]
 
-    async def fetch(self, span: Span, trace: str = "") -> list[memoryview]:
+    async def fetch(
+        self, span: Span, trace: str = "", first_byte: Callable[[], None] | None = None
+    ) -> list[memoryview]:
         """The verified bytes of one span: from the read cache, or from the first replica
-        that delivers them (a whole small chunk is then cached)."""
+        that delivers them (a whole small chunk is then cached). ``first_byte`` is called
+        when the first of them arrives from a node."""
         chunk = span.chunk
         if self.cache.admits(chunk.size):
             cached = self.cache.get(chunk.chunk_id)
             if cached is not None:
                 return [memoryview(cached)[span.offset : span.offset + span.length]]
             if span.whole:
-                data = b"".join(await self._fetch_any(span, trace))  # off the receive buffers
+                pieces = await self._fetch_any(span, trace, first_byte)
+                data = b"".join(pieces)  # off the receive buffers
                 self.cache.put(chunk.chunk_id, data)
                 return [memoryview(data)]
-        return await self._fetch_any(span, trace)
+        return await self._fetch_any(span, trace, first_byte)
 
-    async def _fetch_any(self, span: Span, trace: str) -> list[memoryview]:
+    async def _fetch_any(
+        self, span: Span, trace: str, first_byte: Callable[[], None] | None
+    ) -> list[memoryview]:
         errors = []
         for node_id in self._replica_order(span.chunk):
             member = self.cluster.by_id(node_id)
             assert member is not None
             try:
-                fetch = self._fetch_from(member.client, span, trace)
+                fetch = self._fetch_from(member.client, span, trace, first_byte)
                 if member.state is NodeState.UP:
                     return await self.cluster.call(member, fetch)
                 return await fetch  # a suspect node is the last resort: let it try
@@ -269,7 +305,9 @@ class Downloader:
         raise NoReplica(f"no replica of chunk {span.chunk.index} could be read ({tried})")
 
     @staticmethod
-    async def _fetch_from(client: NodeClient, span: Span, trace: str) -> list[memoryview]:
+    async def _fetch_from(
+        client: NodeClient, span: Span, trace: str, first_byte: Callable[[], None] | None
+    ) -> list[memoryview]:
         chunk = span.chunk
         async with client.open_chunk(
             chunk.chunk_id,
@@ -283,6 +321,9 @@ class Downloader:
             hasher = Hasher() if span.whole else None
             pieces = []
             async for piece in body:
+                if first_byte is not None:
+                    first_byte()
+                    first_byte = None
                 if hasher is not None:
                     hasher.update(piece)
                 pieces.append(piece)

@@ -47,9 +47,10 @@ class MemoryBudget:
                 raise Overloaded("the gateway is busy: no memory for another chunk") from exc
             raise
 
-    def try_acquire(self, n: int) -> bool:
-        """Take ``n`` bytes only if they are free now and nobody is waiting."""
-        if self._waiters or self.in_use + n > self.limit:
+    def try_acquire(self, n: int, *, keep_free: int = 0) -> bool:
+        """Take ``n`` bytes only if they are free now, with ``keep_free`` more to spare,
+        and nobody is waiting."""
+        if self._waiters or self.in_use + n + keep_free > self.limit:
             return False
         self._take(n)
         return True
