@@ -143,8 +143,8 @@ class Downloader:
         cluster: Cluster,
         budget: MemoryBudget,
         *,
-        read_ahead: int = 4,
-        hold: int = 8,
+        read_ahead: int = 6,
+        hold: int = 12,
         on_bad_replica: Callable[[str, str, str], None] | None = None,
         cache: ChunkCache | None = None,
     ) -> None:
