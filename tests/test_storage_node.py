@@ -326,6 +326,53 @@ async def test_rot_anywhere_in_a_chunk_read_directly_fails_every_verified_read(
     assert await client.ping() >= 0
 
 
+@pytest.mark.parametrize("direct", [True, False])  # a cold chunk; one without O_DIRECT
+@pytest.mark.parametrize("size", [100_000, 3_000_000, 4 << 20])  # in a volume; own files
+async def test_a_verified_get_of_a_chunk_up_to_4_mib_is_checked_before_its_header(
+    node: StorageNode,
+    client: NodeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    size: int,
+    direct: bool,
+) -> None:
+    if not direct:
+        monkeypatch.setattr(disk, "set_direct", lambda fd: False)
+    data = os.urandom(size)
+    chunk_id = await put(client, data)
+    async with client.open_chunk(chunk_id, offset=5, length=size - 9) as body:
+        assert body.checked
+        assert b"".join([bytes(p) async for p in body]) == data[5:-4]
+    async with client.open_chunk(chunk_id, verify=False) as body:
+        # unverified: nothing vouched for, except a small chunk in a volume, which is
+        # always read whole and checked
+        assert body.checked is (size == 100_000)
+        assert b"".join([bytes(p) async for p in body]) == data
+    (chunk,) = chunk_files(node.config.data_dir)
+    chunk.flip(size - 1, 0x02)
+    opened = False
+    with pytest.raises(ChunkCorrupt):
+        async with client.open_chunk(chunk_id):
+            opened = True  # never: the refusal comes instead of the header
+    assert not opened
+    assert await client.ping() >= 0
+
+
+async def test_a_verified_get_of_a_bigger_chunk_is_checked_after_its_body(
+    node: StorageNode, client: NodeClient
+) -> None:
+    data = os.urandom((4 << 20) + 1)
+    chunk_id = await put(client, data)
+    async with client.open_chunk(chunk_id) as body:
+        assert not body.checked
+        assert b"".join([bytes(p) async for p in body]) == data
+    (chunk,) = chunk_files(node.config.data_dir)
+    chunk.flip(0, 0x02)
+    async with client.open_chunk(chunk_id) as body:
+        with pytest.raises(ChunkCorrupt):  # the verdict after the body
+            async for _ in body:
+                pass
+
+
 async def test_concurrent_direct_reads_never_share_a_buffer(node: StorageNode) -> None:
     blobs = [os.urandom(5_000_000 + i) for i in range(6)]
     async with NodeClient("127.0.0.1", node.port, SECRET.encode(), max_connections=8) as c:

@@ -172,6 +172,10 @@ class ChunkData(Reply):
     length: int = 0
     size: int = 0
     checksum: bytes = b""
+    # the node read the whole chunk and checked its checksum before sending this header
+    # (a verified get of a chunk of up to 4 MiB): the body's bytes are good, and the
+    # reader may pass them on before the final ``Done``
+    checked: bool = False
 
 
 @dataclass(frozen=True)

@@ -424,6 +424,7 @@ class ChunkStream:
         self.length = header.length
         self.size = header.size
         self.checksum = header.checksum
+        self.checked = header.checked  # the node checked the whole chunk before sending
         self.finished = False
         self._stream = stream
 

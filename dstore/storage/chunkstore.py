@@ -439,13 +439,15 @@ class ChunkStore:
         self, chunk_id: str, offset: int = 0, length: int | None = None, *, verify: bool = True
     ) -> AsyncIterator[ChunkReader]:
         """Open a chunk for streaming ``[offset, offset+length)``. With ``verify`` the whole
-        chunk is hashed while streaming and a mismatch raises ``ChunkCorrupt`` after the
-        last piece. Without it the caller checks the bytes itself, and if
+        chunk is hashed and a mismatch raises ``ChunkCorrupt``: here, before a byte is
+        handed out, for a chunk of up to ``READ_SIZE`` (read whole at the open, and then
+        ``reader.checked``), else after the last piece. Without it the caller checks the
+        bytes itself, and if
         ``reader.sendfile`` it sends them with ``sendfile`` (``ChunkReader.file_range``)
         instead of iterating."""
         if offset < 0 or (length is not None and length < 0):
             raise DstoreError(f"bad range {offset}+{length}", code="bad_range")
-        reader = await self._open(chunk_id, verify)
+        reader = await self._open(chunk_id, verify, check_first=verify)
         try:
             if offset > reader.size:
                 raise DstoreError(
@@ -459,14 +461,29 @@ class ChunkStore:
         finally:
             reader.close()
 
-    async def _open(self, chunk_id: str, verify: bool = True) -> ChunkReader:
+    async def _open(
+        self, chunk_id: str, verify: bool = True, *, check_first: bool = False
+    ) -> ChunkReader:
+        """``check_first``: read and check a chunk of up to ``READ_SIZE`` whole at the open
+        (a buffer for a direct read is taken here: the pool is the event loop's)."""
         if not is_valid_chunk_id(chunk_id):
             raise InvalidChunkId(f"invalid chunk id {chunk_id!r}")
         for _ in range(3):
             needle = self.volumes.get(chunk_id)
             if needle is None:
                 path = self.path_of(chunk_id)
-                return await asyncio.to_thread(ChunkReader.open, path, chunk_id, verify=verify)
+                buf = DIRECT_POOL.take() if check_first else None
+                try:
+                    reader = await asyncio.to_thread(
+                        ChunkReader.open, path, chunk_id, verify=verify, buf=buf
+                    )
+                except BaseException:
+                    if buf is not None:  # (taken again only once the thread lets go)
+                        DIRECT_POOL.give(buf)
+                    raise
+                if buf is not None and reader._ready is not buf:
+                    DIRECT_POOL.give(buf)  # not needed: a buffered read, or a big chunk
+                return reader
             try:
                 return await asyncio.to_thread(
                     ChunkReader.open_needle, self.volumes.path(needle.volume), chunk_id, needle
@@ -661,6 +678,12 @@ class ChunkReader:
         self._hasher = Hasher()
         self._first = b""
         self.prefetched = False  # the first piece was read (and hashed) at the open
+        # the whole chunk was read and its checksum checked at the open: its bytes are in
+        # memory (``_first``, or ``_ready`` for a direct read: a pool buffer, ``_got``
+        # bytes from the aligned block holding its first byte)
+        self.checked = False
+        self._ready: mmap.mmap | None = None
+        self._got = 0
 
     @property
     def sendfile(self) -> bool:
@@ -672,11 +695,15 @@ class ChunkReader:
         return f"<ChunkReader {self.chunk_id} {self.offset}+{self.length} of {self.size}>"
 
     @classmethod
-    def open(cls, path: Path, chunk_id: str, *, verify: bool = True) -> ChunkReader:
+    def open(
+        cls, path: Path, chunk_id: str, *, verify: bool = True, buf: mmap.mmap | None = None
+    ) -> ChunkReader:
         """Open, check the header and file length, and choose how to read: a chunk of up
         to ``SENDFILE_MIN`` (or a cached one, verified) has its first piece read here,
         and for chunks of up to ``READ_SIZE`` this one worker-thread hop is then all the
-        disk work of a get."""
+        disk work of a get. Verified, such a chunk is checked here too (``checked``);
+        read directly, that takes ``buf`` (a ``DIRECT_POOL`` buffer), which the reader
+        then keeps as ``_ready`` until its bytes are handed on or it is closed."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as exc:
@@ -691,6 +718,12 @@ class ChunkReader:
                 reader.direct = disk.set_direct(fd)  # (the header was read before)
             if not reader.direct and (verify or size <= SENDFILE_MIN):
                 reader._prefetch()
+            elif reader.direct and verify and buf is not None and size <= READ_SIZE:
+                at = HEADER_SIZE - HEADER_SIZE % disk.ALIGN
+                reader._got = reader._read_direct(buf, at, HEADER_SIZE + size)
+                reader._check_direct(at, reader._got, HEADER_SIZE + size)
+                reader._ready = buf
+                reader.checked = True
         except BaseException:
             os.close(fd)
             raise
@@ -714,11 +747,18 @@ class ChunkReader:
     def _prefetch(self) -> None:
         self._first = self._read_and_hash(0)
         self.prefetched = True
+        if self.verify and len(self._first) == self.size:
+            if self._hasher.digest() != self.checksum:
+                raise ChunkCorrupt(f"chunk {self.chunk_id} failed its checksum")
+            self.checked = True
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._ready is not None:  # never handed on
+            DIRECT_POOL.give(self._ready)
+            self._ready = None
 
     def file_range(self) -> tuple[int, int, int]:
         """(fd, file offset, byte count) of the range being read, for ``sendfile``."""
@@ -779,10 +819,14 @@ class ChunkReader:
         end = start + self.length
         read_from, read_to = self._direct_span()
         at = read_from - read_from % disk.ALIGN
-        buf = DIRECT_POOL.take()
-        pending: asyncio.Future[int] | None = asyncio.ensure_future(
-            asyncio.to_thread(self._read_direct, buf, at, read_to)
-        )
+        pending: asyncio.Future[int] | None
+        if self._ready is not None:  # read and checked at the open
+            buf, self._ready = self._ready, None
+            pending = asyncio.get_running_loop().create_future()
+            pending.set_result(self._got)
+        else:
+            buf = DIRECT_POOL.take()
+            pending = asyncio.ensure_future(asyncio.to_thread(self._read_direct, buf, at, read_to))
         ahead: mmap.mmap | None = None
         try:
             while pending is not None:

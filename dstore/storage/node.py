@@ -162,7 +162,11 @@ class StorageNode:
                 verify=request.verify,
             ) as reader:
                 header = ChunkData(
-                    rid=rid, length=reader.length, size=reader.size, checksum=reader.checksum
+                    rid=rid,
+                    length=reader.length,
+                    size=reader.size,
+                    checksum=reader.checksum,
+                    checked=reader.checked,
                 )
                 if reader.sendfile and stream.can_sendfile:
                     # the reader verifies: page cache to socket, no copy, no hashing here
