@@ -86,6 +86,18 @@ def parse_hostport(value: object) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def parse_bool(value: object) -> bool:
+    """``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r} (try true or false)")
+
+
 def parse_list(value: object) -> list[str]:
     if isinstance(value, list):
         return [str(v) for v in value]
@@ -156,6 +168,9 @@ class GatewayConfig:
     memory_budget: int = _opt(256 << 20, parse_size, "chunk bytes all uploads may buffer")
     budget_wait: float = _opt(10.0, parse_duration, "how long an upload waits for memory")
     cache_size: int = _opt(64 << 20, parse_size, "read cache for small chunks (0: off)")
+    splice: bool = _opt(
+        True, parse_bool, "relay whole chunks node to client in the kernel (Linux, no TLS)"
+    )
     lookup_cache: int = _opt(16384, int, "names whose current version is kept in memory (0: off)")
     inline_max: int = _opt(
         4 << 10,

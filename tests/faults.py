@@ -16,6 +16,7 @@ class FaultProxy:
     - ``delay``: forward, each piece after ``delay`` seconds;
     - ``blackhole``: accept and read everything, forward and answer nothing (a hung node);
     - ``cut``: forward ``cut_after`` more bytes towards the node, then close both sides;
+    - ``cut_reply``: the same towards the client (a node that dies part-way through a reply);
     - ``reset``: close every connection at once with a TCP reset;
     - ``refuse``: stop listening (connection refused) until set back.
     """
@@ -101,7 +102,9 @@ class FaultProxy:
                 continue  # swallowed: the peer waits forever
             if self.mode == "delay":
                 await asyncio.sleep(self.delay)
-            if self.mode == "cut" and towards_node:
+            if (self.mode == "cut" and towards_node) or (
+                self.mode == "cut_reply" and not towards_node
+            ):
                 if self.cut_after <= 0:
                     return
                 data = data[: self.cut_after]

@@ -249,6 +249,32 @@ async def test_download_fails_over_mid_stream(make_cluster: Any, fault: str) -> 
     assert cluster.app[keys.DOWNLOADER].failovers >= 1
 
 
+@pytest.mark.parametrize("cut_after", [1, 20_000, 3 * CHUNK + 7_000])
+async def test_a_relay_cut_part_way_resumes_from_another_replica(
+    make_cluster: Any, cut_after: int
+) -> None:
+    """A node dies part-way through a chunk being spliced to the client: the client gets
+    every byte once, in order, the rest of that chunk coming from the next replica."""
+    cluster, proxies = await proxied_cluster(make_cluster, nodes=3, io_timeout=1.0)
+    data = os.urandom(12 * CHUNK)
+    assert (await cluster.put("relayed", data)).status == 201
+    version = await cluster.app[keys.META].lookup("relayed")
+    first_choice = version.chunks[0].nodes[0]
+    victim = next(i for i, n in enumerate(cluster.nodes) if n.node_id == first_choice)
+    await proxies[victim].set("cut_reply", cut_after=cut_after)
+    downloader = cluster.app[keys.DOWNLOADER]
+    response, body = await cluster.get("relayed")
+    assert response.status == 200
+    assert body == data
+    assert downloader.failovers >= 1
+    if cut_after > 1000:  # past the reply's header: into the body
+        assert downloader.resumes >= 1
+    assert downloader.relays >= 6  # the others went through the kernel
+    await proxies[victim].set("ok")
+    response, body = await cluster.get("relayed", headers={"Range": "bytes=100-"})
+    assert response.status == 206 and body == data[100:]
+
+
 async def test_download_without_any_replica_is_cut_not_a_short_200(make_cluster: Any) -> None:
     cluster, proxies = await proxied_cluster(
         make_cluster, nodes=2, replicas=1, memory_budget=4 * CHUNK

@@ -109,7 +109,11 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         uploader = Uploader(meta, cluster, budget, reaper, settings, cache=cache)
         app[keys.UPLOADER] = uploader
         app[keys.DOWNLOADER] = Downloader(
-            cluster, budget, on_bad_replica=repairer.report_bad, cache=cache
+            cluster,
+            budget,
+            on_bad_replica=repairer.report_bad,
+            cache=cache,
+            splice=config.splice,
         )
         inline_scrubber = InlineScrubber(meta, interval=config.inline_scrub_interval)
         app[keys.INLINE_SCRUBBER] = inline_scrubber

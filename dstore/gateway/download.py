@@ -16,6 +16,12 @@ replica left the stream fails: before the first byte that is a 503, after it the
 aborts the response (the client sees fewer bytes than announced, never a
 complete-looking file).
 
+Given a ``Splicer`` on the client's socket, a whole chunk of up to ``RELAY_MAX`` is not
+copied through the gateway at all: the node reads and checks it before sending its header
+(``checked``), the fetch then waits for its turn (every byte before it gone out) and the
+chunk is spliced from the node's socket to the client's inside the kernel. A relay cut
+part-way resumes where it stopped, from another replica (a verified ranged read).
+
 No aiohttp here: bytes are handed to any async ``write`` callable.
 """
 
@@ -26,6 +32,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 
@@ -36,14 +43,42 @@ from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster, NodeState
 from dstore.master.metadata import ChunkRef
 from dstore.rpc.client import NodeClient
+from dstore.rpc.splice import PeerGone, Splicer
 
 log = structlog.get_logger("dstore.download")
 
 Write = Callable[[memoryview], Awaitable[None]]
 
+# chunks a node checks whole before sending (its READ_SIZE) may be relayed
+RELAY_MAX = 4 << 20
+
+
+@dataclass(slots=True)
+class _Relay:
+    """One chunk's relay: ``turn`` is set when every byte before it went out."""
+
+    splicer: Splicer
+    turn: asyncio.Future[None]
+    start: int = -1  # the splicer's count when this chunk's relay began (-1: not yet)
+
+    @property
+    def relayed(self) -> int:
+        """Bytes of the chunk relayed so far."""
+        return 0 if self.start < 0 else self.splicer.sent - self.start
+
 
 class NoReplica(NodeUnavailable):
     """Every replica of a chunk failed."""
+
+
+class _Pending(NamedTuple):
+    """A chunk being fetched for a stream: ``ready`` is set once its bytes are known good
+    (it is being relayed, or the fetch ended)."""
+
+    span: Span
+    task: asyncio.Task[list[memoryview]]
+    ready: asyncio.Future[None]
+    relay: _Relay | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,19 +182,23 @@ class Downloader:
         hold: int = 12,
         on_bad_replica: Callable[[str, str, str], None] | None = None,
         cache: ChunkCache | None = None,
+        splice: bool = True,
     ) -> None:
         self.cluster = cluster
+        self.splice = splice  # streams may relay whole chunks with a ``Splicer``
         self.budget = budget
         self.cache = cache if cache is not None else ChunkCache(0)
         self.on_bad_replica = on_bad_replica  # read-repair: (chunk id, node id, reason)
         self.read_ahead = read_ahead  # chunks reading on the nodes at once, at most
         self.hold = max(hold, read_ahead)  # chunks fetched or fetching ahead, at most
         self.failovers = 0
+        self.relays = 0  # chunks spliced node to client whole
+        self.resumes = 0  # relays cut part-way and finished from another replica
 
     def __repr__(self) -> str:
         return (
             f"<Downloader read_ahead={self.read_ahead} hold={self.hold},"
-            f" {self.failovers} failovers, {self.cache!r}>"
+            f" {self.failovers} failovers, {self.relays} relays, {self.cache!r}>"
         )
 
     async def read_small(self, span: Span, trace: str = "") -> list[memoryview]:
@@ -177,12 +216,15 @@ class Downloader:
         *,
         trace: str = "",
         before_first_write: Callable[[], Awaitable[None]] | None = None,
+        splicer: Splicer | None = None,
     ) -> None:
         """Write the spans in order. ``before_first_write`` runs once the first chunk is
-        in hand and verified (the HTTP layer sends its status line then). Raises
-        ``NoReplica`` when a chunk cannot be read from any replica, ``Overloaded`` when
-        no memory frees up for the next chunk in time."""
-        pending: deque[tuple[Span, asyncio.Task[list[memoryview]]]] = deque()
+        in hand and verified (the HTTP layer sends its status line then). With a
+        ``splicer`` on the destination, whole chunks go to it instead, node to client in
+        the kernel, and ``write`` gets the rest. Raises ``NoReplica`` when a chunk cannot
+        be read from any replica, ``Overloaded`` when no memory frees up for the next
+        chunk in time, ``PeerGone`` when the splicer's destination fails."""
+        pending: deque[_Pending] = deque()
         held = 0
         reading = 0  # fetches in ``pending`` whose first byte has not come yet
         ahead = False  # read-ahead may start: set once the first chunk is in hand
@@ -192,6 +234,7 @@ class Downloader:
             held += span.length
             reading += 1
             arrived = False
+            ready = asyncio.get_running_loop().create_future()
 
             def first_byte(_: object = None) -> None:  # also when the fetch ends anyhow
                 nonlocal reading, arrived
@@ -201,9 +244,17 @@ class Downloader:
                     if ahead:
                         read_ahead()
 
-            task = asyncio.create_task(self.fetch(span, trace, first_byte))
-            task.add_done_callback(first_byte)
-            pending.append((span, task))
+            def done(_: object) -> None:
+                first_byte()
+                if not ready.done():
+                    ready.set_result(None)
+
+            relay = None
+            if splicer is not None and self._relayable(span):
+                relay = _Relay(splicer, asyncio.get_running_loop().create_future())
+            task = asyncio.create_task(self.fetch(span, trace, first_byte, relay, ready))
+            task.add_done_callback(done)
+            pending.append(_Pending(span, task, ready, relay))
 
         def read_ahead() -> None:
             nonlocal ahead
@@ -225,12 +276,17 @@ class Downloader:
                     read_ahead()  # not before the first chunk: it alone sets time to first byte
                     if len(feed) < self.hold and not feed.complete:
                         await feed.refill()  # the next page, while the read-ahead reads
-                span, task = pending.popleft()
-                pieces = await task
+                span, task, ready, relay = pending.popleft()
+                await ready  # its bytes are known good (or the fetch is over)
+                if task.done():
+                    task.result()  # a failure: raised before anything is sent for it
                 if before_first_write is not None:
                     read_ahead()  # the later chunks come while the first goes out
                     await before_first_write()
                     before_first_write = None
+                if relay is not None:
+                    relay.turn.set_result(None)
+                pieces = await task
                 for piece in pieces:
                     await write(piece)
                 del pieces
@@ -238,11 +294,11 @@ class Downloader:
                 self.budget.release(span.length)
         finally:
             ahead = False  # the fetches ending below launch no more
-            for _, task in pending:
-                task.cancel()
-            for _, task in pending:
-                with suppress(asyncio.CancelledError, DstoreError):
-                    await task
+            for entry in pending:
+                entry.task.cancel()
+            for entry in pending:
+                with suppress(asyncio.CancelledError, DstoreError, PeerGone):
+                    await entry.task
             if held:
                 self.budget.release(held)
 
@@ -259,12 +315,25 @@ class Downloader:
             ranked.append((member.state is not NodeState.UP, position, node_id))
         return [entry[-1] for entry in sorted(ranked)]
 
+    def _relayable(self, span: Span) -> bool:
+        """A whole chunk the node checks before sending, and that the cache would not keep."""
+        return span.whole and 0 < span.length <= RELAY_MAX and not self.cache.admits(span.length)
+
     async def fetch(
-        self, span: Span, trace: str = "", first_byte: Callable[[], None] | None = None
+        self,
+        span: Span,
+        trace: str = "",
+        first_byte: Callable[[], None] | None = None,
+        relay: _Relay | None = None,
+        ready: asyncio.Future[None] | None = None,
     ) -> list[memoryview]:
         """The verified bytes of one span: from the read cache, or from the first replica
         that delivers them (a whole small chunk is then cached). ``first_byte`` is called
-        when the first of them arrives from a node."""
+        when the first of them arrives from a node. With ``relay``, a node that checked
+        the chunk first has it relayed (``ready`` is set then, and the relay waits for
+        its turn); what is returned is what was not relayed."""
+        if relay is not None:
+            return await self._fetch_any(span, trace, first_byte, relay, ready)
         chunk = span.chunk
         if self.cache.admits(chunk.size):
             cached = self.cache.get(chunk.chunk_id)
@@ -278,18 +347,33 @@ class Downloader:
         return await self._fetch_any(span, trace, first_byte)
 
     async def _fetch_any(
-        self, span: Span, trace: str, first_byte: Callable[[], None] | None
+        self,
+        span: Span,
+        trace: str,
+        first_byte: Callable[[], None] | None,
+        relay: _Relay | None = None,
+        ready: asyncio.Future[None] | None = None,
     ) -> list[memoryview]:
         errors = []
         for node_id in self._replica_order(span.chunk):
             member = self.cluster.by_id(node_id)
             assert member is not None
             try:
-                fetch = self._fetch_from(member.client, span, trace, first_byte)
+                fetch = self._fetch_from(member.client, span, trace, first_byte, relay, ready)
                 if member.state is NodeState.UP:
-                    return await self.cluster.call(member, fetch)
-                return await fetch  # a suspect node is the last resort: let it try
+                    pieces = await self.cluster.call(member, fetch)
+                else:
+                    pieces = await fetch  # a suspect node is the last resort: let it try
+                if relay is not None and relay.start >= 0:
+                    self.relays += 1
+                return pieces
             except DstoreError as exc:
+                if relay is not None and relay.relayed:
+                    # cut part-way: the rest from the next replica, read into memory
+                    done = relay.relayed
+                    span = Span(span.chunk, span.offset + done, span.length - done)
+                    relay = None
+                    self.resumes += 1
                 self.failovers += 1
                 errors.append(f"{node_id}: {exc.code}")
                 if exc.code in ("chunk_corrupt", "chunk_not_found") and self.on_bad_replica:
@@ -306,19 +390,37 @@ class Downloader:
 
     @staticmethod
     async def _fetch_from(
-        client: NodeClient, span: Span, trace: str, first_byte: Callable[[], None] | None
+        client: NodeClient,
+        span: Span,
+        trace: str,
+        first_byte: Callable[[], None] | None,
+        relay: _Relay | None = None,
+        ready: asyncio.Future[None] | None = None,
     ) -> list[memoryview]:
         chunk = span.chunk
         async with client.open_chunk(
             chunk.chunk_id,
             offset=span.offset,
             length=None if span.whole else span.length,
-            verify=not span.whole,  # a whole chunk is hashed here
+            # a whole chunk is hashed here, unless it is to be relayed
+            verify=not span.whole or relay is not None,
             trace=trace,
         ) as body:
             if body.checksum != chunk.checksum or body.size != chunk.size:
                 raise ChunkCorrupt(f"chunk {chunk.chunk_id} differs from its metadata")
-            hasher = Hasher() if span.whole else None
+            if relay is not None and body.checked and body.length == span.length:
+                if first_byte is not None:
+                    first_byte()
+                if ready is not None and not ready.done():
+                    ready.set_result(None)
+                while not relay.turn.done():
+                    await asyncio.wait([relay.turn], timeout=body.touch_every)
+                    body.touch()
+                relay.start = relay.splicer.sent
+                await body.relay(relay.splicer)
+                return []
+            # the node vouches for a verified read (its verdict comes after the body)
+            hasher = Hasher() if span.whole and relay is None else None
             pieces = []
             async for piece in body:
                 if first_byte is not None:

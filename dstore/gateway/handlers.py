@@ -37,6 +37,8 @@ from dstore.log import log_context
 from dstore.master.budget import Overloaded
 from dstore.master.metadata import FileNotFound, FileVersion, PreconditionFailed
 from dstore.protocol import handshake
+from dstore.rpc import splice
+from dstore.rpc.splice import Splicer
 
 log = structlog.get_logger("dstore.http")
 
@@ -387,19 +389,26 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = end - start
 
+    splicer = _splicer(request) if downloader.splice else None
+
     async def send_status() -> None:
         # only once the first chunk is in hand and verified: a file that cannot be
         # read at all is a clean 503, not a broken 200
         await response.prepare(request)
+        if splicer is not None:
+            await response.write(b"")  # the status line and headers go out now
 
-    request[keys.REQUEST_BYTES_OUT] = 0
+    written = 0
 
     async def write(piece: memoryview) -> None:
+        nonlocal written
         await response.write(piece)
-        request[keys.REQUEST_BYTES_OUT] += len(piece)
+        written += len(piece)
 
     try:
-        await downloader.stream(feed, write, trace=trace, before_first_write=send_status)
+        await downloader.stream(
+            feed, write, trace=trace, before_first_write=send_status, splicer=splicer
+        )
     except DstoreError as exc:
         if not response.prepared:
             raise
@@ -409,13 +418,28 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
             name=version.name,
             error=str(exc),
             code=exc.code,
-            sent=request[keys.REQUEST_BYTES_OUT],
+            sent=written + (splicer.sent if splicer else 0),
         )
         if request.transport is not None:
             request.transport.abort()
         return response
+    finally:
+        request[keys.REQUEST_BYTES_OUT] = written + (splicer.sent if splicer else 0)
+        if splicer is not None:
+            splicer.close()
     await response.write_eof()
     return response
+
+
+def _splicer(request: web.Request) -> Splicer | None:
+    """A relay into the client's socket, where the kernel can do it (plain TCP, Linux)."""
+    transport = request.transport
+    if transport is None or transport.get_extra_info("sslcontext") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if not splice.available(sock):
+        return None
+    return Splicer(sock, transport.get_write_buffer_size)
 
 
 async def delete_file(request: web.Request) -> web.StreamResponse:

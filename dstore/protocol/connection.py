@@ -195,6 +195,27 @@ class Connection:
         self._body_left -= len(piece)
         return Body(piece)
 
+    @property
+    def body_pending(self) -> int:
+        """Body bytes announced by the last message and not yet received."""
+        return self._body_left or 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out as events."""
+        return self._buffered
+
+    def body_received(self, count: int) -> None:
+        """Account for ``count`` body bytes received around this object (spliced from the
+        socket straight on): only with nothing buffered, so none are skipped."""
+        if self._buffered or not 0 <= count <= self.body_pending:
+            raise LocalProtocolError(
+                f"{count} body bytes received around, {self.body_pending} pending,"
+                f" {self._buffered} buffered"
+            )
+        if self._body_left is not None:
+            self._body_left -= count
+
     def _starved(self) -> _Sentinel:
         if not self._eof:
             return NEED_DATA

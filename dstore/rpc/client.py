@@ -53,6 +53,7 @@ from dstore.protocol import (
     TakeCorrupt,
     Welcome,
 )
+from dstore.rpc.splice import Splicer
 from dstore.rpc.transport import CORK_LIMIT, Connector, FramedStream, open_tcp
 
 BODY_PIECE = 1 << 20
@@ -265,10 +266,11 @@ class NodeClient:
             length=length,
             verify=verify,
         )
-        async with self._request() as stream:
+        lease = self._request()
+        async with lease as stream:
             await stream.send(request)
             header: ChunkData = _expect(await stream.next_event(), ChunkData)
-            body = ChunkStream(stream, header)
+            body = ChunkStream(stream, header, lease)
             yield body
             if not body.finished:
                 await stream.aclose()  # abandoned mid-body: the connection cannot be reused
@@ -338,6 +340,10 @@ class _Lease:
         self._stream: FramedStream | None = None
         self._expired = False
         self.deadline = 0.0
+
+    def touch(self) -> None:
+        """Push the deadline back: the request is making progress (or waits its turn)."""
+        self.deadline = time.monotonic() + self._client.request_timeout
 
     def expire(self) -> None:
         if not self._expired:
@@ -418,15 +424,48 @@ class _Lease:
 
 
 class ChunkStream:
-    """The body of one GetChunk reply, consumed piece by piece."""
+    """The body of one GetChunk reply, consumed piece by piece, or relayed whole to a
+    socket by a ``Splicer``."""
 
-    def __init__(self, stream: FramedStream, header: ChunkData) -> None:
+    def __init__(self, stream: FramedStream, header: ChunkData, lease: _Lease) -> None:
         self.length = header.length
         self.size = header.size
         self.checksum = header.checksum
         self.checked = header.checked  # the node checked the whole chunk before sending
         self.finished = False
         self._stream = stream
+        self._lease = lease
+
+    def touch(self) -> None:
+        """Keep the request alive past its deadline (it waits for its turn to be sent)."""
+        self._lease.touch()
+
+    @property
+    def touch_every(self) -> float:
+        """How often a waiting request must be touched to stay alive."""
+        return min(SWEEP_TICK, self._lease._client.request_timeout / 4)
+
+    async def relay(self, splicer: Splicer) -> None:
+        """Send the whole body on through ``splicer``: what was received already from
+        user space, the rest spliced from the socket in the kernel. Only for a body the
+        node ``checked`` (its verdict, after the body, is known to be good). Raises
+        ``RelayCut`` (a ``NodeUnavailable``) when the node fails part-way, after every
+        byte it sent went on; ``PeerGone`` when the destination fails."""
+        assert self.checked, "only a body the node checked is passed on before its verdict"
+        stream = self._stream
+        try:
+            for piece in stream.hold():
+                await splicer.write(piece, self.touch)
+            left = stream.conn.body_pending
+            if left:
+                await splicer.relay(
+                    stream.fileno(), left, timeout=stream.io_timeout, on_progress=self.touch
+                )
+                stream.conn.body_received(left)
+        finally:
+            stream.release()
+        async for _ in self._pieces():
+            raise RemoteProtocolError("body bytes after a relayed body")
 
     def __aiter__(self) -> AsyncIterator[memoryview]:
         return self._pieces()

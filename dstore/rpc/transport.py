@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from dstore.errors import NodeUnavailable
-from dstore.protocol import NEED_DATA, Connection, Event, Message
+from dstore.protocol import NEED_DATA, Body, Connection, Event, Message
 
 STREAM_LIMIT = 1 << 20  # bytes buffered each way before the sender is held back
 # Receive buffers are carved from arenas: 1 MiB ones while bulk data flows (fewer, larger
@@ -47,6 +47,7 @@ class Channel(asyncio.BufferedProtocol):
         self._eof = False
         self._error: OSError | None = None  # why the connection was lost, if not a clean close
         self._reading_paused = False
+        self._held = False  # reading paused by ``hold`` (the socket is being spliced)
         self._writing_paused = False
         self._data_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -137,13 +138,33 @@ class Channel(asyncio.BufferedProtocol):
                         timer.cancel()
         if not self._pieces and self._error is not None:
             raise self._error
+        return self.take()
+
+    def take(self) -> list[memoryview]:
+        """Everything received so far, without waiting."""
         pieces = list(self._pieces)
         self._pieces.clear()
         self._buffered = 0
-        if self._reading_paused and self.transport is not None:
+        if self._reading_paused and self.transport is not None and not self._held:
             self._reading_paused = False
             self.transport.resume_reading()
         return pieces
+
+    def hold(self) -> None:
+        """Stop reading from the socket (until ``release``): what arrives stays in the
+        kernel, for someone else to read straight from the socket."""
+        if not self._held and self.transport is not None:
+            self._held = True
+            if not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pause_reading()
+
+    def release(self) -> None:
+        if self._held and self.transport is not None:
+            self._held = False
+            if self._reading_paused and not self.transport.is_closing():
+                self._reading_paused = False
+                self.transport.resume_reading()
 
     async def drain(self) -> None:
         """Wait until the transport's buffer is below its low-water mark."""
@@ -230,6 +251,36 @@ class FramedStream:
             raise NodeUnavailable(f"read from {self.peer} timed out") from exc
         except OSError as exc:
             raise NodeUnavailable(f"read from {self.peer} failed: {exc}") from exc
+
+    def hold(self) -> list[memoryview]:
+        """Stop reading from the socket and hand over the body bytes already received
+        (at most the body's pending length): the rest of the body is then in the kernel,
+        for the caller to splice straight from ``fileno`` and account for with
+        ``conn.body_received``. ``release`` reads on."""
+        self._channel.hold()
+        pieces = []
+        while True:
+            while self.conn.body_pending:
+                event = self.conn.next_event()
+                if event is NEED_DATA:
+                    break
+                assert isinstance(event, Body)
+                pieces.append(event.data)
+            if not self.conn.body_pending:
+                return pieces
+            more = self._channel.take()
+            if not more:
+                return pieces
+            for piece in more:
+                self.conn.receive_data(piece)
+
+    def release(self) -> None:
+        self._channel.release()
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (-1 if it has none)."""
+        sock = self._transport.get_extra_info("socket")
+        return -1 if sock is None else int(sock.fileno())
 
     def cork(self) -> None:
         """Hold writes back until ``uncork``: a small request or reply (header, body and
