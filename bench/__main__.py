@@ -1,5 +1,5 @@
-"""Run every benchmark: ``python -m bench [name ...]`` (``ab``, which compares two builds,
-only when named)."""
+"""Run every benchmark: ``python -m bench [name ...]`` (``ab`` and ``getab``, which compare
+two builds or settings, only when named)."""
 
 from __future__ import annotations
 

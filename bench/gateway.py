@@ -75,12 +75,15 @@ class Up:
                 "--replicas",
                 str(self.replicas),
                 "--data-dir",
-                str(self.data_dir),
+                str(self.data_dir.resolve()),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
             env=dict(os.environ, **self.env),  # default log level: canonical lines cost too
+            # ``-m`` puts the working directory ahead of PYTHONPATH: run from the tree the
+            # side names, or a run from a checkout would use that checkout's code for both
+            cwd=self.env.get("PYTHONPATH", "").split(os.pathsep)[0] or None,
         )
         assert self.proc.stdout is not None
         line = await asyncio.to_thread(self.proc.stdout.readline)

@@ -10,6 +10,7 @@ from dstore.config import (
     GatewayConfig,
     StorageConfig,
     load,
+    parse_bool,
     parse_duration,
     parse_size,
 )
@@ -29,6 +30,20 @@ def test_sizes_and_durations() -> None:
     for bad in ("soon", "10x", "m10", "-3s"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+def test_booleans_from_flags_env_and_toml() -> None:
+    for yes in (True, "true", "1", "YES", " on "):
+        assert parse_bool(yes) is True
+    for no in (False, "false", "0", "no", "Off"):
+        assert parse_bool(no) is False
+    for bad in ("maybe", "", "2"):
+        with pytest.raises(ValueError):
+            parse_bool(bad)
+    config = load(GatewayConfig, {"cluster_secret": "s"}, env={"DSTORE_SPLICE": "false"})
+    assert config.splice is False
+    with pytest.raises(ConfigError, match="DSTORE_SPLICE"):
+        load(GatewayConfig, {"cluster_secret": "s"}, env={"DSTORE_SPLICE": "perhaps"})
 
 
 def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
