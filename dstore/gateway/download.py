@@ -409,6 +409,7 @@ class Downloader:
             if body.checksum != chunk.checksum or body.size != chunk.size:
                 raise ChunkCorrupt(f"chunk {chunk.chunk_id} differs from its metadata")
             if relay is not None and body.checked and body.length == span.length:
+                body.hold()  # the rest stays in the kernel until it is relayed
                 if first_byte is not None:
                     first_byte()
                 if ready is not None and not ready.done():

@@ -435,6 +435,13 @@ class ChunkStream:
         self.finished = False
         self._stream = stream
         self._lease = lease
+        self._held: list[memoryview] = []  # body pieces received before a ``hold``
+
+    def hold(self) -> None:
+        """Stop reading the body from the socket (what arrives stays in the kernel, to be
+        relayed from there); ``relay`` sends what was received before. Once relaying, do
+        it early: what is read meanwhile is copied through user space."""
+        self._held += self._stream.hold()
 
     def touch(self) -> None:
         """Keep the request alive past its deadline (it waits for its turn to be sent)."""
@@ -454,7 +461,9 @@ class ChunkStream:
         assert self.checked, "only a body the node checked is passed on before its verdict"
         stream = self._stream
         try:
-            for piece in stream.hold():
+            self.hold()
+            pieces, self._held = self._held, []
+            for piece in pieces:
                 await splicer.write(piece, self.touch)
             left = stream.conn.body_pending
             if left:
