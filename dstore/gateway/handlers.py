@@ -405,6 +405,9 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         await response.write(piece)
         written += len(piece)
 
+    def sent() -> int:  # written through aiohttp, and relayed past it
+        return written + (splicer.sent if splicer is not None else 0)
+
     try:
         await downloader.stream(
             feed, write, trace=trace, before_first_write=send_status, splicer=splicer
@@ -418,13 +421,13 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
             name=version.name,
             error=str(exc),
             code=exc.code,
-            sent=written + (splicer.sent if splicer else 0),
+            sent=sent(),
         )
         if request.transport is not None:
             request.transport.abort()
         return response
     finally:
-        request[keys.REQUEST_BYTES_OUT] = written + (splicer.sent if splicer else 0)
+        request[keys.REQUEST_BYTES_OUT] = sent()
         if splicer is not None:
             splicer.close()
     await response.write_eof()

@@ -200,11 +200,6 @@ class Connection:
         """Body bytes announced by the last message and not yet received."""
         return self._body_left or 0
 
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet handed out as events."""
-        return self._buffered
-
     def body_received(self, count: int) -> None:
         """Account for ``count`` body bytes received around this object (spliced from the
         socket straight on): only with nothing buffered, so none are skipped."""

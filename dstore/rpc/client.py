@@ -182,9 +182,14 @@ class NodeClient:
         if self._sweep is None:
             self._arm_sweep()
 
+    @property
+    def sweep_tick(self) -> float:
+        """How often request deadlines are checked (a waiting request touched this often
+        stays alive)."""
+        return min(SWEEP_TICK, self.request_timeout / 4)
+
     def _arm_sweep(self) -> None:
-        tick = min(SWEEP_TICK, self.request_timeout / 4)
-        self._sweep = asyncio.get_running_loop().call_later(tick, self._sweep_leases)
+        self._sweep = asyncio.get_running_loop().call_later(self.sweep_tick, self._sweep_leases)
 
     def _sweep_leases(self) -> None:
         """Cancel the requests past their deadline; runs every tick while any are open."""
@@ -341,6 +346,10 @@ class _Lease:
         self._expired = False
         self.deadline = 0.0
 
+    @property
+    def client(self) -> NodeClient:
+        return self._client
+
     def touch(self) -> None:
         """Push the deadline back: the request is making progress (or waits its turn)."""
         self.deadline = time.monotonic() + self._client.request_timeout
@@ -450,7 +459,7 @@ class ChunkStream:
     @property
     def touch_every(self) -> float:
         """How often a waiting request must be touched to stay alive."""
-        return min(SWEEP_TICK, self._lease._client.request_timeout / 4)
+        return self._lease.client.sweep_tick
 
     async def relay(self, splicer: Splicer) -> None:
         """Send the whole body on through ``splicer``: what was received already from
