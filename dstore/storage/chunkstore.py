@@ -380,29 +380,31 @@ class ChunkStore:
                 gathered_size += len(piece)
                 if gathered_size >= WRITE_SIZE and received < length:
                     if fd < 0:
-                        existing, fd = await asyncio.to_thread(self._begin, path, tmp, header)
+                        existing, fd = await disk.to_thread_whole(self._begin, path, tmp, header)
                         if existing is not None:
                             gathered, gathered_size = [], 0
                             continue
-                    await asyncio.to_thread(disk.write_all, fd, gathered)
+                    await disk.to_thread_whole(disk.write_all, fd, gathered)
                     gathered, gathered_size = [], 0
             _check_body(chunk_id, received, length, hasher, checksum)
             if fd < 0 and existing is None:
-                existing = await asyncio.to_thread(self._store_whole, path, tmp, header, gathered)
+                existing = await disk.to_thread_whole(
+                    self._store_whole, path, tmp, header, gathered
+                )
             elif fd >= 0:
                 closing, fd = fd, -1  # _finish closes it, whatever happens
-                await asyncio.to_thread(_finish, closing, gathered, tmp, path)
+                await disk.to_thread_whole(_finish, closing, gathered, tmp, path)
             if existing is not None:
                 if existing != (length, checksum):
                     raise ChunkConflict(f"chunk {chunk_id} exists with other content")
                 return False
             return True
         except OSError as exc:
-            await asyncio.to_thread(_abandon, fd, tmp)
+            await disk.to_thread_whole(_abandon, fd, tmp)
             _raise_if_full(exc, chunk_id)
             raise
         except BaseException:
-            await asyncio.to_thread(_abandon, fd, tmp)
+            await disk.to_thread_whole(_abandon, fd, tmp)
             raise
 
     def _store_whole(
@@ -473,19 +475,19 @@ class ChunkStore:
             if needle is None:
                 path = self.path_of(chunk_id)
                 buf = DIRECT_POOL.take() if check_first else None
-                try:
-                    reader = await asyncio.to_thread(
+                try:  # (whole: a reader opened as its caller is cancelled is closed)
+                    reader = await disk.to_thread_whole(
                         ChunkReader.open, path, chunk_id, verify=verify, buf=buf
                     )
                 except BaseException:
-                    if buf is not None:  # (taken again only once the thread lets go)
+                    if buf is not None:
                         DIRECT_POOL.give(buf)
                     raise
                 if buf is not None and reader._ready is not buf:
                     DIRECT_POOL.give(buf)  # not needed: a buffered read, or a big chunk
                 return reader
             try:
-                return await asyncio.to_thread(
+                return await disk.to_thread_whole(
                     ChunkReader.open_needle, self.volumes.path(needle.volume), chunk_id, needle
                 )
             except FileNotFoundError:
@@ -526,7 +528,7 @@ class ChunkStore:
                 reader.close()
 
         try:
-            return await asyncio.to_thread(check)
+            return await disk.to_thread_whole(check)
         finally:
             if buf is not None:
                 DIRECT_POOL.give(buf)
@@ -551,7 +553,7 @@ class ChunkStore:
                 disk.fsync_dir(self.corrupt_dir)
                 return size
 
-            size = await asyncio.to_thread(move)
+            size = await disk.to_thread_whole(move)
             if size is None:
                 return False
             self._file_used -= size
@@ -585,7 +587,7 @@ class ChunkStore:
             if in_volume and not self._file_count:
                 return True
             # (a chunk stored as a file before small_max was raised may be in both)
-            size = await asyncio.to_thread(_unlink_chunk, path)
+            size = await disk.to_thread_whole(_unlink_chunk, path)
             if size is None:
                 return in_volume
             self._file_used -= size

@@ -185,3 +185,29 @@ def _settle(future: asyncio.Future[Any], ok: bool, outcome: Any) -> None:
         future.set_result(outcome)
     else:
         future.set_exception(outcome)
+
+
+async def to_thread_whole(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``asyncio.to_thread(fn, *args, **kwargs)``, but a cancel that comes while the call
+    runs is held until it ends. A thread cannot be stopped: with a plain ``to_thread``
+    the caller is gone by then, and what the call opened (an fd, a temp file) or did (a
+    chunk stored) is left to no one. Here the caller gets the outcome, and the cancel is
+    raised at its next ``await`` (counted once per ``cancel()``, as it would have been)."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    held = False
+    try:
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.cancelled():  # (the loop is closing): nothing runs on to wait for
+                    held = False
+                    raise
+                held = True
+                if task.done():  # it ended as the cancel came
+                    return task.result()
+    finally:
+        me = asyncio.current_task()
+        if held and me is not None:
+            me.uncancel()  # the cancel caught above, asked for once more
+            me.cancel()
