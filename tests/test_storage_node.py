@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import random
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from dstore.protocol.codec import decode_payload, encode_frame
 from dstore.protocol.messages import Hello, to_header
 from dstore.rpc.client import NodeClient
 from dstore.storage import disk
+from dstore.storage.chunkstore import DIRECT_POOL
 from dstore.storage.node import StorageNode
 from tests.conftest import SECRET, NodeFactory, chunk_files, tmp_files, wait_for
 from tests.faults import FaultProxy
@@ -386,6 +389,41 @@ async def test_concurrent_direct_reads_never_share_a_buffer(node: StorageNode) -
 
         for _ in range(3):
             await asyncio.gather(*(read(i % len(blobs)) for i in range(12)))
+
+
+async def test_gets_their_clients_abandon_leave_the_direct_read_buffers_reusable(
+    node: StorageNode, client: NodeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that hangs up mid-body makes the node's next send fail; the buffers
+    that send had views of go back to the pool usable (no garbage keeps a view), so
+    the next direct read takes no fresh memory (see test_transport). A chunk over
+    4 MiB, read and sent in pieces: a client that keeps up finds a send going straight
+    out when it goes (a smaller one is often in the socket whole by then)."""
+    size = 9_000_000
+    chunk_id = await put(client, os.urandom(size))
+    async with node.store.reader(chunk_id) as reader:
+        if not reader.direct:
+            pytest.skip("this filesystem has no O_DIRECT")
+    gc.disable()  # a leak must show, not be collected in passing
+    try:
+        for _ in range(2 * DIRECT_POOL.keep):
+            async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as quitter:
+                async with quitter.open_chunk(chunk_id, verify=False) as body:
+                    got = 0
+                    async for piece in body:  # kept up with: the node's sends go straight out
+                        got += len(piece)
+                        if got > size // 2:
+                            break  # and go: unread bytes in the socket, so a reset
+            await wait_for(lambda: node.server.connections == 1, timeout=5)
+        assert DIRECT_POOL._idle
+        # references: the pool, ``buf``, the argument; any more are views
+        views = [sys.getrefcount(buf) - 3 for buf in DIRECT_POOL._idle]
+        assert views == [0] * len(views)
+    finally:
+        gc.enable()
+    # and the node stopped at the first failed send (asyncio warns from the fifth)
+    assert "socket.send() raised exception" not in caplog.text
+    assert await client.get_chunk(chunk_id, length=10)
 
 
 async def test_a_chunk_in_the_page_cache_is_sent_from_there(

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import mmap
 import os
 import socket
 import struct
+import sys
 
 import pytest
 
@@ -128,3 +132,44 @@ async def test_a_read_times_out_on_a_silent_peer_and_data_after_it_still_arrives
     writers[0].close()
     assert await channel.read(5) == []  # EOF, not a timeout
     server.close()
+
+
+async def test_a_write_to_a_lost_peer_leaves_no_hold_on_the_bytes_it_was_given() -> None:
+    """The error a lost connection keeps is kept without its traceback (and raised as a
+    fresh copy): the traceback holds the failed write's frame, so its view of the
+    caller's buffer, and the channel itself, in a cycle only the garbage collector
+    breaks. On a node that buffer is a pooled direct-read buffer, reused only once no
+    view of it is alive: while such garbage waited, every read took fresh memory (the
+    first touch of which costs 7 ms for 4 MiB in a VM, docs/benchmarks.md)."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()  # a FIN at once: the writes that follow are refused with a reset
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    buf = mmap.mmap(-1, 1 << 16)
+    baseline = sys.getrefcount(buf)
+    gc.disable()  # a leak must show, not be collected in passing
+    try:
+        channel = await open_tcp("127.0.0.1", server.sockets[0].getsockname()[1])
+        stream = FramedStream(channel, Connection(Role.CLIENT, b"s"), io_timeout=1.0)
+        await asyncio.sleep(0.05)  # the FIN is in
+        with contextlib.suppress(NodeUnavailable):
+            await stream.write(memoryview(buf))  # taken by the kernel; the reset comes back
+            await asyncio.sleep(0.05)
+            for _ in range(3):  # the send fails now: the transport's write frame has the view
+                await stream.write(memoryview(buf))
+        await asyncio.wait_for(channel.wait_closed(), 2)
+        with pytest.raises(NodeUnavailable, match="lost"):  # not dropped in silence
+            await stream.write(b"more")
+        for _ in range(2):  # raising the kept error, twice, attaches nothing to it
+            with pytest.raises(OSError):
+                await channel.read()
+        await stream.aclose()
+        assert sys.getrefcount(buf) == baseline
+        del stream, channel
+        assert sys.getrefcount(buf) == baseline
+    finally:
+        gc.enable()
+    buf.close()  # (would raise BufferError with a view alive)
+    server.close()
+    await server.wait_closed()

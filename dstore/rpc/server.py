@@ -97,6 +97,11 @@ class RpcServer:
             f"<RpcServer {self.host}:{self.port} {len(self._connections)} connections, {busy} busy>"
         )
 
+    @property
+    def connections(self) -> int:
+        """Connections open now (handshaking, idle or busy)."""
+        return len(self._connections)
+
     async def start(self) -> None:
         """Bind and listen; ``port`` 0 picks a free port, reported back in ``self.port``."""
         self._server = await serve_tcp(self._spawn, self.host, self.port)

@@ -94,7 +94,12 @@ class Channel(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         if exc is not None:
-            self._error = exc if isinstance(exc, OSError) else ConnectionResetError(str(exc))
+            error = exc if isinstance(exc, OSError) else ConnectionResetError(str(exc))
+            # kept without its traceback: that holds the frame that failed (a transport's
+            # write, with the view it was given) and, through it, this channel: a cycle
+            # only the garbage collector breaks, late, and until then the buffer behind
+            # that view (a node's pooled read buffer) stays taken
+            self._error = error.with_traceback(None)
         self._wake(self._data_waiter)
         self._wake(self._drain_waiter)
         if not self._closed.done():
@@ -137,7 +142,7 @@ class Channel(asyncio.BufferedProtocol):
                     if timer is not None:
                         timer.cancel()
         if not self._pieces and self._error is not None:
-            raise self._error
+            raise self._lost()
         return self.take()
 
     def take(self) -> list[memoryview]:
@@ -175,7 +180,18 @@ class Channel(asyncio.BufferedProtocol):
             finally:
                 self._drain_waiter = None
         if self._closed.done():
-            raise self._error or ConnectionResetError("connection lost")
+            raise self._lost()
+
+    def _lost(self) -> OSError:
+        """A fresh error saying why the connection was lost, to raise: the stored one,
+        raised, would take on the raiser's frames (and their locals) for good."""
+        error = self._error
+        if error is None:
+            return ConnectionResetError("connection lost")
+        try:
+            return type(error)(*error.args)
+        except Exception:  # a subclass with a constructor of its own
+            return ConnectionResetError(str(error))
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
@@ -296,6 +312,8 @@ class FramedStream:
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise NodeUnavailable(f"connection to {self.peer} is closed")
+        if self._transport.is_closing():  # lost: the transport drops writes silently
+            raise NodeUnavailable(f"connection to {self.peer} is lost")
         if self._corked is not None:
             self._corked.append(data)
             return
