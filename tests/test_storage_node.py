@@ -10,6 +10,7 @@ import random
 import struct
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -392,38 +393,45 @@ async def test_concurrent_direct_reads_never_share_a_buffer(node: StorageNode) -
 
 
 async def test_gets_their_clients_abandon_leave_the_direct_read_buffers_reusable(
-    node: StorageNode, client: NodeClient, caplog: pytest.LogCaptureFixture
+    start_node: NodeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A client that hangs up mid-body makes the node's next send fail; the buffers
-    that send had views of go back to the pool usable (no garbage keeps a view), so
-    the next direct read takes no fresh memory (see test_transport). A chunk over
-    4 MiB, read and sent in pieces: a client that keeps up finds a send going straight
-    out when it goes (a smaller one is often in the socket whole by then)."""
+    """A client that hangs up mid-body makes the node's next send fail. The read's
+    buffers still go back to the pool, and usable (no garbage keeps a view of them),
+    so the reads after take no fresh memory (costly to touch: docs/benchmarks.md). A
+    chunk over 4 MiB, read and sent in pieces, one read ahead: a client that keeps up
+    finds a send going straight out when it leaves (a smaller chunk is often in the
+    socket whole by then)."""
+    node = await start_node(scrub_rate=0)  # no other reader of the pool meanwhile
     size = 9_000_000
-    chunk_id = await put(client, os.urandom(size))
-    async with node.store.reader(chunk_id) as reader:
-        if not reader.direct:
-            pytest.skip("this filesystem has no O_DIRECT")
-    gc.disable()  # a leak must show, not be collected in passing
-    try:
-        for _ in range(2 * DIRECT_POOL.keep):
-            async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as quitter:
-                async with quitter.open_chunk(chunk_id, verify=False) as body:
-                    got = 0
-                    async for piece in body:  # kept up with: the node's sends go straight out
-                        got += len(piece)
-                        if got > size // 2:
-                            break  # and go: unread bytes in the socket, so a reset
-            await wait_for(lambda: node.server.connections == 1, timeout=5)
-        assert DIRECT_POOL._idle
-        # references: the pool, ``buf``, the argument; any more are views
-        views = [sys.getrefcount(buf) - 3 for buf in DIRECT_POOL._idle]
-        assert views == [0] * len(views)
-    finally:
-        gc.enable()
-    # and the node stopped at the first failed send (asyncio warns from the fifth)
-    assert "socket.send() raised exception" not in caplog.text
-    assert await client.get_chunk(chunk_id, length=10)
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as client:
+        chunk_id = await put(client, os.urandom(size))
+        async with node.store.reader(chunk_id) as reader:
+            if not reader.direct:
+                pytest.skip("this filesystem has no O_DIRECT")
+        assert await client.get_chunk(chunk_id)  # the pool warm
+        warm = [weakref.ref(buf) for buf in DIRECT_POOL._idle]  # (weak: no count added)
+        assert len(warm) >= 2
+        gc.disable()  # a leak must show, not be collected in passing
+        try:
+            for _ in range(2 * DIRECT_POOL.keep):
+                async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as quitter:
+                    async with quitter.open_chunk(chunk_id, verify=False) as body:
+                        got = 0
+                        async for piece in body:  # kept up with: sends go straight out
+                            got += len(piece)
+                            if got > size // 2:
+                                break  # and go: unread bytes in the socket, so a reset
+                await wait_for(lambda: node.server.connections == 1, timeout=5)
+            # the same buffers, every one back (none lost, none made anew) ...
+            assert sorted(map(id, DIRECT_POOL._idle)) == sorted(id(ref()) for ref in warm)
+            # ... and free: references are the pool's, ``buf`` and the argument; any
+            # more would be views
+            assert [sys.getrefcount(buf) - 3 for buf in DIRECT_POOL._idle] == [0] * len(warm)
+        finally:
+            gc.enable()
+        # and the node stopped at the first failed send (asyncio warns from the fifth)
+        assert "socket.send() raised exception" not in caplog.text
+        assert await client.get_chunk(chunk_id, length=10)
 
 
 async def test_a_chunk_in_the_page_cache_is_sent_from_there(

@@ -822,6 +822,7 @@ class ChunkReader:
         read_from, read_to = self._direct_span()
         at = read_from - read_from % disk.ALIGN
         pending: asyncio.Future[int] | None
+        buf: mmap.mmap | None
         if self._ready is not None:  # read and checked at the open
             buf, self._ready = self._ready, None
             pending = asyncio.get_running_loop().create_future()
@@ -832,6 +833,7 @@ class ChunkReader:
         ahead: mmap.mmap | None = None
         try:
             while pending is not None:
+                assert buf is not None
                 got, pending = await pending, None
                 if at + got < read_to:  # read ahead while this buffer goes out
                     self._check_direct(at, got, read_to)  # (not the checksum yet)
@@ -845,16 +847,31 @@ class ChunkReader:
                     yield view[piece : min(piece + SEND_SIZE, hi)]
                 del view
                 DIRECT_POOL.give(buf)
+                buf, ahead = ahead, None
                 if pending is None:
                     self._check_direct(at, got, read_to)
                 at += got
-                if ahead is not None:
-                    buf, ahead = ahead, None
         finally:
+            # back to the pool also when the consumer stops early (a client that left):
+            # else each such read costs the pool its buffers, and the reads after take
+            # fresh memory, costly to touch (a buffer a view still sees is not taken)
+            reading = None  # the buffer a worker thread may still be reading into
+            cancelled = None
             if pending is not None:
-                pending.cancel()
-                with suppress(asyncio.CancelledError, OSError):
-                    await pending
+                reading = ahead if ahead is not None else buf
+                try:
+                    await asyncio.shield(pending)  # that read runs to its end anyway
+                except asyncio.CancelledError as exc:
+                    cancelled = exc  # (ours: the read goes on, into ``reading``)
+                except Exception:
+                    reading = None  # it ended, failing (the error that stopped us goes on)
+                else:
+                    reading = None
+            for spare in (buf, ahead):
+                if spare is not None and spare is not reading:
+                    DIRECT_POOL.give(spare)
+            if cancelled is not None:
+                raise cancelled
 
     async def _pieces(self) -> AsyncIterator[bytes | memoryview]:
         start, end = self.offset, self.offset + self.length
