@@ -60,6 +60,7 @@ class _Relay:
     splicer: Splicer
     turn: asyncio.Future[None]
     start: int = -1  # the splicer's count when this chunk's relay began (-1: not yet)
+    on_sent: Callable[[], None] | None = None  # called as its bytes go out
 
     @property
     def relayed(self) -> int:
@@ -219,7 +220,8 @@ class Downloader:
         splicer: Splicer | None = None,
     ) -> None:
         """Write the spans in order. ``before_first_write`` runs once the first chunk is
-        in hand and verified (the HTTP layer sends its status line then). With a
+        in hand and verified (the HTTP layer sends its status line then); the read-ahead
+        starts once the first bytes are out. With a
         ``splicer`` on the destination, whole chunks go to it instead, node to client in
         the kernel, and ``write`` gets the rest. Raises ``NoReplica`` when a chunk cannot
         be read from any replica, ``Overloaded`` when no memory frees up for the next
@@ -265,6 +267,14 @@ class Downloader:
                     return
                 launch(feed.pop())
 
+        closing = False
+
+        def start_ahead() -> None:
+            # the read-ahead starts once the first bytes are out: before, it would only
+            # compete with them for the nodes, their disks and the cores
+            if not ahead and not closing:
+                read_ahead()
+
         try:
             while pending or not feed.done:
                 if not pending:
@@ -281,19 +291,21 @@ class Downloader:
                 if task.done():
                     task.result()  # a failure: raised before anything is sent for it
                 if before_first_write is not None:
-                    read_ahead()  # the later chunks come while the first goes out
                     await before_first_write()
                     before_first_write = None
                 if relay is not None:
+                    relay.on_sent = start_ahead
                     relay.turn.set_result(None)
                 pieces = await task
                 for piece in pieces:
                     await write(piece)
+                    start_ahead()
+                start_ahead()
                 del pieces
                 held -= span.length
                 self.budget.release(span.length)
         finally:
-            ahead = False  # the fetches ending below launch no more
+            ahead, closing = False, True  # the fetches ending below launch no more
             for entry in pending:
                 entry.task.cancel()
             for entry in pending:
@@ -418,7 +430,7 @@ class Downloader:
                     await asyncio.wait([relay.turn], timeout=body.touch_every)
                     body.touch()
                 relay.start = relay.splicer.sent
-                await body.relay(relay.splicer)
+                await body.relay(relay.splicer, relay.on_sent)
                 return []
             # the node vouches for a verified read (its verdict comes after the body)
             hasher = Hasher() if span.whole and relay is None else None

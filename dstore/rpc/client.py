@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any
@@ -461,23 +461,30 @@ class ChunkStream:
         """How often a waiting request must be touched to stay alive."""
         return self._lease.client.sweep_tick
 
-    async def relay(self, splicer: Splicer) -> None:
+    async def relay(self, splicer: Splicer, on_sent: Callable[[], None] | None = None) -> None:
         """Send the whole body on through ``splicer``: what was received already from
         user space, the rest spliced from the socket in the kernel. Only for a body the
-        node ``checked`` (its verdict, after the body, is known to be good). Raises
-        ``RelayCut`` (a ``NodeUnavailable``) when the node fails part-way, after every
-        byte it sent went on; ``PeerGone`` when the destination fails."""
+        node ``checked`` (its verdict, after the body, is known to be good). ``on_sent``
+        is called as bytes go out (and while the destination is slow to take them).
+        Raises ``RelayCut`` (a ``NodeUnavailable``) when the node fails part-way, after
+        every byte it sent went on; ``PeerGone`` when the destination fails."""
         assert self.checked, "only a body the node checked is passed on before its verdict"
         stream = self._stream
+
+        def progress() -> None:
+            self.touch()
+            if on_sent is not None:
+                on_sent()
+
         try:
             self.hold()
             pieces, self._held = self._held, []
             for piece in pieces:
-                await splicer.write(piece, self.touch)
+                await splicer.write(piece, progress)
             left = stream.conn.body_pending
             if left:
                 await splicer.relay(
-                    stream.fileno(), left, timeout=stream.io_timeout, on_progress=self.touch
+                    stream.fileno(), left, timeout=stream.io_timeout, on_progress=progress
                 )
                 stream.conn.body_received(left)
         finally:
