@@ -434,6 +434,38 @@ async def test_gets_their_clients_abandon_leave_the_direct_read_buffers_reusable
         assert await client.get_chunk(chunk_id, length=10)
 
 
+async def test_a_connection_lost_to_a_given_up_request_is_replaced_in_the_background(
+    node: StorageNode,
+) -> None:
+    """A request given up mid-reply (a GET whose client left) costs its connection; a
+    new one opens in the background, so the next request does not wait for a connect
+    and a handshake."""
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as client:
+        chunk_id = await put(client, os.urandom(9_000_000))
+        assert client.idle == 1
+        async with client.open_chunk(chunk_id, verify=False) as body:
+            async for _ in body:
+                break  # given up: the connection cannot be reused
+        await wait_for(lambda: client.idle == 1 and node.server.connections == 1)
+        started = asyncio.Event()
+
+        async def read_and_stall() -> None:
+            async with client.open_chunk(chunk_id, verify=False) as body:
+                async for _ in body:
+                    started.set()
+                    await asyncio.Event().wait()  # until cancelled
+
+        reading = asyncio.create_task(read_and_stall())
+        await asyncio.wait_for(started.wait(), 5)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        await wait_for(lambda: client.idle == 1 and node.server.connections == 1)
+        assert len(await client.get_chunk(chunk_id, length=10)) == 10
+        assert node.server.connections == 1  # the spare, used
+    await wait_for(lambda: node.server.connections == 0)  # and closed with the client
+
+
 async def test_a_chunk_in_the_page_cache_is_sent_from_there(
     node: StorageNode, client: NodeClient
 ) -> None:
