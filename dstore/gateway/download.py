@@ -59,8 +59,8 @@ class _Relay:
 
     splicer: Splicer
     turn: asyncio.Future[None]
+    on_sent: Callable[[], None]  # called as its bytes go out
     start: int = -1  # the splicer's count when this chunk's relay began (-1: not yet)
-    on_sent: Callable[[], None] | None = None  # called as its bytes go out
 
     @property
     def relayed(self) -> int:
@@ -253,7 +253,7 @@ class Downloader:
 
             relay = None
             if splicer is not None and self._relayable(span):
-                relay = _Relay(splicer, asyncio.get_running_loop().create_future())
+                relay = _Relay(splicer, asyncio.get_running_loop().create_future(), start_ahead)
             task = asyncio.create_task(self.fetch(span, trace, first_byte, relay, ready))
             task.add_done_callback(done)
             pending.append(_Pending(span, task, ready, relay))
@@ -294,7 +294,6 @@ class Downloader:
                     await before_first_write()
                     before_first_write = None
                 if relay is not None:
-                    relay.on_sent = start_ahead
                     relay.turn.set_result(None)
                 pieces = await task
                 for piece in pieces:

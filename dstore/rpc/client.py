@@ -178,7 +178,7 @@ class NodeClient:
         request was given up (a client that left a GET: the node is fine), so that the
         next request finds one ready and does not wait for a connect and a handshake
         (two round trips, 2-3 ms on a loaded host)."""
-        if self._closed or self._busy + len(self._idle) + len(self._spares) >= self.max_connections:
+        if not self._room(len(self._spares)):
             return
         task = asyncio.get_running_loop().create_task(self._open_spare())
         self._spares.add(task)
@@ -189,10 +189,14 @@ class NodeClient:
             stream = await self._connect()
         except (DstoreError, OSError):
             return  # the next request will find out what is wrong, and say so
-        if self._closed or self._busy + len(self._idle) >= self.max_connections:
-            await stream.aclose()
-        else:
+        if self._room():
             self._idle.append(stream)
+        else:
+            await stream.aclose()
+
+    def _room(self, opening: int = 0) -> bool:
+        """Whether one more connection fits besides those in use, idle and ``opening``."""
+        return not self._closed and self._busy + len(self._idle) + opening < self.max_connections
 
     async def _take(self) -> FramedStream:
         """An idle pooled connection, else a new one; the caller holds a slot."""
@@ -408,8 +412,8 @@ class _Lease:
                 raise
         except BaseException as exc:
             client._leases.discard(self)
-            if isinstance(exc, asyncio.CancelledError) and not self._expired:
-                client._replace()  # given up while connecting perhaps: one for the next
+            if self._given_up(exc):
+                client._replace()  # perhaps while connecting: one for the next request
             replacement = self._outcome(exc)
             if replacement is not None:
                 raise replacement from exc
@@ -434,8 +438,8 @@ class _Lease:
                 client._idle.append(stream)
             else:
                 await stream.aclose()
-                if (exc is None or isinstance(exc, asyncio.CancelledError)) and not self._expired:
-                    client._replace()  # the request was given up, not failed by the node
+                if self._given_up(exc):
+                    client._replace()
         except BaseException as error:
             late = error
         finally:
@@ -447,6 +451,11 @@ class _Lease:
             raise replacement from failure
         if late is not None:
             raise late
+
+    def _given_up(self, exc: BaseException | None) -> bool:
+        """Whether the request ended because its caller gave it up (cancelled, or left
+        mid-reply), not because the node failed it or it timed out."""
+        return not self._expired and (exc is None or isinstance(exc, asyncio.CancelledError))
 
     def _outcome(self, exc: BaseException | None) -> BaseException | None:
         """What to raise instead of ``exc`` (None: ``exc`` itself, if any)."""
