@@ -5,7 +5,7 @@
   standard library's encoder through a text stream, bound per call;
 - a request's log context (its request id on every line): ``log_context`` against
   structlog's ``bound_contextvars``;
-- handing a blocking call to the volumes' writer thread (``DiskThread``) against
+- handing a blocking call to the volumes' writer thread (``WorkerThread``) against
   ``asyncio.to_thread``;
 - a request to a storage node (its own process; ping, 16 in flight): client CPU per
   request.
@@ -29,7 +29,7 @@ import structlog
 from dstore.local import storage_argv
 from dstore.log import UtcStamp, configure, log_context
 from dstore.rpc.client import NodeClient
-from dstore.storage.disk import DiskThread
+from dstore.threads import WorkerThread
 
 LINES = 20_000
 HOPS = 3_000
@@ -109,7 +109,7 @@ async def hop_costs() -> tuple[float, float]:
             await call(noop)
         return (time.process_time() - start) / HOPS
 
-    worker = DiskThread("bench-disk")
+    worker = WorkerThread("bench-disk")
     try:
         before = await measure(asyncio.to_thread)
         now = await measure(worker.run)

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dstore.errors import DstoreError
+from dstore.errors import Forbidden, Unauthorized
 
 MIN_TOKEN_LENGTH = 16
 
@@ -23,18 +23,6 @@ class Scope(enum.Enum):
     READ = "read"  # GET/HEAD files, list, cluster state, metrics
     WRITE = "write"  # PUT/DELETE files
     ADMIN = "admin"  # add, drain and rebalance storage nodes
-
-
-class Unauthorized(DstoreError):
-    """No token, or one that is not configured (401)."""
-
-    code = "unauthorized"
-
-
-class Forbidden(DstoreError):
-    """A valid token without the scope the request needs (403)."""
-
-    code = "forbidden"
 
 
 @dataclass(frozen=True, slots=True)

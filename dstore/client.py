@@ -13,15 +13,9 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from dstore.errors import DstoreError
+from dstore.errors import ApiError, DstoreError
 
 PIECE = 1 << 20
-
-
-class ApiError(DstoreError):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{message} ({status} {code})", code=code)
-        self.status = status
 
 
 def file_url(base: str, name: str) -> URL:

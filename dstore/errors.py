@@ -97,6 +97,92 @@ class ShuttingDown(DstoreError):
     code = "shutting_down"
 
 
+class IllegalTransition(DstoreError):
+    """A state machine was asked for a move its table does not have."""
+
+    code = "illegal_transition"
+
+
+class RelayCut(NodeUnavailable):
+    """The source failed part-way through a relay; every byte it delivered went out."""
+
+
+class NoReplica(NodeUnavailable):
+    """Every replica of a chunk failed."""
+
+
+class InlineReclaimed(NodeUnavailable):
+    """The bytes of an inline version were gone when they were read."""
+
+
+class PeerGone(ConnectionResetError):
+    """The destination of a relay stopped taking bytes (closed, reset, or silent past the
+    timeout). An OS-level error, not a dstore one: it is the client's socket."""
+
+
+# --- the metadata ---------------------------------------------------------------------------
+
+
+class FileNotFound(DstoreError):
+    code = "not_found"
+
+
+class PreconditionFailed(DstoreError):
+    code = "precondition_failed"
+
+
+class Conflict(DstoreError):
+    """A state change found another state than the one it expected (a version no
+    longer pending, a name moved on by another writer)."""
+
+    code = "conflict"
+
+
+# --- the HTTP front ---------------------------------------------------------------------------
+
+
+class BadName(DstoreError):
+    code = "bad_name"
+
+
+class RangeNotSatisfiable(DstoreError):
+    code = "range_not_satisfiable"
+
+
+class TooLarge(DstoreError):
+    code = "too_large"
+
+
+class ClientGone(DstoreError):
+    code = "client_gone"
+
+
+class Overloaded(DstoreError):
+    """No memory freed up for a request in time (503)."""
+
+    code = "overloaded"
+
+
+class Unauthorized(DstoreError):
+    """No token, or one that is not configured (401)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(DstoreError):
+    """A valid token without the scope the request needs (403)."""
+
+    code = "forbidden"
+
+
+class ApiError(DstoreError):
+    """A gateway answered the CLI's client with an error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{message} ({status} {code})", code=code)
+        self.status = status
+
+
 # Error codes that a node sends and the client turns back into the matching class.
 REMOTE_ERRORS: dict[str, type[DstoreError]] = {
     cls.code: cls

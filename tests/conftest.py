@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import subprocess
@@ -16,6 +17,12 @@ import pytest
 from dstore.config import StorageConfig
 from dstore.local import storage_argv
 from dstore.log import configure
+from dstore.master.metadata import (
+    CachedMetadataStore,
+    MetadataStore,
+    SQLiteMetadataStore,
+    VersionState,
+)
 from dstore.rpc.client import NodeClient
 from dstore.storage.chunkstore import HEADER_SIZE
 from dstore.storage.node import StorageNode
@@ -165,9 +172,15 @@ def tmp_files(data_dir: Path) -> list[Path]:
     return sorted((data_dir / "tmp").iterdir()) if (data_dir / "tmp").exists() else []
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll a condition (a plain or an async one) until it holds, or fail after ``timeout``."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
+    while True:
+        held = predicate()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
@@ -279,16 +292,16 @@ class LocalCluster:
             await asyncio.sleep(0.1)
 
 
-async def live_chunk_ids(meta: Any) -> set[str]:
-    def query(db: Any) -> set[str]:
-        rows = db.execute(
-            "SELECT c.chunk_id FROM chunks c JOIN versions v ON v.id = c.version_id"
-            " WHERE v.state = 'live'"
-        ).fetchall()
-        return {row[0] for row in rows}
+def sqlite_engine(meta: MetadataStore) -> SQLiteMetadataStore:
+    """The SQLite engine under a gateway's metadata, for fault injection (a full disk,
+    rotten bytes): what no public way can do."""
+    engine = meta.engine if isinstance(meta, CachedMetadataStore) else meta
+    assert isinstance(engine, SQLiteMetadataStore)
+    return engine
 
-    result: set[str] = await meta._submit(query)
-    return result
+
+async def live_chunk_ids(meta: MetadataStore) -> set[str]:
+    return await meta.chunk_ids(VersionState.LIVE)
 
 
 def tmp_leftovers(nodes: list[StorageNode]) -> list[Path]:

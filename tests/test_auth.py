@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from dstore.auth import Forbidden, Scope, TokenTable, Unauthorized, parse_tokens
+from dstore.auth import Scope, TokenTable, parse_tokens
 from dstore.config import GatewayConfig, load
-from dstore.errors import ConfigError
+from dstore.errors import ConfigError, Forbidden, Unauthorized
 from tests.conftest import ROOT, LocalCluster
 
 READER = "r" * 20

@@ -71,7 +71,7 @@ async def test_a_small_file_written_or_read_comes_from_the_cache(
     assert len(cache) == 1  # the upload offered its stored chunk
     assert (await cluster.get("hot"))[1] == data
     assert (cache.hits, len(cache)) == (1, 1)
-    cache.discard(cluster.app[keys.META].cache.get("hot").chunks[0].chunk_id)  # type: ignore[union-attr]
+    cache.discard(cluster.app[keys.LOOKUP_CACHE].get("hot").chunks[0].chunk_id)  # type: ignore[union-attr]
     assert (await cluster.get("hot"))[1] == data  # a miss, read from a node: kept again
     assert (cache.hits, len(cache)) == (1, 1)
     # the replicas vanish from the nodes: only the cache can still answer

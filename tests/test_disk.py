@@ -16,11 +16,12 @@ import pytest
 import dstore.storage.chunkstore as chunkstore
 from dstore.chunk import checksum, new_chunk_id
 from dstore.storage.chunkstore import ChunkReader, ChunkStore
-from dstore.storage.disk import ALIGN, BufferPool, DiskThread, to_thread_whole
+from dstore.storage.disk import ALIGN, BufferPool, to_thread_whole
+from dstore.threads import WorkerThread
 
 
 async def test_calls_run_in_order_on_one_thread_and_errors_reach_the_caller() -> None:
-    worker = DiskThread("test-disk")
+    worker = WorkerThread("test-disk")
     seen: list[tuple[int, str]] = []
 
     def record(i: int) -> int:
@@ -45,7 +46,7 @@ async def test_calls_run_in_order_on_one_thread_and_errors_reach_the_caller() ->
 
 
 async def test_a_call_whose_caller_is_cancelled_still_runs_to_its_end() -> None:
-    worker = DiskThread("test-disk-cancel")
+    worker = WorkerThread("test-disk-cancel")
     started, finished = threading.Event(), threading.Event()
 
     def slow() -> None:

@@ -10,8 +10,9 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
+from dstore.errors import RangeNotSatisfiable
 from dstore.gateway import handlers, keys
-from dstore.gateway.ranges import RangeNotSatisfiable, parse_range
+from dstore.gateway.ranges import parse_range
 from tests.conftest import LocalCluster, chunk_files, tmp_files, wait_for
 
 CHUNK = 64 * 1024
@@ -141,7 +142,7 @@ async def test_lookup_and_chunk_page_return_only_the_chunks_asked_for(
     short = await meta.lookup("short", 2 * CHUNK, 1)
     assert len(short.chunks) == 3
     assert await meta.lookup("short", 0, 1) is short
-    meta.cache.clear()
+    cluster.app[keys.LOOKUP_CACHE].clear()
     assert len((await meta.lookup("short", 2 * CHUNK, 1)).chunks) == 1  # not cached
     assert len((await meta.lookup("short", 0, 1)).chunks) == 3  # whole, so cached
     assert await meta.lookup("short", 2 * CHUNK, 1) is await meta.lookup("short")

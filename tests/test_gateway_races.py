@@ -239,10 +239,7 @@ async def test_a_stalled_download_holds_deleted_chunks_only_for_the_grace_period
 
 
 async def _version_ids(cluster: LocalCluster) -> list[int]:
-    def query(db):  # type: ignore[no-untyped-def]
-        return [row[0] for row in db.execute("SELECT id FROM versions ORDER BY id")]
-
-    return await cluster.app[keys.META]._submit(query)  # type: ignore[no-any-return, attr-defined]
+    return await cluster.app[keys.META].version_ids()
 
 
 async def test_the_reaper_retires_dead_chunks_so_a_late_put_cannot_resurrect_one(

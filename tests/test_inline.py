@@ -18,7 +18,7 @@ from dstore.gateway.cache import inline_key
 from dstore.gateway.upload import etag_of
 from dstore.master.inline_scrub import InlineScrubber
 from dstore.master.metadata import InlineBody, SQLiteMetadataStore
-from tests.conftest import LocalCluster, chunk_files, tmp_leftovers, wait_for
+from tests.conftest import LocalCluster, chunk_files, sqlite_engine, tmp_leftovers, wait_for
 from tests.test_gateway_api import check_ranges, random_ranges
 
 MakeCluster = Callable[..., Awaitable[LocalCluster]]
@@ -30,10 +30,7 @@ def stored_chunks(cluster: LocalCluster) -> int:
 
 
 async def bodies(cluster: LocalCluster) -> int:
-    count: int = await cluster.app[keys.META]._submit(
-        lambda db: db.execute("SELECT COUNT(*) FROM bodies").fetchone()[0]
-    )
-    return count
+    return await cluster.app[keys.META].inline_count()
 
 
 def reserved(cluster: LocalCluster) -> int:
@@ -59,7 +56,7 @@ async def test_files_up_to_inline_max_never_reach_a_node(cluster: LocalCluster, 
         assert got.status == 200 and read == data, attempt
         assert got.headers["ETag"] == body["etag"]
         assert got.headers["Content-Length"] == str(size)
-    cluster.app[keys.META].cache.clear()
+    cluster.app[keys.LOOKUP_CACHE].clear()
     assert (await cluster.get("f"))[1] == data
 
 
@@ -145,7 +142,7 @@ async def test_overwrite_across_inline_and_chunks_and_delete_leave_nothing(
     await cluster.wait_reaped()  # the large version's chunks are gone from the nodes
     assert stored_chunks(cluster) == 0
     await wait_bodies(cluster, 1)  # the replaced inline body is gone from the store
-    current = cluster.app[keys.META].cache.get("f")
+    current = cluster.app[keys.LOOKUP_CACHE].get("f")
     assert current is not None
     # and from the read cache: only the live version's bytes are kept
     assert list(cache._entries) == [inline_key(current.version_id)]
@@ -215,11 +212,11 @@ async def test_a_full_metadata_disk_gives_507_and_keeps_nothing(cluster: LocalCl
         (pages,) = db.execute("PRAGMA page_count").fetchone()
         db.execute(f"PRAGMA max_page_count = {pages}")
 
-    await meta._submit(fill)
+    await sqlite_engine(meta).raw(fill)
     response = await cluster.put("big", os.urandom(LIMIT))
     assert response.status == 507
     assert (await response.json())["error"]["code"] == "out_of_space"
-    await meta._submit(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
+    await sqlite_engine(meta).raw(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
     assert (await cluster.get("big"))[0].status == 404
     assert (await cluster.get("before"))[1] == b"x" * 10
     assert await bodies(cluster) == 1 and reserved(cluster) == 0
@@ -282,6 +279,7 @@ async def test_bytes_come_from_the_read_cache_and_the_lookup_cache_keeps_none(
 ) -> None:
     cluster = await make_cluster(cache_size=4 << 20)
     meta, cache = cluster.app[keys.META], cluster.app[keys.DOWNLOADER].cache
+    lookups = cluster.app[keys.LOOKUP_CACHE]
     reads = 0
     read = meta.inline_data
 
@@ -293,20 +291,20 @@ async def test_bytes_come_from_the_read_cache_and_the_lookup_cache_keeps_none(
     monkeypatch.setattr(meta, "inline_data", counted)
     data = os.urandom(LIMIT)
     await cluster.put("c", data)
-    cached = meta.cache.get("c")
+    cached = lookups.get("c")
     assert cached is not None and cached.inline is not None and cached.inline.data is None
     assert len(cache) == 1  # the upload offered the bytes to the read cache
-    misses = meta.cache.misses
+    misses = lookups.misses
     for _ in range(3):
         assert (await cluster.get("c"))[1] == data
-    assert (meta.cache.misses, reads) == (misses, 0)  # names and bytes from memory
+    assert (lookups.misses, reads) == (misses, 0)  # names and bytes from memory
     cache.discard(inline_key(cached.version_id))
     cache.capacity = 0  # (and keep it empty)
     assert (await cluster.get("c"))[1] == data
-    assert (meta.cache.misses, reads) == (misses, 1)  # the bytes, from the store
-    meta.cache.clear()
+    assert (lookups.misses, reads) == (misses, 1)  # the bytes, from the store
+    lookups.clear()
     assert (await cluster.get("c"))[1] == data
-    assert (meta.cache.misses, reads) == (misses + 1, 1)  # the version, with its bytes
+    assert (lookups.misses, reads) == (misses + 1, 1)  # the version, with its bytes
 
 
 async def test_a_version_reclaimed_before_its_bytes_are_read_serves_the_new_one(
@@ -353,7 +351,7 @@ async def test_the_inline_scrubber_checks_every_live_body_a_batch_at_a_time(
         def rot(db: sqlite3.Connection) -> None:
             db.execute("UPDATE bodies SET data = ? WHERE version_id = ?", (b"x" * 104, victim))
 
-        await store._submit(rot)
+        await store.raw(rot)
         scrubber = InlineScrubber(store, batch=3)
         cycles = 0
         while scrubber.passes == 0:

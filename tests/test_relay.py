@@ -11,10 +11,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from dstore.errors import PeerGone, RelayCut
 from dstore.gateway import keys
 from dstore.gateway.download import Span, SpanFeed
 from dstore.rpc import splice
-from dstore.rpc.splice import PeerGone, RelayCut, Splicer
+from dstore.rpc.splice import Splicer
 from tests.conftest import LocalCluster, chunk_files, wait_for
 
 CHUNK = 64 * 1024

@@ -21,7 +21,12 @@ from dstore.gateway.upload import Uploader, UploadSettings
 from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster
 from dstore.master.inline_scrub import InlineScrubber
-from dstore.master.metadata import LookupCache, SQLiteMetadataStore
+from dstore.master.metadata import (
+    CachedMetadataStore,
+    LookupCache,
+    MemberState,
+    SQLiteMetadataStore,
+)
 from dstore.master.reaper import ReadPins, Reaper
 from dstore.master.reconcile import Reconciler
 from dstore.master.repair import Repairer
@@ -41,13 +46,13 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
     app.on_response_prepare.append(handlers.add_request_id)
 
     async def services(app: web.Application) -> AsyncIterator[None]:
-        meta = SQLiteMetadataStore(
-            config.data_dir / "meta.db", cache=LookupCache(config.lookup_cache)
-        )
+        lookups = LookupCache(config.lookup_cache)
+        meta = CachedMetadataStore(SQLiteMetadataStore(config.data_dir / "meta.db"), lookups)
         await meta.open()
         records = {r.addr: r.state for r in await meta.members()}
-        addrs = [a for a in config.storage or [] if records.get(a) != "removed"]
-        addrs += [a for a, state in records.items() if state != "removed" and a not in addrs]
+        gone = MemberState.REMOVED
+        addrs = [a for a in config.storage or [] if records.get(a) is not gone]
+        addrs += [a for a, state in records.items() if state is not gone and a not in addrs]
         cluster = Cluster(
             addrs,
             config.cluster_secret.encode(),
@@ -58,7 +63,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
             connector=connector,
         )
         for addr, state in records.items():
-            if state == "draining" and addr in cluster.members:
+            if state is MemberState.DRAINING and addr in cluster.members:
                 cluster.drain(cluster.members[addr])
         # known before the first heartbeat: a node that never answers again is still
         # recognised as the holder of its replicas (and repaired after the delay)
@@ -100,6 +105,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
             inline_max=config.inline_max,
         )
         app[keys.META] = meta
+        app[keys.LOOKUP_CACHE] = lookups
         app[keys.CLUSTER] = cluster
         app[keys.PINS] = pins
         app[keys.REAPER] = reaper

@@ -37,13 +37,13 @@ from typing import NamedTuple
 import structlog
 
 from dstore.chunk import Hasher
-from dstore.errors import ChunkCorrupt, DstoreError, NodeUnavailable
+from dstore.errors import ChunkCorrupt, DstoreError, NoReplica, PeerGone
 from dstore.gateway.cache import ChunkCache
 from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster, NodeState
 from dstore.master.metadata import ChunkRef
 from dstore.rpc.client import NodeClient
-from dstore.rpc.splice import PeerGone, Splicer
+from dstore.rpc.splice import Splicer
 
 log = structlog.get_logger("dstore.download")
 
@@ -66,10 +66,6 @@ class _Relay:
     def relayed(self) -> int:
         """Bytes of the chunk relayed so far."""
         return 0 if self.start < 0 else self.splicer.sent - self.start
-
-
-class NoReplica(NodeUnavailable):
-    """Every replica of a chunk failed."""
 
 
 class _Pending(NamedTuple):

@@ -16,26 +16,35 @@ import orjson
 import structlog
 from aiohttp import web
 
-from dstore.auth import Forbidden, Scope, Unauthorized
+from dstore.auth import Scope
 from dstore.chunk import checksum
 from dstore.config import parse_hostport
 from dstore.errors import (
+    BadName,
     ChecksumMismatch,
     ChunkCorrupt,
+    ClientGone,
     DstoreError,
+    FileNotFound,
+    Forbidden,
+    InlineReclaimed,
     NodeUnavailable,
     NotEnoughNodes,
     OutOfSpace,
+    Overloaded,
+    PreconditionFailed,
+    RangeNotSatisfiable,
+    TooLarge,
+    Unauthorized,
 )
 from dstore.gateway import keys
 from dstore.gateway.cache import inline_key
 from dstore.gateway.download import SpanFeed
-from dstore.gateway.names import BadName, name_from_raw_path
-from dstore.gateway.ranges import RangeNotSatisfiable, parse_range
-from dstore.gateway.upload import ClientGone, Expectations, TooLarge
+from dstore.gateway.names import name_from_raw_path
+from dstore.gateway.ranges import parse_range
+from dstore.gateway.upload import Expectations
 from dstore.log import log_context
-from dstore.master.budget import Overloaded
-from dstore.master.metadata import FileNotFound, FileVersion, PreconditionFailed
+from dstore.master.metadata import FileVersion, MemberState
 from dstore.protocol import handshake
 from dstore.rpc import splice
 from dstore.rpc.splice import Splicer
@@ -283,7 +292,7 @@ async def put_file(request: web.Request) -> web.StreamResponse:
             "name": version.name,
             "size": version.size,
             "etag": version.etag,
-            "chunks": result.extra.get("chunks", 0),
+            "chunks": result.chunks,
             "created": version.created,
         },
         status=201,
@@ -303,17 +312,13 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     if version.inline is not None:  # no chunks for the reaper to keep: nothing to pin
         try:
             return await _serve(request, version)
-        except _Reclaimed:
+        except InlineReclaimed:
             # replaced and reclaimed between its lookup and the read of its bytes: the
             # name has moved on, so serve what it is now
             version = await meta.lookup(name, start, limit)
     # pinned at once (no await in between), so the reaper keeps its chunks while we read
     with app[keys.PINS].pin(version.version_id):
         return await _serve(request, version)
-
-
-class _Reclaimed(NodeUnavailable):
-    """The bytes of an inline version were gone when they were read."""
 
 
 async def _inline_bytes(app: web.Application, version: FileVersion) -> bytes:
@@ -328,7 +333,7 @@ async def _inline_bytes(app: web.Application, version: FileVersion) -> bytes:
             return data
         data = await app[keys.META].inline_data(version.version_id)
         if data is None:
-            raise _Reclaimed(f"version {version.version_id} of {version.name!r} is gone")
+            raise InlineReclaimed(f"version {version.version_id} of {version.name!r} is gone")
     if checksum(data) != version.inline.checksum:
         raise ChunkCorrupt(f"the stored bytes of {version.name!r} fail their checksum")
     cache.put(key, data)
@@ -527,7 +532,7 @@ async def add_node(request: web.Request) -> web.StreamResponse:
         raise Unauthorized("join proof does not match the cluster secret")
     cluster = app[keys.CLUSTER]
     member = cluster.add(addr)
-    await app[keys.META].set_member(addr, "active")
+    await app[keys.META].set_member(addr, MemberState.ACTIVE)
     await cluster.refresh()
     log.info("node_joined", addr=addr, node_id=member.node_id, state=member.state.value)
     return json_response(member.as_json(), status=201)
@@ -541,7 +546,7 @@ async def drain_node(request: web.Request) -> web.StreamResponse:
     if member is None:
         raise FileNotFound(f"no storage node {node_id!r}")
     app[keys.CLUSTER].drain(member)
-    await app[keys.META].set_member(member.addr, "draining")
+    await app[keys.META].set_member(member.addr, MemberState.DRAINING)
     app[keys.REPAIRER].wake()
     return json_response(member.as_json(), status=202)
 

@@ -12,7 +12,7 @@ from dstore.gateway.upload import Uploader
 from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster
 from dstore.master.inline_scrub import InlineScrubber
-from dstore.master.metadata import MetadataStore
+from dstore.master.metadata import LookupCache, MetadataStore
 from dstore.master.reaper import ReadPins, Reaper
 from dstore.master.reconcile import Reconciler
 from dstore.master.repair import Repairer
@@ -20,6 +20,7 @@ from dstore.master.repair import Repairer
 CONFIG = web.AppKey("config", GatewayConfig)
 HTTP = web.AppKey("http_counters", HttpCounters)
 META = web.AppKey("meta", MetadataStore)
+LOOKUP_CACHE = web.AppKey("lookup_cache", LookupCache)
 CLUSTER = web.AppKey("cluster", Cluster)
 BUDGET = web.AppKey("budget", MemoryBudget)
 PINS = web.AppKey("pins", ReadPins)

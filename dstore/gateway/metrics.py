@@ -11,7 +11,6 @@ from aiohttp import web
 
 from dstore.gateway import keys
 from dstore.master.cluster import StorageMember
-from dstore.master.metadata import SQLiteMetadataStore
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -134,30 +133,27 @@ async def metrics(request: web.Request) -> web.StreamResponse:
             ('{kind="chunked"}', uploader.stored_chunked),
         ],
     )
-    meta = app[keys.META]
-    if isinstance(meta, SQLiteMetadataStore):
-        lookups = meta.cache
-        metric(
-            "dstore_lookup_cache_names", "gauge", "names in the lookup cache", [("", len(lookups))]
-        )
-        metric(
-            "dstore_lookup_cache_lookups_total",
-            "counter",
-            "file lookups by where they were answered",
-            [('{result="hit"}', lookups.hits), ('{result="miss"}', lookups.misses)],
-        )
-        # group commit: operations per transaction is how well it is grouping
-        metric(
-            "dstore_metadata_operations_total",
-            "counter",
-            "metadata operations run",
-            [("", meta.ops)],
-        )
-        metric(
-            "dstore_metadata_transactions_total",
-            "counter",
-            "metadata transactions committed (one per group of operations)",
-            [("", meta.groups)],
-        )
+    lookups = app[keys.LOOKUP_CACHE]
+    metric("dstore_lookup_cache_names", "gauge", "names in the lookup cache", [("", len(lookups))])
+    metric(
+        "dstore_lookup_cache_lookups_total",
+        "counter",
+        "file lookups by where they were answered",
+        [('{result="hit"}', lookups.hits), ('{result="miss"}', lookups.misses)],
+    )
+    stats = app[keys.META].stats()
+    # group commit: operations per transaction is how well it is grouping
+    metric(
+        "dstore_metadata_operations_total",
+        "counter",
+        "metadata operations run",
+        [("", stats.operations)],
+    )
+    metric(
+        "dstore_metadata_transactions_total",
+        "counter",
+        "metadata transactions committed (one per group of operations)",
+        [("", stats.transactions)],
+    )
     body = ("\n".join(lines) + "\n").encode()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

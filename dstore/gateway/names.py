@@ -6,14 +6,10 @@ from __future__ import annotations
 import unicodedata
 from urllib.parse import unquote
 
-from dstore.errors import DstoreError
+from dstore.errors import BadName
 
 MAX_NAME_BYTES = 1024
 FILES_PREFIX = "/v1/files/"
-
-
-class BadName(DstoreError):
-    code = "bad_name"
 
 
 def validate_name(name: str) -> str:

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import re
 
-from dstore.errors import DstoreError
+from dstore.errors import RangeNotSatisfiable
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
-
-
-class RangeNotSatisfiable(DstoreError):
-    code = "range_not_satisfiable"
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -29,12 +29,7 @@ import structlog
 
 from dstore.chunk import checksum as checksum_of
 from dstore.chunk import new_chunk_id
-from dstore.errors import (
-    ChecksumMismatch,
-    DstoreError,
-    NotEnoughNodes,
-    OutOfSpace,
-)
+from dstore.errors import ChecksumMismatch, DstoreError, NotEnoughNodes, OutOfSpace, TooLarge
 from dstore.gateway.cache import ChunkCache, inline_key
 from dstore.master.budget import MemoryBudget
 from dstore.master.chunker import Chunk, Chunker
@@ -44,14 +39,6 @@ from dstore.master.metadata import ChunkIntent, CommitResult, InlineBody, Metada
 from dstore.master.reaper import Reaper
 
 log = structlog.get_logger("dstore.upload")
-
-
-class TooLarge(DstoreError):
-    code = "too_large"
-
-
-class ClientGone(DstoreError):
-    code = "client_gone"
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +193,7 @@ class Uploader:
             chunk.size,
             chunk.checksum,
             self.cluster.place(chunk.size, self.settings.replicas),
+            chunk.offset,
         )
         held.add(intent.chunk_id, intent.nodes, chunk.size)
         return intent

@@ -5,11 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from dstore.errors import DstoreError
-
-
-class Overloaded(DstoreError):
-    code = "overloaded"
+from dstore.errors import Overloaded
 
 
 class MemoryBudget:

@@ -14,6 +14,7 @@ from dstore.chunk import Hasher
 @dataclass(slots=True)
 class Chunk:
     index: int
+    offset: int = 0  # of its first byte within the stream
     pieces: list[memoryview] = field(default_factory=list)
     size: int = 0
     checksum: bytes = b""
@@ -60,6 +61,6 @@ class Chunker:
         chunk = self._current
         chunk.checksum = self._hasher.digest()
         self._index += 1
-        self._current = Chunk(self._index)
+        self._current = Chunk(self._index, chunk.offset + chunk.size)
         self._hasher = Hasher()
         return chunk

@@ -9,7 +9,6 @@ window between a reader's lookup and its pin.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,16 +87,13 @@ class Reaper(PeriodicJob):
 
     async def run_once(self) -> int:
         """One pass; returns how many replicas were deleted."""
-        now = time.time()
         self.runs += 1
-        expired = await self.meta.expire_leases(now)
+        expired = await self.meta.expire_leases()
         if expired:
             self.leases_expired += len(expired)
             log.info("upload_leases_expired", versions=expired)
-        dead = await self.meta.dead_chunks(now - self.settle, self.batch)
-        ready = [
-            c for c in dead if not self.pins.pinned(c.version_id) or c.dead_since < now - self.grace
-        ]
+        dead = await self.meta.dead_chunks(self.settle, self.batch)
+        ready = [c for c in dead if not self.pins.pinned(c.version_id) or c.dead_for > self.grace]
         if self.on_reclaim is not None:
             for chunk in ready:
                 self.on_reclaim(chunk.chunk_id)

@@ -25,7 +25,7 @@ from dstore.chunk import Hasher
 from dstore.errors import ChunkCorrupt, DstoreError, NotEnoughNodes, OutOfSpace
 from dstore.master.cluster import Cluster, NodeState, StorageMember
 from dstore.master.jobs import PeriodicJob
-from dstore.master.metadata import ChunkReplicas, MetadataStore
+from dstore.master.metadata import ChunkReplicas, MemberState, MetadataStore
 from dstore.master.reconcile import Reconciler
 
 log = structlog.get_logger("dstore.repair")
@@ -365,6 +365,6 @@ class Repairer(PeriodicJob):
             member = self.cluster.by_id(node_id)
             if member is None or await self.meta.replica_count(node_id):
                 continue
-            await self.meta.set_member(member.addr, "removed")
+            await self.meta.set_member(member.addr, MemberState.REMOVED)
             await self.cluster.remove(member.addr)
             log.info("node_drained_and_removed", node=node_id, addr=member.addr)

@@ -21,7 +21,7 @@ import os
 import socket
 from collections.abc import Callable
 
-from dstore.errors import NodeUnavailable
+from dstore.errors import PeerGone, RelayCut
 
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -40,14 +40,6 @@ def available(sock: socket.socket | None) -> bool:
         and sock.family in (socket.AF_INET, socket.AF_INET6)
         and sock.type == socket.SOCK_STREAM
     )
-
-
-class PeerGone(ConnectionResetError):
-    """The destination stopped taking bytes (closed, reset, or silent past the timeout)."""
-
-
-class RelayCut(NodeUnavailable):
-    """The source failed part-way through a relay; every byte it delivered went out."""
 
 
 class Splicer:

@@ -1,5 +1,5 @@
-"""Blocking disk helpers shared by chunk files and volumes (called in worker threads), the
-one worker thread that runs the volumes' writes, and the aligned buffers of direct reads."""
+"""Blocking disk helpers shared by chunk files and volumes (called in worker threads), and
+the aligned buffers of direct reads."""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ import errno
 import fcntl
 import mmap
 import os
-import queue
 import sys
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -125,66 +122,6 @@ class BufferPool:
     def give(self, buf: mmap.mmap) -> None:
         if len(self._idle) < self.keep:
             self._idle.append(buf)
-
-
-class DiskThread:
-    """One long-lived worker thread that runs blocking calls in order, for a writer that
-    hands it one call at a time (the volumes' group commits). Handing a call over costs
-    about two thirds of an ``asyncio.to_thread`` hop (no executor future, no condition
-    variable, no executor bookkeeping: measured in docs/benchmarks.md). As with
-    ``to_thread``, a call runs to its end even if its caller is cancelled meanwhile."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.calls = 0
-        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def __repr__(self) -> str:
-        state = "running" if self._thread is not None else "idle"
-        return f"<DiskThread {self.name} {state}, {self.calls} calls>"
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
-            self._thread.start()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Call(fn, args, loop, future))
-        return await future
-
-    async def stop(self) -> None:
-        """Let the calls handed over finish, then end the thread."""
-        if self._thread is not None:
-            self._queue.put(None)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-
-    def _work(self) -> None:
-        while (call := self._queue.get()) is not None:
-            try:
-                outcome, ok = call.fn(*call.args), True
-            except BaseException as exc:  # handed to the caller, whatever it is
-                outcome, ok = exc, False
-            self.calls += 1
-            call.loop.call_soon_threadsafe(_settle, call.future, ok, outcome)
-
-
-@dataclass(frozen=True, slots=True)
-class _Call:
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
-
-
-def _settle(future: asyncio.Future[Any], ok: bool, outcome: Any) -> None:
-    if future.cancelled():
-        return
-    if ok:
-        future.set_result(outcome)
-    else:
-        future.set_exception(outcome)
 
 
 async def to_thread_whole(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

@@ -53,6 +53,7 @@ from sortedcontainers import SortedDict  # type: ignore[import-untyped]
 from dstore.chunk import CHECKSUM_SIZE
 from dstore.chunk import checksum as digest
 from dstore.storage import disk
+from dstore.threads import WorkerThread
 
 log = structlog.get_logger("dstore.volumes")
 
@@ -269,7 +270,7 @@ class Volumes:
         self._active: _Volume | None = None
         self._queue: deque[_Append] = deque()
         self._writer: asyncio.Task[None] | None = None
-        self._disk = disk.DiskThread("dstore-volume-disk")  # group commits, in order
+        self._disk = WorkerThread("dstore-volume-disk")  # group commits, in order
         self._writing: dict[str, asyncio.Future[Needle | None]] = {}
         self._compactor: asyncio.Task[int] | None = None
         self._compacting = asyncio.Lock()

@@ -1,5 +1,5 @@
-"""The metadata store on a real SQLite file: its lookup cache never answers with
-anything older than a change its caller has been told of."""
+"""The lookup cache in front of a real engine (SQLite, on a real file): it never answers
+with anything older than a change its caller has been told of."""
 
 from __future__ import annotations
 
@@ -12,27 +12,34 @@ from pathlib import Path
 
 import pytest
 
-from dstore.errors import OutOfSpace
+from dstore.errors import FileNotFound, OutOfSpace
 from dstore.master.metadata import (
+    CachedMetadataStore,
     ChunkIntent,
-    FileNotFound,
     FileVersion,
     InlineBody,
     LookupCache,
+    MetadataStore,
     SQLiteMetadataStore,
 )
 
 
+def cached(path: Path, cache: LookupCache) -> CachedMetadataStore:
+    return CachedMetadataStore(SQLiteMetadataStore(path), cache)
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteMetadataStore]:
-    meta = SQLiteMetadataStore(tmp_path / "meta.db", cache=LookupCache(entries=64, max_chunks=2))
+async def store(tmp_path: Path) -> AsyncIterator[CachedMetadataStore]:
+    meta = cached(tmp_path / "meta.db", LookupCache(entries=64, max_chunks=2))
     await meta.open()
     yield meta
     await meta.close()
 
 
-async def put(meta: SQLiteMetadataStore, name: str, chunks: int = 1, nodes=("n1",)) -> int:  # type: ignore[no-untyped-def]
-    intents = [ChunkIntent(i, os.urandom(8).hex(), 10, b"c" * 16, nodes) for i in range(chunks)]
+async def put(meta: MetadataStore, name: str, chunks: int = 1, nodes=("n1",)) -> int:  # type: ignore[no-untyped-def]
+    intents = [
+        ChunkIntent(i, os.urandom(8).hex(), 10, b"c" * 16, nodes, 10 * i) for i in range(chunks)
+    ]
     version_id = await meta.begin_upload(name, "", 60.0, intents[0] if intents else None)
     for intent in intents[1:]:
         await meta.add_chunk(version_id, intent)
@@ -41,30 +48,29 @@ async def put(meta: SQLiteMetadataStore, name: str, chunks: int = 1, nodes=("n1"
 
 
 async def test_a_commit_fills_the_cache_with_what_the_database_says(
-    store: SQLiteMetadataStore, tmp_path: Path
+    store: CachedMetadataStore, tmp_path: Path
 ) -> None:
     vid = await put(store, "a", chunks=2)
-    ops = store.ops
+    ops = store.stats().operations
     hit = await store.lookup("a")
-    assert store.ops == ops  # answered without the metadata thread
+    assert store.stats().operations == ops  # answered without the engine
     assert (store.cache.hits, store.cache.misses) == (1, 0)
     assert hit.version_id == vid and len(hit.chunks) == 2
     # a store on the same file with no cache reads the rows: the same answer
-    plain = SQLiteMetadataStore(tmp_path / "meta.db", cache=LookupCache(entries=0))
+    plain = SQLiteMetadataStore(tmp_path / "meta.db")
     await plain.open()
     try:
         assert await plain.lookup("a") == hit
-        assert plain.cache.hits == 0
     finally:
         await plain.close()
 
 
 async def test_a_lookup_fills_the_cache(tmp_path: Path) -> None:
-    meta = SQLiteMetadataStore(tmp_path / "m.db", cache=LookupCache(entries=0))
-    await meta.open()
-    await put(meta, "a")
-    await meta.close()
-    meta = SQLiteMetadataStore(tmp_path / "m.db", cache=LookupCache())  # as after a restart
+    engine = SQLiteMetadataStore(tmp_path / "m.db")
+    await engine.open()
+    await put(engine, "a")
+    await engine.close()
+    meta = cached(tmp_path / "m.db", LookupCache())  # as after a restart
     await meta.open()
     try:
         first = await meta.lookup("a")
@@ -74,7 +80,7 @@ async def test_a_lookup_fills_the_cache(tmp_path: Path) -> None:
         await meta.close()
 
 
-async def test_large_versions_and_misses_are_not_kept(store: SQLiteMetadataStore) -> None:
+async def test_large_versions_and_misses_are_not_kept(store: CachedMetadataStore) -> None:
     await put(store, "big", chunks=3)  # over max_chunks
     await store.lookup("big")
     await store.lookup("big")
@@ -84,7 +90,7 @@ async def test_large_versions_and_misses_are_not_kept(store: SQLiteMetadataStore
     assert len(store.cache) == 0
 
 
-async def test_overwrite_and_delete_are_seen_at_once(store: SQLiteMetadataStore) -> None:
+async def test_overwrite_and_delete_are_seen_at_once(store: CachedMetadataStore) -> None:
     for _ in range(3):
         vid = await put(store, "a")
         assert (await store.lookup("a")).version_id == vid
@@ -94,7 +100,7 @@ async def test_overwrite_and_delete_are_seen_at_once(store: SQLiteMetadataStore)
         await store.lookup("a")
 
 
-async def test_replica_changes_are_seen_at_once(store: SQLiteMetadataStore) -> None:
+async def test_replica_changes_are_seen_at_once(store: CachedMetadataStore) -> None:
     await put(store, "a", nodes=("n1", "n2"))
     chunk = (await store.lookup("a")).chunks[0]
     await store.add_replicas(chunk.chunk_id, ["n3"])
@@ -103,7 +109,7 @@ async def test_replica_changes_are_seen_at_once(store: SQLiteMetadataStore) -> N
     assert (await store.lookup("a")).chunks[0].nodes == ("n2", "n3")
 
 
-async def test_a_failed_commit_changes_nothing_cached(store: SQLiteMetadataStore) -> None:
+async def test_a_failed_commit_changes_nothing_cached(store: CachedMetadataStore) -> None:
     vid = await put(store, "a")
     await store.lookup("a")
     pending = await store.begin_upload("a", "", 60.0)
@@ -114,21 +120,20 @@ async def test_a_failed_commit_changes_nothing_cached(store: SQLiteMetadataStore
 
 
 async def test_the_cache_keeps_its_bound(tmp_path: Path) -> None:
-    meta = SQLiteMetadataStore(tmp_path / "m.db", cache=LookupCache(entries=3))
+    meta = cached(tmp_path / "m.db", LookupCache(entries=3))
     await meta.open()
     try:
         for i in range(6):
             await put(meta, f"f{i}")
             await meta.lookup(f"f{i}")
         assert len(meta.cache) == 3
-        assert len(meta.cache._by_chunk) == 3
-        off = SQLiteMetadataStore(tmp_path / "m.db", cache=LookupCache(entries=0))
-        assert off.cache.get("f5") is None
+        assert meta.cache.chunks_indexed == 3
+        assert LookupCache(entries=0).get("f5") is None
     finally:
         await meta.close()
 
 
-async def test_lookups_racing_overwrites_never_go_back(store: SQLiteMetadataStore) -> None:
+async def test_lookups_racing_overwrites_never_go_back(store: CachedMetadataStore) -> None:
     """Readers hammer one name (each answer lands in the cache) while a writer overwrites
     it: once a commit is acknowledged, no lookup may return an older version, and a
     lookup never returns a version older than one it returned before."""
@@ -161,7 +166,7 @@ async def test_lookups_racing_overwrites_never_go_back(store: SQLiteMetadataStor
 
 
 async def test_a_write_that_fills_the_disk_fails_alone_in_its_group(
-    store: SQLiteMetadataStore,
+    store: CachedMetadataStore,
 ) -> None:
     """SQLite rolls the whole transaction back when the disk is full; the other ops of
     the group run again in a new one, and only the one that did not fit fails."""
@@ -174,9 +179,9 @@ async def test_a_write_that_fills_the_disk_fails_alone_in_its_group(
         time.sleep(0.3)  # while this runs, the next ops queue up into one group
 
     store.cache.clear()  # so that the lookups go to the database
-    busy = asyncio.ensure_future(store._submit(fill))
+    busy = asyncio.ensure_future(store.engine.raw(fill))
     await asyncio.sleep(0.1)
-    groups = store.groups
+    groups = store.stats().transactions
     big = InlineBody(os.urandom(64 << 10), b"c" * 16)
     results = await asyncio.gather(
         store.lookup("kept"),
@@ -186,7 +191,7 @@ async def test_a_write_that_fills_the_disk_fails_alone_in_its_group(
         return_exceptions=True,
     )
     await busy
-    assert store.groups - groups == 2  # the one that filled the disk, and this group
+    assert store.stats().transactions - groups == 2  # the one that filled the disk, and this group
     kept, failed, small, totals = results
     assert isinstance(failed, OutOfSpace)
     assert isinstance(kept, FileVersion) and kept.name == "kept"

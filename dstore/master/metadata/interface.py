@@ -1,0 +1,207 @@
+"""What the chunk master needs from its metadata, whatever the engine.
+
+Every method is one transaction. Each state change is guarded by the state it expects
+(a version moves only from the state its move starts in; a name's pointer is swapped
+only at the generation it was read at), so an engine stays correct with several writers
+at once, not only behind SQLite's single one. Times (``created``, leases, ``dead_since``)
+come from the engine's clock, never the caller's: several gateways share one.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from dstore.master.metadata.model import (
+    ChunkIntent,
+    ChunkRef,
+    ChunkReplicas,
+    CommitResult,
+    DeadChunk,
+    EngineStats,
+    FileInfo,
+    FileVersion,
+    InlineBody,
+    MemberRecord,
+    MemberState,
+    Purged,
+    VersionState,
+)
+
+
+class MetadataStore(abc.ABC):
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    # --- uploads --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def begin_upload(
+        self, name: str, content_type: str, lease: float, first: ChunkIntent | None = None
+    ) -> int:
+        """A new pending version with a lease of ``lease`` seconds, and the intent for its
+        first chunk in the same transaction (one round trip for a one-chunk file);
+        returns its id."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, version_ids: Sequence[int], lease: float) -> None:
+        """Extend the leases of uploads still pending to ``lease`` seconds from now."""
+
+    @abc.abstractmethod
+    async def add_chunk(self, version_id: int, intent: ChunkIntent) -> None:
+        """Record a chunk intent before its bytes are sent: the reaper can always find it."""
+
+    @abc.abstractmethod
+    async def add_replicas(self, chunk_id: str, nodes: Sequence[str]) -> None:
+        """Record more intended replicas of a chunk (a failed node was replaced); a node
+        already recorded for it is left as it is."""
+
+    @abc.abstractmethod
+    async def commit(
+        self,
+        version_id: int,
+        size: int,
+        etag: str,
+        *,
+        if_absent: bool = False,
+        keep_chunks: int = 0,
+    ) -> CommitResult:
+        """Make a pending version current for its name, atomically; the old one becomes
+        dead. ``if_absent``: raise ``PreconditionFailed`` if the name exists (the version
+        stays pending: the caller aborts it). The result lists the chunks of a version of
+        at most ``keep_chunks``. ``Conflict`` if the version is no longer pending."""
+
+    @abc.abstractmethod
+    async def commit_inline(
+        self,
+        name: str,
+        content_type: str,
+        body: InlineBody,
+        etag: str,
+        *,
+        if_absent: bool = False,
+    ) -> CommitResult:
+        """A whole small file in one transaction: a new version, live at once, holding
+        its bytes; the name's old version becomes dead. ``if_absent`` as for ``commit``."""
+
+    @abc.abstractmethod
+    async def abort(self, version_id: int) -> None:
+        """Give up a pending version (no-op for any other); its chunks are reclaimed."""
+
+    # --- reads ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def lookup(self, name: str, start: int = 0, limit: int | None = None) -> FileVersion:
+        """The live version of a name with its chunks, or ``FileNotFound``. With
+        ``limit``: only the chunks from the one holding byte ``start`` on, at most
+        ``limit`` of them, so that the first byte of a large file waits for one page of
+        its chunk list, not all of it; ``chunk_page`` gives the rest. An inline file's
+        version has no chunks and comes with its bytes."""
+
+    @abc.abstractmethod
+    async def head(self, name: str) -> FileVersion:
+        """Like ``lookup`` without the chunk list (an inline body with its checksum only)."""
+
+    @abc.abstractmethod
+    async def chunk_page(self, version_id: int, start: int, limit: int) -> tuple[ChunkRef, ...]:
+        """A version's chunks from the one holding byte ``start`` on, at most ``limit``;
+        fewer than asked for only at the end of the version (or if it is gone)."""
+
+    @abc.abstractmethod
+    async def inline_data(self, version_id: int) -> bytes | None:
+        """The bytes of an inline file's version; None once the version is reclaimed."""
+
+    @abc.abstractmethod
+    async def inline_bodies(self, after: int, limit: int) -> list[tuple[int, str, InlineBody]]:
+        """(version id, name, body) of live inline versions with ids above ``after``, in
+        id order, at most ``limit``: what the inline scrubber reads, a batch at a time."""
+
+    @abc.abstractmethod
+    async def delete(self, name: str) -> int:
+        """Remove a name at once; returns the version that became dead."""
+
+    @abc.abstractmethod
+    async def list_files(
+        self, prefix: str, start_after: str, limit: int
+    ) -> tuple[list[FileInfo], str | None]:
+        """Live names with ``prefix`` after ``start_after``, in byte order of their
+        UTF-8 (code point order), at most ``limit``; and the last one if more follow."""
+
+    @abc.abstractmethod
+    async def totals(self) -> tuple[int, int]:
+        """(files, bytes) of live versions."""
+
+    @abc.abstractmethod
+    async def chunk_ids(self, state: VersionState) -> set[str]:
+        """The ids of every chunk of versions in this state (where a check of the nodes
+        against the metadata starts)."""
+
+    @abc.abstractmethod
+    async def version_ids(
+        self, *, name: str | None = None, state: VersionState | None = None
+    ) -> list[int]:
+        """The ids of the versions of a name, or in a state, or both; in id order."""
+
+    @abc.abstractmethod
+    async def inline_count(self) -> int:
+        """How many inline bodies are stored (live or not yet purged)."""
+
+    # --- reclaiming -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def expire_leases(self) -> list[int]:
+        """Abort pending versions whose lease ran out (on the engine's clock); their ids."""
+
+    @abc.abstractmethod
+    async def dead_chunks(self, settle: float, limit: int) -> list[DeadChunk]:
+        """Chunks of versions dead for more than ``settle`` seconds, longest dead first."""
+
+    @abc.abstractmethod
+    async def forget_replica(self, chunk_id: str, node_id: str) -> None:
+        """A chunk's replica is gone from its node (or never to be made)."""
+
+    @abc.abstractmethod
+    async def purge_dead(self) -> Purged:
+        """Drop dead versions with no replica left, and the inline bytes of every dead
+        version."""
+
+    # --- replicas and members -------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def chunks_on(self, node_ids: Sequence[str], limit: int) -> list[ChunkReplicas]:
+        """Chunks of live or pending versions with a replica on any of these nodes."""
+
+    @abc.abstractmethod
+    async def chunk_replicas(self, chunk_id: str) -> ChunkReplicas | None: ...
+
+    @abc.abstractmethod
+    async def replica_count(self, node_id: str) -> int:
+        """How many replicas are recorded on a node."""
+
+    @abc.abstractmethod
+    async def replica_node_ids(self) -> set[str]:
+        """Every node id some replica is recorded on."""
+
+    @abc.abstractmethod
+    async def known_replicas(self, node_id: str, chunk_ids: Sequence[str]) -> set[str]:
+        """Which of these chunk ids a version (live, pending or dead) expects on this node."""
+
+    @abc.abstractmethod
+    async def members(self) -> list[MemberRecord]: ...
+
+    @abc.abstractmethod
+    async def set_member(self, addr: str, state: MemberState | None) -> None:
+        """Record a run-time member (state None: forget it), durably."""
+
+    @abc.abstractmethod
+    async def identities(self) -> dict[str, str]:
+        """The node id last seen at each storage address."""
+
+    @abc.abstractmethod
+    async def remember_identity(self, addr: str, node_id: str) -> None: ...
