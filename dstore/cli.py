@@ -9,10 +9,11 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from dstore import config as cfg
+from dstore.config import StorageConfig
 from dstore.errors import ConfigError, DstoreError
 from dstore.log import configure as configure_logging
 from dstore.tuning import tune_malloc
@@ -96,7 +97,7 @@ def _serve(role: str, argv: Sequence[str]) -> int:
         if role == "storage":
             from dstore.storage.node import run_storage
 
-            asyncio.run(run_storage(config))
+            asyncio.run(run_storage(config, _joiner(config)))
         else:
             from dstore.gateway.app import run_gateway
 
@@ -202,3 +203,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _joiner(config: StorageConfig) -> Callable[[str], Awaitable[dict[str, Any]]] | None:
+    """How a storage node started with ``--join`` registers with its gateway: over the
+    gateway's HTTP admin API, with the CLI's client."""
+    url = config.join
+    if not url:
+        return None
+
+    async def join(addr: str) -> dict[str, Any]:
+        from dstore.client import join_cluster
+
+        joined: dict[str, Any] = await join_cluster(url, addr, config.cluster_secret.encode())
+        return joined
+
+    return join

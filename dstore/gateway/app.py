@@ -19,7 +19,7 @@ from dstore.gateway.download import Downloader
 from dstore.gateway.metrics import metrics
 from dstore.gateway.upload import Uploader, UploadSettings
 from dstore.master.budget import MemoryBudget
-from dstore.master.cluster import Cluster
+from dstore.master.cluster import Cluster, Connector, open_tcp
 from dstore.master.inline_scrub import InlineScrubber
 from dstore.master.metadata import (
     CachedMetadataStore,
@@ -30,7 +30,7 @@ from dstore.master.metadata import (
 from dstore.master.reaper import ReadPins, Reaper
 from dstore.master.reconcile import Reconciler
 from dstore.master.repair import Repairer
-from dstore.rpc.transport import Connector, open_tcp
+from dstore.master.replicas import Replicas
 
 log = structlog.get_logger("dstore.gateway")
 
@@ -74,9 +74,10 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         await cluster.start()
         pins = ReadPins()
         cache = ChunkCache(config.cache_size)
+        door = Replicas(cluster)
         reaper = Reaper(
             meta,
-            cluster,
+            door,
             pins,
             grace=config.gc_grace,
             interval=config.reaper_interval,
@@ -84,17 +85,18 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
             on_reclaim_inline=lambda version_id: cache.discard(inline_key(version_id)),
         )
         reconciler = Reconciler(
-            meta, cluster, grace=config.gc_grace, interval=config.reconcile_interval
+            meta, door, grace=config.gc_grace, interval=config.reconcile_interval
         )
         repairer = Repairer(
             meta,
-            cluster,
+            door,
             reconciler,
             replicas=config.replicas,
             repair_delay=config.repair_delay,
             bandwidth=config.repair_bandwidth,
         )
         cluster.on_corrupt = repairer.report_bad
+        door.on_bad_replica = repairer.report_bad
         budget = MemoryBudget(config.memory_budget, config.budget_wait)
         settings = UploadSettings(
             config.chunk_size,
@@ -112,12 +114,11 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
         app[keys.RECONCILER] = reconciler
         app[keys.REPAIRER] = repairer
         app[keys.BUDGET] = budget
-        uploader = Uploader(meta, cluster, budget, reaper, settings, cache=cache)
+        uploader = Uploader(meta, door, budget, reaper, settings, cache=cache)
         app[keys.UPLOADER] = uploader
         app[keys.DOWNLOADER] = Downloader(
-            cluster,
+            door,
             budget,
-            on_bad_replica=repairer.report_bad,
             cache=cache,
             splice=config.splice,
         )

@@ -36,14 +36,11 @@ from typing import NamedTuple
 
 import structlog
 
-from dstore.chunk import Hasher
-from dstore.errors import ChunkCorrupt, DstoreError, NoReplica, PeerGone
+from dstore.errors import DstoreError, NoReplica, PeerGone
 from dstore.gateway.cache import ChunkCache
 from dstore.master.budget import MemoryBudget
-from dstore.master.cluster import Cluster, NodeState
 from dstore.master.metadata import ChunkRef
-from dstore.rpc.client import NodeClient
-from dstore.rpc.splice import Splicer
+from dstore.master.replicas import Relay, Replicas, Splicer
 
 log = structlog.get_logger("dstore.download")
 
@@ -53,21 +50,6 @@ Write = Callable[[memoryview], Awaitable[None]]
 RELAY_MAX = 4 << 20
 
 
-@dataclass(slots=True)
-class _Relay:
-    """One chunk's relay: ``turn`` is set when every byte before it went out."""
-
-    splicer: Splicer
-    turn: asyncio.Future[None]
-    on_sent: Callable[[], None]  # called as its bytes go out
-    start: int = -1  # the splicer's count when this chunk's relay began (-1: not yet)
-
-    @property
-    def relayed(self) -> int:
-        """Bytes of the chunk relayed so far."""
-        return 0 if self.start < 0 else self.splicer.sent - self.start
-
-
 class _Pending(NamedTuple):
     """A chunk being fetched for a stream: ``ready`` is set once its bytes are known good
     (it is being relayed, or the fetch ended)."""
@@ -75,7 +57,7 @@ class _Pending(NamedTuple):
     span: Span
     task: asyncio.Task[list[memoryview]]
     ready: asyncio.Future[None]
-    relay: _Relay | None
+    relay: Relay | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,25 +154,34 @@ class Downloader:
 
     def __init__(
         self,
-        cluster: Cluster,
+        replicas: Replicas,
         budget: MemoryBudget,
         *,
         read_ahead: int = 6,
         hold: int = 12,
-        on_bad_replica: Callable[[str, str, str], None] | None = None,
         cache: ChunkCache | None = None,
         splice: bool = True,
     ) -> None:
-        self.cluster = cluster
+        self.replicas = replicas
         self.splice = splice  # streams may relay whole chunks with a ``Splicer``
         self.budget = budget
         self.cache = cache if cache is not None else ChunkCache(0)
-        self.on_bad_replica = on_bad_replica  # read-repair: (chunk id, node id, reason)
         self.read_ahead = read_ahead  # chunks reading on the nodes at once, at most
         self.hold = max(hold, read_ahead)  # chunks fetched or fetching ahead, at most
-        self.failovers = 0
-        self.relays = 0  # chunks spliced node to client whole
-        self.resumes = 0  # relays cut part-way and finished from another replica
+
+    @property
+    def failovers(self) -> int:
+        return self.replicas.failovers
+
+    @property
+    def relays(self) -> int:
+        """Chunks spliced node to client whole."""
+        return self.replicas.relays
+
+    @property
+    def resumes(self) -> int:
+        """Relays cut part-way and finished from another replica."""
+        return self.replicas.resumes
 
     def __repr__(self) -> str:
         return (
@@ -249,7 +240,7 @@ class Downloader:
 
             relay = None
             if splicer is not None and self._relayable(span):
-                relay = _Relay(splicer, asyncio.get_running_loop().create_future(), start_ahead)
+                relay = Relay(splicer, asyncio.get_running_loop().create_future(), start_ahead)
             task = asyncio.create_task(self.fetch(span, trace, first_byte, relay, ready))
             task.add_done_callback(done)
             pending.append(_Pending(span, task, ready, relay))
@@ -309,19 +300,6 @@ class Downloader:
             if held:
                 self.budget.release(held)
 
-    def _replica_order(self, chunk: ChunkRef) -> list[str]:
-        """Up nodes first, then suspect ones; down nodes are not tried. Otherwise the
-        chunk's own placement order: each chunk is read from the same replica every time
-        (one copy warm in a page cache, not two), and since placement picked the least
-        loaded nodes first, those first replicas are spread over the nodes."""
-        ranked = []
-        for position, node_id in enumerate(chunk.nodes):
-            member = self.cluster.by_id(node_id)
-            if member is None or member.state is NodeState.DOWN:
-                continue
-            ranked.append((member.state is not NodeState.UP, position, node_id))
-        return [entry[-1] for entry in sorted(ranked)]
-
     def _relayable(self, span: Span) -> bool:
         """A whole chunk the node checks before sending, and that the cache would not keep."""
         return span.whole and 0 < span.length <= RELAY_MAX and not self.cache.admits(span.length)
@@ -331,7 +309,7 @@ class Downloader:
         span: Span,
         trace: str = "",
         first_byte: Callable[[], None] | None = None,
-        relay: _Relay | None = None,
+        relay: Relay | None = None,
         ready: asyncio.Future[None] | None = None,
     ) -> list[memoryview]:
         """The verified bytes of one span: from the read cache, or from the first replica
@@ -358,87 +336,15 @@ class Downloader:
         span: Span,
         trace: str,
         first_byte: Callable[[], None] | None,
-        relay: _Relay | None = None,
+        relay: Relay | None = None,
         ready: asyncio.Future[None] | None = None,
     ) -> list[memoryview]:
-        errors = []
-        for node_id in self._replica_order(span.chunk):
-            member = self.cluster.by_id(node_id)
-            assert member is not None
-            try:
-                fetch = self._fetch_from(member.client, span, trace, first_byte, relay, ready)
-                if member.state is NodeState.UP:
-                    pieces = await self.cluster.call(member, fetch)
-                else:
-                    pieces = await fetch  # a suspect node is the last resort: let it try
-                if relay is not None and relay.start >= 0:
-                    self.relays += 1
-                return pieces
-            except DstoreError as exc:
-                if relay is not None and relay.relayed:
-                    # cut part-way: the rest from the next replica, read into memory
-                    done = relay.relayed
-                    span = Span(span.chunk, span.offset + done, span.length - done)
-                    relay = None
-                    self.resumes += 1
-                self.failovers += 1
-                errors.append(f"{node_id}: {exc.code}")
-                if exc.code in ("chunk_corrupt", "chunk_not_found") and self.on_bad_replica:
-                    self.on_bad_replica(span.chunk.chunk_id, node_id, exc.code)
-                log.warning(
-                    "replica_read_failed",
-                    chunk=span.chunk.chunk_id,
-                    node=node_id,
-                    error=str(exc),
-                    code=exc.code,
-                )
-        tried = "; ".join(errors) or "none up"
-        raise NoReplica(f"no replica of chunk {span.chunk.index} could be read ({tried})")
-
-    @staticmethod
-    async def _fetch_from(
-        client: NodeClient,
-        span: Span,
-        trace: str,
-        first_byte: Callable[[], None] | None,
-        relay: _Relay | None = None,
-        ready: asyncio.Future[None] | None = None,
-    ) -> list[memoryview]:
-        chunk = span.chunk
-        async with client.open_chunk(
-            chunk.chunk_id,
-            offset=span.offset,
-            length=None if span.whole else span.length,
-            # a whole chunk is hashed here, unless it is to be relayed
-            verify=not span.whole or relay is not None,
+        return await self.replicas.read(
+            span.chunk,
+            span.offset,
+            span.length,
             trace=trace,
-        ) as body:
-            if body.checksum != chunk.checksum or body.size != chunk.size:
-                raise ChunkCorrupt(f"chunk {chunk.chunk_id} differs from its metadata")
-            if relay is not None and body.checked and body.length == span.length:
-                body.hold()  # the rest stays in the kernel until it is relayed
-                if first_byte is not None:
-                    first_byte()
-                if ready is not None and not ready.done():
-                    ready.set_result(None)
-                while not relay.turn.done():
-                    await asyncio.wait([relay.turn], timeout=body.touch_every)
-                    body.touch()
-                relay.start = relay.splicer.sent
-                await body.relay(relay.splicer, relay.on_sent)
-                return []
-            # the node vouches for a verified read (its verdict comes after the body)
-            hasher = Hasher() if span.whole and relay is None else None
-            pieces = []
-            async for piece in body:
-                if first_byte is not None:
-                    first_byte()
-                    first_byte = None
-                if hasher is not None:
-                    hasher.update(piece)
-                pieces.append(piece)
-        if sum(map(len, pieces)) != span.length:
-            raise ChunkCorrupt(f"chunk {chunk.chunk_id}: short read")
-        if hasher is not None and hasher.digest() != chunk.checksum:
-            raise ChunkCorrupt(f"chunk {chunk.chunk_id} failed its checksum at the gateway")
-        return pieces
+            first_byte=first_byte,
+            relay=relay,
+            ready=ready,
+        )

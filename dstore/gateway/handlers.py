@@ -45,9 +45,7 @@ from dstore.gateway.ranges import parse_range
 from dstore.gateway.upload import Expectations
 from dstore.log import log_context
 from dstore.master.metadata import FileVersion, MemberState
-from dstore.protocol import handshake
-from dstore.rpc import splice
-from dstore.rpc.splice import Splicer
+from dstore.master.replicas import Splicer, splicer_for
 
 log = structlog.get_logger("dstore.http")
 
@@ -444,10 +442,7 @@ def _splicer(request: web.Request) -> Splicer | None:
     transport = request.transport
     if transport is None or transport.get_extra_info("sslcontext") is not None:
         return None
-    sock = transport.get_extra_info("socket")
-    if not splice.available(sock):
-        return None
-    return Splicer(sock, transport.get_write_buffer_size)
+    return splicer_for(transport.get_extra_info("socket"), transport.get_write_buffer_size)
 
 
 async def delete_file(request: web.Request) -> web.StreamResponse:
@@ -527,10 +522,9 @@ async def add_node(request: web.Request) -> web.StreamResponse:
             stamp, proof = int(body["time"]), str(body["proof"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DstoreError(f"expected {{addr, time, proof}}: {exc}", code="bad_request") from None
-    secret = app[keys.CONFIG].cluster_secret.encode()
-    if not admin and not handshake.verify_join(secret, addr, stamp, proof, time.time()):
-        raise Unauthorized("join proof does not match the cluster secret")
     cluster = app[keys.CLUSTER]
+    if not admin and not cluster.verify_join(addr, stamp, proof):
+        raise Unauthorized("join proof does not match the cluster secret")
     member = cluster.add(addr)
     await app[keys.META].set_member(addr, MemberState.ACTIVE)
     await cluster.refresh()

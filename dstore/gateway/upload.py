@@ -37,6 +37,7 @@ from dstore.master.cluster import Cluster
 from dstore.master.jobs import PeriodicJob
 from dstore.master.metadata import ChunkIntent, CommitResult, InlineBody, MetadataStore
 from dstore.master.reaper import Reaper
+from dstore.master.replicas import Replicas
 
 log = structlog.get_logger("dstore.upload")
 
@@ -106,14 +107,15 @@ class Uploader:
     def __init__(
         self,
         meta: MetadataStore,
-        cluster: Cluster,
+        door: Replicas,
         budget: MemoryBudget,
         reaper: Reaper,
         settings: UploadSettings,
         cache: ChunkCache | None = None,
     ) -> None:
         self.meta = meta
-        self.cluster = cluster
+        self.door = door
+        self.cluster = door.cluster
         self.budget = budget
         self.reaper = reaper
         self.settings = settings
@@ -379,7 +381,7 @@ class Uploader:
         self, node_id: str, chunk_id: str, chunk: Chunk, trace: str, held: _Held
     ) -> None:
         held.take(chunk_id, node_id)  # store_chunk gives the reservation back from here on
-        await self.cluster.store_chunk(
+        await self.door.put(
             node_id, chunk_id, chunk.pieces, length=chunk.size, checksum=chunk.checksum, trace=trace
         )
 

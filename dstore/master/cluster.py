@@ -20,8 +20,10 @@ import structlog
 
 from dstore.errors import DstoreError, NodeUnavailable
 from dstore.master.placement import NodeView, place
+from dstore.protocol import handshake
 from dstore.rpc.client import NodeClient
-from dstore.rpc.transport import Connector, open_tcp
+from dstore.rpc.transport import Connector as Connector
+from dstore.rpc.transport import open_tcp as open_tcp
 
 log = structlog.get_logger("dstore.cluster")
 
@@ -322,32 +324,9 @@ class Cluster:
         finally:
             lost.unwatch(abandon)
 
-    async def store_chunk(
-        self,
-        node_id: str,
-        chunk_id: str,
-        data: list[memoryview],
-        *,
-        length: int,
-        checksum: bytes,
-        trace: str = "",
-    ) -> None:
-        """Put a chunk on a node whose space ``place`` reserved; the reservation is given
-        back, as used space if the put succeeded."""
-        member = self.by_id(node_id)
-        if member is None:
-            raise NodeUnavailable(f"node {node_id} is no longer a member")
-        ok = False
-        try:
-            await self.call(
-                member,
-                member.client.put_chunk(
-                    chunk_id, data, length=length, checksum=checksum, trace=trace
-                ),
-            )
-            ok = True
-        finally:
-            self.release(node_id, length, stored=ok)
+    def verify_join(self, addr: str, stamp: int, proof: str) -> bool:
+        """Whether a storage node's join request proves it knows the cluster secret."""
+        return handshake.verify_join(self._secret, addr, stamp, proof, time.time())
 
     # --- queries --------------------------------------------------------------------------
 

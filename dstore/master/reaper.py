@@ -15,10 +15,9 @@ from contextlib import contextmanager
 
 import structlog
 
-from dstore.errors import DstoreError
-from dstore.master.cluster import Cluster, NodeState
 from dstore.master.jobs import PeriodicJob
 from dstore.master.metadata import DeadChunk, MetadataStore
+from dstore.master.replicas import Replicas
 
 log = structlog.get_logger("dstore.reaper")
 
@@ -52,7 +51,7 @@ class Reaper(PeriodicJob):
     def __init__(
         self,
         meta: MetadataStore,
-        cluster: Cluster,
+        door: Replicas,
         pins: ReadPins,
         *,
         grace: float,
@@ -65,7 +64,8 @@ class Reaper(PeriodicJob):
         # woken (by a delete, an overwrite, an abort): let the dead version settle first
         super().__init__(interval, after_wake=settle)
         self.meta = meta
-        self.cluster = cluster
+        self.door = door
+        self.cluster = door.cluster
         self.pins = pins
         self.grace = grace
         self.settle = settle
@@ -111,16 +111,7 @@ class Reaper(PeriodicJob):
     async def _delete(self, chunk: DeadChunk) -> int:
         removed = 0
         for node_id in chunk.nodes:
-            member = self.cluster.by_id(node_id)
-            if member is None or member.state is NodeState.DOWN:
-                continue  # tried again on a later pass
-            try:
-                await member.client.delete_chunk(chunk.chunk_id, retire=True, trace="reaper")
-            except DstoreError as exc:
-                log.info(
-                    "chunk_delete_deferred", chunk=chunk.chunk_id, node=node_id, error=str(exc)
-                )
-                continue
-            await self.meta.forget_replica(chunk.chunk_id, node_id)
-            removed += 1
+            if await self.door.delete(chunk.chunk_id, node_id, retire=True, trace="reaper"):
+                await self.meta.forget_replica(chunk.chunk_id, node_id)
+                removed += 1
         return removed

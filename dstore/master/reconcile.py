@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import structlog
 
 from dstore.errors import DstoreError
-from dstore.master.cluster import Cluster, NodeState, StorageMember
+from dstore.master.cluster import NodeState, StorageMember
 from dstore.master.jobs import PeriodicJob
 from dstore.master.metadata import MetadataStore
+from dstore.master.replicas import Replicas
 
 log = structlog.get_logger("dstore.reconcile")
 
@@ -37,7 +38,7 @@ class Reconciler(PeriodicJob):
     def __init__(
         self,
         meta: MetadataStore,
-        cluster: Cluster,
+        door: Replicas,
         *,
         grace: float,
         interval: float = 600.0,
@@ -46,7 +47,8 @@ class Reconciler(PeriodicJob):
     ) -> None:
         super().__init__(interval, run_at_start=False)
         self.meta = meta
-        self.cluster = cluster
+        self.door = door
+        self.cluster = door.cluster
         self.grace = grace
         self.deletes_per_second = deletes_per_second
         self.page = page
@@ -91,7 +93,7 @@ class Reconciler(PeriodicJob):
         counts = ReconcileCounts()
         after = ""
         while True:
-            page = await member.client.list_chunks(after=after, limit=self.page, trace="reconcile")
+            page = await self.door.list_chunks(member, after, self.page)
             rows = page.chunks
             counts.listed += len(rows)
             known = await self.meta.known_replicas(member.node_id, [r[0] for r in rows])
@@ -106,8 +108,8 @@ class Reconciler(PeriodicJob):
                 # re-checked one by one: an upload may have recorded it since the page
                 if await self.meta.known_replicas(member.node_id, [chunk_id]):
                     continue
-                await member.client.delete_chunk(chunk_id, trace="reconcile")
-                counts.deleted += 1
+                if await self.door.delete(chunk_id, member.node_id, trace="reconcile"):
+                    counts.deleted += 1
                 await asyncio.sleep(1.0 / self.deletes_per_second)
             if page.next is None:
                 return counts

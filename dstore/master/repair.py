@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from dstore.chunk import Hasher
-from dstore.errors import ChunkCorrupt, DstoreError, NotEnoughNodes, OutOfSpace
-from dstore.master.cluster import Cluster, NodeState, StorageMember
+from dstore.errors import DstoreError, NoReplica, NotEnoughNodes, OutOfSpace
+from dstore.master.cluster import NodeState, StorageMember
 from dstore.master.jobs import PeriodicJob
 from dstore.master.metadata import ChunkReplicas, MemberState, MetadataStore
 from dstore.master.reconcile import Reconciler
+from dstore.master.replicas import REPAIR_READ, Replicas
 
 log = structlog.get_logger("dstore.repair")
 
@@ -45,7 +45,7 @@ class Repairer(PeriodicJob):
     def __init__(
         self,
         meta: MetadataStore,
-        cluster: Cluster,
+        door: Replicas,
         reconciler: Reconciler,
         *,
         replicas: int,
@@ -56,7 +56,8 @@ class Repairer(PeriodicJob):
     ) -> None:
         super().__init__(interval)
         self.meta = meta
-        self.cluster = cluster
+        self.door = door
+        self.cluster = door.cluster
         self.reconciler = reconciler
         self.replicas = replicas
         self.repair_delay = repair_delay
@@ -292,28 +293,11 @@ class Repairer(PeriodicJob):
         return member is not None and member.state in (NodeState.UP, NodeState.DRAINING)
 
     async def _read(self, chunk: ChunkReplicas, sources: list[str]) -> list[memoryview] | None:
-        for node_id in sources:
-            member = self.cluster.by_id(node_id)
-            assert member is not None
-            try:
-                async with member.client.open_chunk(chunk.chunk_id, trace="repair") as body:
-                    if body.checksum != chunk.checksum:
-                        raise ChunkCorrupt("stored checksum differs from the metadata")
-                    hasher = Hasher()
-                    pieces = []
-                    async for piece in body:
-                        hasher.update(piece)
-                        pieces.append(piece)
-                if hasher.digest() != chunk.checksum:
-                    raise ChunkCorrupt("bytes differ from their checksum")
-                return pieces
-            except DstoreError as exc:
-                if exc.code in ("chunk_corrupt", "chunk_not_found"):
-                    self.bad.setdefault(chunk.chunk_id, set()).add(node_id)
-                log.warning(
-                    "repair_source_failed", chunk=chunk.chunk_id, node=node_id, error=str(exc)
-                )
-        return None
+        try:
+            return await self.door.read(chunk, trace="repair", nodes=sources, strategy=REPAIR_READ)
+        except NoReplica as exc:
+            log.warning("repair_sources_failed", chunk=chunk.chunk_id, error=str(exc))
+            return None
 
     async def _record(self, chunk: ChunkReplicas, node_id: str) -> None:
         """Record the intent for a copy whose space is reserved on ``node_id``; if that
@@ -326,7 +310,7 @@ class Repairer(PeriodicJob):
 
     async def _write(self, chunk: ChunkReplicas, data: list[memoryview], node_id: str) -> bool:
         try:
-            await self.cluster.store_chunk(
+            await self.door.put(
                 node_id,
                 chunk.chunk_id,
                 data,
@@ -340,13 +324,7 @@ class Repairer(PeriodicJob):
         return True
 
     async def _delete(self, chunk_id: str, node_id: str) -> None:
-        member = self.cluster.by_id(node_id)
-        if member is None or member.state is NodeState.DOWN:
-            return  # gone, or trimmed by the reconciler when it returns
-        try:
-            await member.client.delete_chunk(chunk_id, trace="repair")
-        except DstoreError as exc:
-            log.info("repair_delete_deferred", chunk=chunk_id, node=node_id, error=str(exc))
+        await self.door.delete(chunk_id, node_id, trace="repair")
 
     async def _trim_returned(self) -> None:
         """A node given up on that is back: its surplus copies go now, not at the next

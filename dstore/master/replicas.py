@@ -229,6 +229,7 @@ class Replicas:
         length: int | None = None,
         *,
         trace: str = "",
+        nodes: Sequence[str] | None = None,
         strategy: ReadStrategy = READ,
         first_byte: Callable[[], None] | None = None,
         relay: Relay | None = None,
@@ -241,12 +242,13 @@ class Replicas:
         arrive. With ``relay``, a node that checked the chunk before its header has it
         relayed to the client's socket once the relay's turn comes (``ready`` is set
         before the wait); a relay cut part-way goes on from where it stopped on the next
-        replica, read into memory. What is returned is what was not relayed."""
+        replica, read into memory. What is returned is what was not relayed. ``nodes``:
+        only these replicas, in this order (a move reads from the node it empties)."""
         span = _Read(
             target, offset, target.size - offset if length is None else length, trace, first_byte
         )
         span.relay, span.ready = relay, ready
-        for node_id in self.order(target.nodes, strategy):
+        for node_id in self.order(target.nodes if nodes is None else nodes, strategy):
             member = self.cluster.by_id(node_id)
             if member is None:
                 continue

@@ -11,7 +11,9 @@ import asyncio
 import secrets
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -241,8 +243,13 @@ class StorageNode:
         raise DstoreError(f"unsupported op {request.OP!r}", code="unsupported_op")
 
 
-async def run_storage(config: StorageConfig) -> None:
-    """Run a storage node until SIGTERM/SIGINT, then stop within the grace period."""
+Join = Callable[[str], Awaitable[dict[str, Any]]]
+
+
+async def run_storage(config: StorageConfig, join: Join | None = None) -> None:
+    """Run a storage node until SIGTERM/SIGINT, then stop within the grace period.
+    ``join`` registers the node's address with a gateway (``--join``): the caller brings
+    it, since the node itself speaks only its own protocol."""
     node = StorageNode(config)
     await node.start()
     stop = asyncio.Event()
@@ -250,11 +257,9 @@ async def run_storage(config: StorageConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"dstore storage node {node.node_id} listening on {node.addr}", flush=True)
-    if config.join:
-        from dstore.client import join_cluster
-
+    if join is not None:
         try:
-            joined = await join_cluster(config.join, node.addr, config.cluster_secret.encode())
+            joined = await join(node.addr)
             log.info("joined_cluster", gateway=config.join, state=joined.get("state"))
         except DstoreError:
             await node.stop(grace=0)
