@@ -13,12 +13,12 @@ from aiohttp import web
 from dstore.auth import TokenTable
 from dstore.config import GatewayConfig
 from dstore.gateway import handlers, keys
+from dstore.gateway.budget import MemoryBudget
 from dstore.gateway.cache import ChunkCache, inline_key
 from dstore.gateway.counters import HttpCounters
 from dstore.gateway.download import Downloader
 from dstore.gateway.metrics import metrics
 from dstore.gateway.upload import Uploader, UploadSettings
-from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster, Connector, open_tcp
 from dstore.master.inline_scrub import InlineScrubber
 from dstore.master.metadata import (

@@ -37,8 +37,8 @@ from typing import NamedTuple
 import structlog
 
 from dstore.errors import DstoreError, NoReplica, PeerGone
+from dstore.gateway.budget import MemoryBudget
 from dstore.gateway.cache import ChunkCache
-from dstore.master.budget import MemoryBudget
 from dstore.master.metadata import ChunkRef
 from dstore.master.replicas import Relay, Replicas, Splicer
 

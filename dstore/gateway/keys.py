@@ -6,10 +6,10 @@ from aiohttp import web
 
 from dstore.auth import AuthToken, TokenTable
 from dstore.config import GatewayConfig
+from dstore.gateway.budget import MemoryBudget
 from dstore.gateway.counters import HttpCounters
 from dstore.gateway.download import Downloader
 from dstore.gateway.upload import Uploader
-from dstore.master.budget import MemoryBudget
 from dstore.master.cluster import Cluster
 from dstore.master.inline_scrub import InlineScrubber
 from dstore.master.metadata import LookupCache, MetadataStore

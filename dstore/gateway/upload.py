@@ -30,9 +30,9 @@ import structlog
 from dstore.chunk import checksum as checksum_of
 from dstore.chunk import new_chunk_id
 from dstore.errors import ChecksumMismatch, DstoreError, NotEnoughNodes, OutOfSpace, TooLarge
+from dstore.gateway.budget import MemoryBudget
 from dstore.gateway.cache import ChunkCache, inline_key
-from dstore.master.budget import MemoryBudget
-from dstore.master.chunker import Chunk, Chunker
+from dstore.gateway.chunker import Chunk, Chunker
 from dstore.master.cluster import Cluster
 from dstore.master.jobs import PeriodicJob
 from dstore.master.metadata import ChunkIntent, CommitResult, InlineBody, MetadataStore
