@@ -38,7 +38,7 @@ HOPS = 3_000
 def _log_lines(n: int) -> float:
     """CPU seconds per canonical request line as ``dstore.log`` is configured now."""
     log = structlog.get_logger("bench")
-    with structlog.contextvars.bound_contextvars(req="bench-1"):
+    with structlog.contextvars.bound_contextvars(trace="bench-1"):
         start = time.process_time()
         for _ in range(n):
             log.info(

@@ -147,7 +147,7 @@ def test_dstore_up_logs_json_lines_at_the_level_the_environment_sets(tmp_path: P
     assert canonical["status"] == 201 and canonical["bytes_in"] == 5000
     assert canonical["level"] == "info" and canonical["timestamp"]
     # the nodes' lines for that request carry its request id
-    assert nodes.count(f'"req":"{canonical["req"]}"') == 2, nodes
+    assert nodes.count(f'"trace":"{canonical["trace"]}"') == 2, nodes
 
     quiet, quiet_nodes = _up_logs(tmp_path, "warning")
     assert not [e for e in quiet if e.get("event") == "http_request"]

@@ -66,14 +66,15 @@ async def test_overwrite_while_readers_read_gives_whole_versions(
 
 
 async def test_delete_does_not_break_a_download_in_progress(cluster: LocalCluster) -> None:
-    data = os.urandom(40 * CHUNK)
+    data = os.urandom(400 * CHUNK)  # more than the sockets hold: the handler is still in it
     await cluster.put("big", data)
     assert cluster.session is not None
     async with cluster.session.get(cluster.file_url("big")) as response:
         first = await response.content.readexactly(CHUNK)
         async with cluster.session.delete(cluster.file_url("big")) as deleted:
             assert deleted.status == 204
-        await asyncio.sleep(0.5)  # the reaper runs every 0.2 s in tests
+        reaper = cluster.app[keys.REAPER]
+        await wait_for(lambda: reaper.held_for_readers > 0)  # the reaper saw them, and waits
         rest = await response.content.read()
     assert first + rest == data
     assert (await cluster.get("big"))[0].status == 404
@@ -133,8 +134,7 @@ async def test_upload_that_cannot_get_memory_in_time_is_503(make_cluster) -> Non
 
     # two slow uploads each hold the budget for the chunk they are filling: it is full
     slow = [asyncio.create_task(cluster.put(f"slow{i}", slow_body())) for i in range(2)]
-    await asyncio.sleep(0.3)
-    assert cluster.app[keys.BUDGET].in_use == 2 * CHUNK
+    await wait_for(lambda: cluster.app[keys.BUDGET].in_use == 2 * CHUNK)
     blocked = await cluster.put("blocked", os.urandom(3 * CHUNK))
     assert blocked.status == 503
     assert (await blocked.json())["error"]["code"] == "overloaded"
@@ -201,10 +201,10 @@ async def test_request_id_reaches_the_storage_nodes_logs(cluster: LocalCluster) 
     finally:
         configure("console", "warning")
     node_lines = [entry for entry in logs if entry.get("event") == "request"]
-    puts = [e for e in node_lines if e.get("req") == "trace-me-42" and e.get("op") == "put"]
-    gets = [e for e in node_lines if e.get("req") == "trace-me-43" and e.get("op") == "get"]
+    puts = [e for e in node_lines if e.get("trace") == "trace-me-42" and e.get("op") == "put"]
+    gets = [e for e in node_lines if e.get("trace") == "trace-me-43" and e.get("op") == "get"]
     assert len(puts) == 4 and len(gets) == 2  # 2 chunks x 2 replicas; 2 chunks read
-    http = [e for e in logs if e.get("event") == "http_request" and e.get("req") == "trace-me-42"]
+    http = [e for e in logs if e.get("event") == "http_request" and e.get("trace") == "trace-me-42"]
     assert http and http[0]["status"] == 201 and http[0]["name"] == "traced"
     assert http[0]["bytes_in"] == 2 * CHUNK
 
@@ -223,8 +223,10 @@ async def test_downloads_share_the_memory_budget(make_cluster) -> None:  # type:
 async def test_a_stalled_download_holds_deleted_chunks_only_for_the_grace_period(
     make_cluster,  # type: ignore[no-untyped-def]
 ) -> None:
-    cluster = await make_cluster(gc_grace=1.5, memory_budget=4 * CHUNK)
-    await cluster.put("held", os.urandom(40 * CHUNK))
+    # a grace longer than the reaper's settle time (2 s): a pass sees the chunks within it
+    cluster = await make_cluster(gc_grace=3.0, memory_budget=4 * CHUNK)
+    # more than the sockets hold between the gateway and a client that reads nothing
+    await cluster.put("held", os.urandom(400 * CHUNK))
     assert cluster.session is not None
     async with cluster.session.get(cluster.file_url("held")) as response:
         await response.content.readexactly(CHUNK)  # started, then stalls
@@ -232,8 +234,10 @@ async def test_a_stalled_download_holds_deleted_chunks_only_for_the_grace_period
             assert deleted.status == 204
         pins = cluster.app[keys.PINS]
         assert pins.pinned((await _version_ids(cluster))[0])
-        await asyncio.sleep(0.8)  # within the grace period: still there
-        assert sum(n.store.count for n in cluster.nodes) == 80
+        reaper = cluster.app[keys.REAPER]
+        await wait_for(lambda: reaper.held_for_readers > 0)  # a pass within the grace: kept
+        assert sum(n.store.count for n in cluster.nodes) == 800
+        assert pins.pinned((await _version_ids(cluster))[0])  # the reader is still there
         await cluster.wait_reaped(timeout=10)  # past it: reclaimed although still pinned
         response.close()
 

@@ -460,3 +460,72 @@ def test_body_pieces_are_views_not_copies() -> None:
     node.receive_data(piece)
     event = node.next_event()
     assert isinstance(event, Body) and event.data.obj is piece
+
+
+def test_an_error_frame_in_place_of_auth_does_not_open_the_node() -> None:
+    """Under ``python -O`` this once got a welcome: the node took an error frame where
+    the auth belongs, and ``welcome`` checked only the phase."""
+    node = Connection(Role.NODE, SECRET)
+    node.receive_data(encode_frame(to_header(Hello(nonce=b"\1" * 32))))
+    hello = node.next_event()
+    assert isinstance(hello, Hello)
+    node.answer_hello(hello)
+    node.receive_data(encode_frame(to_header(Error(code="x", message="let me in"))))
+    with pytest.raises(AuthenticationFailed):
+        node.next_event()
+    assert node.phase is Phase.BROKEN
+    with pytest.raises(LocalProtocolError):
+        node.welcome()
+
+
+def test_only_a_verified_auth_lets_the_node_welcome() -> None:
+    node = Connection(Role.NODE, SECRET)
+    with pytest.raises(LocalProtocolError):
+        node.welcome()  # nothing received
+    node.receive_data(encode_frame(to_header(Hello(nonce=b"\1" * 32))))
+    hello = node.next_event()
+    assert isinstance(hello, Hello)
+    with pytest.raises(LocalProtocolError):
+        node.welcome()  # a hello only
+    node.answer_hello(hello)
+    with pytest.raises(LocalProtocolError):
+        node.welcome()  # a challenge sent, no auth yet
+    assert node.phase is Phase.AWAIT_AUTH
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_every_phase_refuses_what_its_table_does_not_list(role: Role) -> None:
+    """Feed each kind of message to a connection in each phase it can reach: it is taken
+    exactly when the table lists the move (or it is an error frame a phase takes)."""
+    from dstore.protocol.connection import _ERRORS_TAKEN, _MOVES, _Way
+
+    samples: list[Message] = [
+        Hello(nonce=b"\1" * 32),
+        Auth(proof=b"\0" * 32),
+        Ping(rid=1),
+        Pong(rid=1),
+        Error(code="x", message="y"),
+    ]
+    for phase in Phase:
+        for message in samples:
+            conn = Connection(role, SECRET)
+            conn._phase = phase  # the one reach inside: to start from any phase
+            conn.receive_data(encode_frame(to_header(message)))
+            listed = any(
+                (role, phase, _Way.RECEIVE, cls) in _MOVES for cls in type(message).__mro__
+            )
+            if isinstance(message, Error):
+                listed = phase in _ERRORS_TAKEN[role]
+            if phase is Phase.BROKEN:
+                listed = False
+            try:
+                conn.next_event()
+            except (RemoteProtocolError, AuthenticationFailed):
+                taken = False
+            else:
+                taken = True
+            # an auth's proof is checked too: a listed auth with a wrong proof is refused
+            if isinstance(message, Auth) and listed:
+                assert not taken
+                continue
+            assert taken is listed, (role, phase, message.OP)

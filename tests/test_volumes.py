@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ from dstore.storage.volumes import (
     record_head,
     volume_numbers,
 )
-from tests.conftest import SECRET, LocalCluster, NodeFactory, NodeProcess, chunk_files
+from tests.conftest import SECRET, LocalCluster, NodeFactory, NodeProcess, chunk_files, wait_for
 
 
 async def one(data: bytes) -> AsyncIterator[bytes]:
@@ -448,7 +449,10 @@ async def test_a_delete_waits_for_a_put_whose_caller_went_away(
     await store.open()
     real = os.fdatasync
 
+    syncing = threading.Event()
+
     def slow(fd: int) -> None:
+        syncing.set()
         time.sleep(0.2)
         real(fd)
 
@@ -456,7 +460,7 @@ async def test_a_delete_waits_for_a_put_whose_caller_went_away(
     data = os.urandom(500)
     chunk_id = new_chunk_id()
     put = asyncio.create_task(store_put(store, data, chunk_id))
-    await asyncio.sleep(0.05)  # its batch is in fdatasync now
+    await wait_for(syncing.is_set)  # its batch is in fdatasync now
     put.cancel()
     with pytest.raises(asyncio.CancelledError):
         await put

@@ -77,7 +77,7 @@ _ID_PREFIX = secrets.token_hex(4)
 _ids = itertools.count(1)
 
 
-def _new_request_id() -> str:
+def _new_trace() -> str:
     """Unique per process run (random prefix) and cheap (no system call per request)."""
     return f"{_ID_PREFIX}-{next(_ids):x}"
 
@@ -111,12 +111,12 @@ def status_of(exc: DstoreError) -> int:
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, errors to JSON, and one canonical log line per request."""
-    request_id = request.headers.get("X-Request-Id", "")[:64] or _new_request_id()
-    request[keys.REQUEST_ID] = request_id
+    trace = request.headers.get("X-Request-Id", "")[:64] or _new_trace()
+    request[keys.TRACE] = trace
     started = time.monotonic()
     status = 500
     response: web.StreamResponse | None = None
-    with log_context(req=request_id):
+    with log_context(trace=trace):
         try:
             response = await handler(request)
             status = response.status
@@ -192,11 +192,11 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+async def add_trace_header(request: web.Request, response: web.StreamResponse) -> None:
     """Every response, streamed ones included, names its request id."""
-    request_id = request.get(keys.REQUEST_ID)
-    if request_id:
-        response.headers["X-Request-Id"] = request_id
+    trace = request.get(keys.TRACE)
+    if trace:
+        response.headers["X-Request-Id"] = trace
 
 
 def _file_headers(version: FileVersion) -> dict[str, str]:
@@ -281,7 +281,7 @@ async def put_file(request: web.Request) -> web.StreamResponse:
         content_type=request.headers.get("Content-Type", "application/octet-stream"),
         if_absent=if_absent,
         expect=expect,
-        trace=request[keys.REQUEST_ID],
+        trace=request[keys.TRACE],
         length=request.content_length,
     )
     version = result.version
@@ -380,7 +380,7 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         request[keys.REQUEST_BYTES_OUT] = len(part)
         return web.Response(status=status, headers=headers, body=part)
     downloader = request.app[keys.DOWNLOADER]
-    trace = request[keys.REQUEST_ID]
+    trace = request[keys.TRACE]
     meta, version_id = request.app[keys.META], version.version_id
     feed = SpanFeed(version.chunks, start, end, lambda at: meta.chunk_page(version_id, at, PAGE))
     if feed.complete and len(feed) == 1 and end - start <= SMALL_RESPONSE:

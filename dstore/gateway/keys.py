@@ -33,7 +33,7 @@ DOWNLOADER = web.AppKey("downloader", Downloader)
 TOKENS = web.AppKey("tokens", TokenTable)
 
 # per-request values the canonical log line reports
-REQUEST_ID = web.RequestKey("request_id", str)
+TRACE = web.RequestKey("trace", str)  # the request id: X-Request-Id, and "trace" in logs and frames
 REQUEST_NAME = web.RequestKey("name", str)
 REQUEST_BYTES_IN = web.RequestKey("bytes_in", int)
 REQUEST_BYTES_OUT = web.RequestKey("bytes_out", int)  # file body bytes, as the handlers send them

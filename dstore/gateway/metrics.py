@@ -90,6 +90,12 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         "replicas deleted by the reaper",
         [("", reaper.deleted)],
     )
+    metric(
+        "dstore_reaper_held_for_readers_total",
+        "counter",
+        "dead replicas a reaper pass kept for a download still reading them",
+        [("", reaper.held_for_readers)],
+    )
     metric("dstore_memory_budget_bytes", "gauge", "chunk memory in use", [("", budget.in_use)])
     cache = app[keys.DOWNLOADER].cache
     metric(

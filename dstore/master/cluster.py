@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from dstore.errors import DstoreError, NodeUnavailable
+from dstore.errors import DstoreError, IllegalTransition, NodeUnavailable
 from dstore.master.placement import NodeView, place
 from dstore.protocol import handshake
 from dstore.rpc.client import NodeClient
@@ -35,6 +35,47 @@ class NodeState(enum.Enum):
     SUSPECT = "suspect"
     DOWN = "down"
     DRAINING = "draining"
+
+
+class NodeEvent(enum.Enum):
+    """What a heartbeat round (or an operator) says of a node."""
+
+    ANSWERED = "answered"  # its stat came back
+    MISSED = "missed"  # it missed ``suspect_after`` beats in a row (not yet ``down_after``)
+    SILENT = "silent"  # it missed ``down_after`` beats in a row
+    DRAIN = "drain"  # an operator asked for its chunks to move away
+
+
+_UP, _SUSPECT, _DOWN, _DRAINING = NodeState
+# The node state machine: every (state, event) pair and the state after. A draining node
+# stays draining whatever its heartbeats say: it leaves once its chunks have moved.
+NODE_MOVES: dict[tuple[NodeState, NodeEvent], NodeState] = {
+    (_UP, NodeEvent.ANSWERED): _UP,
+    (_UP, NodeEvent.MISSED): _SUSPECT,
+    (_UP, NodeEvent.SILENT): _DOWN,
+    (_UP, NodeEvent.DRAIN): _DRAINING,
+    (_SUSPECT, NodeEvent.ANSWERED): _UP,
+    (_SUSPECT, NodeEvent.MISSED): _SUSPECT,
+    (_SUSPECT, NodeEvent.SILENT): _DOWN,
+    (_SUSPECT, NodeEvent.DRAIN): _DRAINING,
+    (_DOWN, NodeEvent.ANSWERED): _UP,
+    (_DOWN, NodeEvent.MISSED): _DOWN,
+    (_DOWN, NodeEvent.SILENT): _DOWN,
+    (_DOWN, NodeEvent.DRAIN): _DRAINING,
+    (_DRAINING, NodeEvent.ANSWERED): _DRAINING,
+    (_DRAINING, NodeEvent.MISSED): _DRAINING,
+    (_DRAINING, NodeEvent.SILENT): _DRAINING,
+    (_DRAINING, NodeEvent.DRAIN): _DRAINING,
+}
+
+
+def next_state(state: NodeState, event: NodeEvent) -> NodeState:
+    """The state a node in ``state`` moves to on ``event``; ``IllegalTransition`` for a
+    pair the table does not have."""
+    try:
+        return NODE_MOVES[state, event]
+    except KeyError:
+        raise IllegalTransition(f"a {state.value} node cannot take {event.value}") from None
 
 
 class LostSignal:
@@ -195,9 +236,7 @@ class Cluster:
 
     def drain(self, member: StorageMember) -> None:
         log.info("node_draining", node_id=member.node_id, addr=member.addr)
-        if member.state is NodeState.UP:
-            member.lost.set()
-        member.state = NodeState.DRAINING
+        self._move(member, NodeEvent.DRAIN)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -228,14 +267,10 @@ class Cluster:
                 stat = await member.client.stat(trace="heartbeat")
         except (TimeoutError, NodeUnavailable, DstoreError) as exc:
             member.missed += 1
-            if member.state is NodeState.DRAINING:
-                return
-            new = member.state
             if member.missed >= self.down_after:
-                new = NodeState.DOWN
-            elif member.missed >= self.suspect_after and member.state is NodeState.UP:
-                new = NodeState.SUSPECT
-            self._set_state(member, new, error=str(exc))
+                self._move(member, NodeEvent.SILENT, error=str(exc))
+            elif member.missed >= self.suspect_after:
+                self._move(member, NodeEvent.MISSED, error=str(exc))
             return
         if member.node_id and stat.node_id != member.node_id:
             # the node came back without its data (a new identity): every replica
@@ -269,8 +304,7 @@ class Cluster:
         if stat.corrupt_pending:
             await self._take_corrupt(member)
         member.missed = 0
-        if member.state is not NodeState.DRAINING:
-            self._set_state(member, NodeState.UP)
+        self._move(member, NodeEvent.ANSWERED)
 
     async def _take_corrupt(self, member: StorageMember) -> None:
         try:
@@ -282,7 +316,11 @@ class Cluster:
             if self.on_corrupt is not None:
                 self.on_corrupt(chunk_id, member.node_id, "scrub")
 
-    def _set_state(self, member: StorageMember, state: NodeState, error: str = "") -> None:
+    def _move(self, member: StorageMember, event: NodeEvent, error: str = "") -> None:
+        """Take a node through its state machine; requests in flight to a node that stops
+        being up are abandoned (its ``lost`` signal), and a node that comes back up gets
+        a fresh one."""
+        state = next_state(member.state, event)
         if state is member.state:
             return
         if member.state is NodeState.UP:

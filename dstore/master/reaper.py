@@ -77,6 +77,7 @@ class Reaper(PeriodicJob):
         self.deleted = 0
         self.leases_expired = 0
         self.runs = 0
+        self.held_for_readers = 0  # dead replicas a pass left for a pinned reader
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -94,6 +95,7 @@ class Reaper(PeriodicJob):
             log.info("upload_leases_expired", versions=expired)
         dead = await self.meta.dead_chunks(self.settle, self.batch)
         ready = [c for c in dead if not self.pins.pinned(c.version_id) or c.dead_for > self.grace]
+        self.held_for_readers += len(dead) - len(ready)
         if self.on_reclaim is not None:
             for chunk in ready:
                 self.on_reclaim(chunk.chunk_id)

@@ -53,13 +53,63 @@ class Role(enum.Enum):
 class Phase(enum.Enum):
     """Where the handshake stands, seen from this side."""
 
-    START = "start"
+    START = "start"  # client
     AWAIT_CHALLENGE = "await_challenge"  # client: Hello sent
-    AWAIT_HELLO = "await_hello"  # node
-    AWAIT_AUTH = "await_auth"  # node: Challenge sent
+    CHALLENGED = "challenged"  # client: the node proved the secret
     AWAIT_WELCOME = "await_welcome"  # client: Auth sent
+    AWAIT_HELLO = "await_hello"  # node
+    HELLO_RECEIVED = "hello_received"  # node
+    AWAIT_AUTH = "await_auth"  # node: Challenge sent
+    AUTHENTICATED = "authenticated"  # node: the client proved the secret
     READY = "ready"
     BROKEN = "broken"
+
+
+class _Way(enum.Enum):
+    SEND = "send"
+    RECEIVE = "receive"
+
+
+_C, _N = Role.CLIENT, Role.NODE
+_OUT, _IN = _Way.SEND, _Way.RECEIVE
+
+# Every move the handshake and the exchange after it allow: (role, phase, way, message
+# class) -> the phase after. A message is matched by its class or the nearest base class
+# listed (Request, Reply). Anything else is a protocol error: a node reaches READY only by
+# sending Welcome, which it may only after receiving an Auth whose proof it verified.
+# Error frames are the one exception, handled apart: either side may send one at any
+# point; a client takes a node's error at any point after its Hello (the node refused),
+# and a node takes one only once ready (before that, a peer that gives up has failed).
+_MOVES: dict[tuple[Role, Phase, _Way, type[Message]], Phase] = {
+    (_C, Phase.START, _OUT, Hello): Phase.AWAIT_CHALLENGE,
+    (_C, Phase.AWAIT_CHALLENGE, _IN, Challenge): Phase.CHALLENGED,
+    (_C, Phase.CHALLENGED, _OUT, Auth): Phase.AWAIT_WELCOME,
+    (_C, Phase.AWAIT_WELCOME, _IN, Welcome): Phase.READY,
+    (_C, Phase.READY, _OUT, Request): Phase.READY,
+    (_C, Phase.READY, _IN, Reply): Phase.READY,
+    (_N, Phase.AWAIT_HELLO, _IN, Hello): Phase.HELLO_RECEIVED,
+    (_N, Phase.HELLO_RECEIVED, _OUT, Challenge): Phase.AWAIT_AUTH,
+    (_N, Phase.AWAIT_AUTH, _IN, Auth): Phase.AUTHENTICATED,
+    (_N, Phase.AUTHENTICATED, _OUT, Welcome): Phase.READY,
+    (_N, Phase.READY, _IN, Request): Phase.READY,
+    (_N, Phase.READY, _OUT, Reply): Phase.READY,
+}
+
+_ERRORS_TAKEN: dict[Role, frozenset[Phase]] = {
+    Role.CLIENT: frozenset(
+        {Phase.AWAIT_CHALLENGE, Phase.CHALLENGED, Phase.AWAIT_WELCOME, Phase.READY}
+    ),
+    Role.NODE: frozenset({Phase.READY}),
+}
+
+
+def _move(role: Role, phase: Phase, way: _Way, message: Message) -> Phase | None:
+    """The phase after this message, or None if the table has no such move."""
+    for cls in type(message).__mro__:
+        after = _MOVES.get((role, phase, way, cls))
+        if after is not None:
+            return after
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,81 +291,81 @@ class Connection:
         return bytes(out)
 
     def _check_incoming(self, message: Message) -> None:
+        """Take a received message through the table, verifying what the handshake's
+        messages prove before their move is made."""
         phase = self._phase
-        if isinstance(message, Error) and phase is not Phase.AWAIT_HELLO:
-            return  # a node may refuse at any point; a client never sends errors first
-        if self.role is Role.NODE:
-            if phase is Phase.AWAIT_HELLO and isinstance(message, Hello):
-                if len(message.nonce) != NONCE_SIZE:
-                    raise RemoteProtocolError("hello: bad nonce")
-                self._peer_nonce = message.nonce
+        if isinstance(message, Error):
+            if phase in _ERRORS_TAKEN[self.role]:
                 return
-            if phase is Phase.AWAIT_AUTH and isinstance(message, Auth):
-                expected = handshake.client_proof(self._secret, self._peer_nonce, self._my_nonce)
-                if not handshake.verify(expected, message.proof):
-                    raise AuthenticationFailed("client failed to prove the cluster secret")
-                return
-            if phase is Phase.READY and isinstance(message, Request):
-                return
-            if phase is not Phase.READY:
+            raise AuthenticationFailed(f"error frame in phase {phase.value}: {message.message}")
+        after = _move(self.role, phase, _IN, message)
+        if after is None:
+            if self.role is Role.NODE and phase is not Phase.READY:
                 raise AuthenticationFailed(f"{message.OP} before the handshake completed")
-        else:
-            if phase is Phase.AWAIT_CHALLENGE and isinstance(message, Challenge):
-                if message.version not in SUPPORTED_VERSIONS or len(message.nonce) != NONCE_SIZE:
-                    raise RemoteProtocolError("challenge: bad version or nonce")
-                expected = handshake.node_proof(self._secret, self._my_nonce, message.nonce)
-                if not handshake.verify(expected, message.proof):
-                    raise AuthenticationFailed("node failed to prove the cluster secret")
-                self._peer_nonce = message.nonce
-                self.version = message.version
-                return
-            if phase is Phase.AWAIT_WELCOME and isinstance(message, Welcome):
-                self.peer_node_id = message.node_id
-                self._phase = Phase.READY
-                return
-            if phase is Phase.READY and isinstance(message, Reply):
-                return
-        raise RemoteProtocolError(f"unexpected {message.OP!r} in phase {phase.value}")
+            raise RemoteProtocolError(f"unexpected {message.OP!r} in phase {phase.value}")
+        if isinstance(message, Hello):
+            if len(message.nonce) != NONCE_SIZE:
+                raise RemoteProtocolError("hello: bad nonce")
+            self._peer_nonce = message.nonce
+        elif isinstance(message, Auth):
+            expected = handshake.client_proof(self._secret, self._peer_nonce, self._my_nonce)
+            if not handshake.verify(expected, message.proof):
+                raise AuthenticationFailed("client failed to prove the cluster secret")
+        elif isinstance(message, Challenge):
+            if message.version not in SUPPORTED_VERSIONS or len(message.nonce) != NONCE_SIZE:
+                raise RemoteProtocolError("challenge: bad version or nonce")
+            expected = handshake.node_proof(self._secret, self._my_nonce, message.nonce)
+            if not handshake.verify(expected, message.proof):
+                raise AuthenticationFailed("node failed to prove the cluster secret")
+            self._peer_nonce = message.nonce
+            self.version = message.version
+        elif isinstance(message, Welcome):
+            self.peer_node_id = message.node_id
+        self._phase = after
+
+    def _send_move(self, message: Message, what: str) -> None:
+        """Make the move of sending ``message``, or refuse it (``LocalProtocolError``)."""
+        after = _move(self.role, self._phase, _OUT, message)
+        if after is None:
+            raise LocalProtocolError(f"{what}: not in phase {self._phase.value}")
+        self._phase = after
 
     # --- handshake helpers ----------------------------------------------------------------
 
     def start_handshake(self) -> bytes:
         """Client: the Hello that opens the connection."""
-        if self.role is not Role.CLIENT or self._phase is not Phase.START:
-            raise LocalProtocolError("start_handshake is the client's first step")
-        self._my_nonce = self._random(NONCE_SIZE)
-        self._phase = Phase.AWAIT_CHALLENGE
-        return self._encode(Hello(nonce=self._my_nonce))
+        hello = Hello(nonce=self._random(NONCE_SIZE))
+        self._send_move(hello, "start_handshake is the client's first step")
+        self._my_nonce = hello.nonce
+        return self._encode(hello)
 
     def answer_hello(self, hello: Hello) -> bytes:
         """Node: the Challenge answering a received Hello (or an Error if no version fits)."""
-        if self.role is not Role.NODE or self._phase is not Phase.AWAIT_HELLO:
-            raise LocalProtocolError("answer_hello is the node's first step")
+        if self.role is not Role.NODE or self._phase is not Phase.HELLO_RECEIVED:
+            raise LocalProtocolError("answer_hello answers a received hello")
         common = set(hello.versions) & set(SUPPORTED_VERSIONS)
         if not common:
             self._phase = Phase.BROKEN
             return self._encode(Error(code="unsupported_version", message="no common version"))
-        self.version = max(common)
-        self._my_nonce = self._random(NONCE_SIZE)
-        self._phase = Phase.AWAIT_AUTH
-        node_proof = handshake.node_proof(self._secret, self._peer_nonce, self._my_nonce)
-        return self._encode(Challenge(version=self.version, nonce=self._my_nonce, proof=node_proof))
+        version = max(common)
+        nonce = self._random(NONCE_SIZE)
+        node_proof = handshake.node_proof(self._secret, self._peer_nonce, nonce)
+        challenge = Challenge(version=version, nonce=nonce, proof=node_proof)
+        self._send_move(challenge, "answer_hello")
+        self.version, self._my_nonce = version, nonce
+        return self._encode(challenge)
 
     def answer_challenge(self) -> bytes:
         """Client: the Auth answering the verified Challenge."""
-        if self._phase is not Phase.AWAIT_CHALLENGE or not self._peer_nonce:
-            raise LocalProtocolError("no verified challenge to answer")
-        self._phase = Phase.AWAIT_WELCOME
-        return self._encode(
-            Auth(proof=handshake.client_proof(self._secret, self._my_nonce, self._peer_nonce))
-        )
+        auth = Auth(proof=handshake.client_proof(self._secret, self._my_nonce, self._peer_nonce))
+        self._send_move(auth, "no verified challenge to answer")
+        return self._encode(auth)
 
     def welcome(self) -> bytes:
         """Node: the Welcome that completes the handshake after a verified Auth."""
-        if self.role is not Role.NODE or self._phase is not Phase.AWAIT_AUTH:
-            raise LocalProtocolError("welcome comes after a verified auth")
-        self._phase = Phase.READY
-        return self._encode(Welcome(node_id=self._node_id))
+        welcome = Welcome(node_id=self._node_id)
+        self._send_move(welcome, "welcome comes after a verified auth")
+        return self._encode(welcome)
 
     # --- sending --------------------------------------------------------------------------
 
@@ -324,12 +374,10 @@ class Connection:
         its announced length passed through ``send_body``."""
         if self._send_body_left:
             raise LocalProtocolError(f"{self._send_body_left} body bytes still owed")
-        if not isinstance(message, Error):
+        if not isinstance(message, Error):  # an error frame may go out at any point
             if self._phase is not Phase.READY:
                 raise LocalProtocolError(f"cannot send {message.OP!r} before the handshake")
-            wanted = Request if self.role is Role.CLIENT else Reply
-            if not isinstance(message, wanted):
-                raise LocalProtocolError(f"a {self.role.value} does not send {message.OP!r}")
+            self._send_move(message, f"a {self.role.value} does not send {message.OP!r}")
         length = message.body_length()
         if length > self.max_body:
             raise LocalProtocolError(f"body length {length} exceeds limit {self.max_body}")

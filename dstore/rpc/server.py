@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 
@@ -142,23 +143,22 @@ class RpcServer:
             hello = await stream.next_event()
             if hello is CLOSED:
                 return
-            assert isinstance(hello, Hello)  # the connection allows nothing else
-            await stream.write(conn.answer_hello(hello))
+            await stream.write(conn.answer_hello(_expect(hello, Hello)))
             if not conn.ready and conn.version is None:
                 return  # no common version: the error frame was sent
             auth = await stream.next_event()
             if auth is CLOSED:
                 return
-            assert isinstance(auth, Auth)
+            _expect(auth, Auth)  # verified by the connection: only then may it welcome
             await stream.write(conn.welcome())
         while not self._stopping:
             request = await stream.next_event(timeout=self.idle_timeout)
             if request is CLOSED:
                 return
-            assert isinstance(request, Request)
+            request = _expect(request, Request)
             state.busy = True
             try:
-                with log_context(req=request.trace or None, rid=request.rid, op=request.OP):
+                with log_context(trace=request.trace or None, rid=request.rid, op=request.OP):
                     await self._handler(request, stream)
             finally:
                 state.busy = False
@@ -190,3 +190,15 @@ class RpcServer:
                 await asyncio.wait(pending, timeout=2.0)
         if self._server is not None:
             await self._server.wait_closed()
+
+
+E = TypeVar("E")
+
+
+def _expect(event: object, kind: type[E]) -> E:
+    """The event, if it is what the protocol allows next; a protocol error otherwise.
+    The connection's table already refuses anything else: this is not left to an
+    ``assert``, which ``python -O`` removes."""
+    if not isinstance(event, kind):
+        raise RemoteProtocolError(f"expected {kind.__name__}, got {event!r}")
+    return event
