@@ -10,7 +10,9 @@ round, B ÷ A.
     DSTORE_GETAB_A=SPLICE=0 DSTORE_GETAB_B=SPLICE=1 python -m bench getab
 
 A side is ``NAME=VALUE`` settings joined by ``:``, each set as ``DSTORE_NAME`` in that
-cluster's environment. The defaults: A copies (``SPLICE=0``), B splices.
+cluster's environment, and optionally a source tree to run (an item without ``=``:
+``DSTORE_GETAB_A=/tmp/old DSTORE_GETAB_B=.`` compares two builds). The defaults: A copies
+(``SPLICE=0``), B splices.
 """
 
 from __future__ import annotations
@@ -29,8 +31,16 @@ ROUNDS = int(os.environ.get("DSTORE_GETAB_ROUNDS", "3"))
 
 
 def environment(spec: str) -> dict[str, str]:
-    pairs = (item.partition("=") for item in spec.split(":") if item)
-    return {f"DSTORE_{name.upper()}": value for name, _, value in pairs}
+    """A side's environment: ``NAME=VALUE`` items as ``DSTORE_NAME``; an item without
+    ``=`` is a source tree to run (put first on ``PYTHONPATH``, as in ``bench ab``)."""
+    env: dict[str, str] = {}
+    for item in (i for i in spec.split(":") if i):
+        name, equals, value = item.partition("=")
+        if equals:
+            env[f"DSTORE_{name.upper()}"] = value
+        else:
+            env["PYTHONPATH"] = str(Path(item).resolve())
+    return env
 
 
 async def main() -> None:

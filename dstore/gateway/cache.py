@@ -43,6 +43,10 @@ class ChunkCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def ids(self) -> list[str]:
+        """The cached chunk ids (and inline keys), least recently used first."""
+        return list(self._entries)
+
     def admits(self, size: int) -> bool:
         """Whether a chunk of ``size`` bytes would be kept."""
         return 0 < size <= self.max_entry

@@ -147,7 +147,8 @@ class NodeClient:
 
     # --- connections ----------------------------------------------------------------------
 
-    async def _connect(self) -> FramedStream:
+    async def connect(self) -> FramedStream:
+        """A new connection, handshake done, outside the pool: the caller closes it."""
         try:
             async with asyncio.timeout(self.connect_timeout):
                 channel = await self._connector(self.host, self.port)
@@ -186,7 +187,7 @@ class NodeClient:
 
     async def _open_spare(self) -> None:
         try:
-            stream = await self._connect()
+            stream = await self.connect()
         except (DstoreError, OSError):
             return  # the next request will find out what is wrong, and say so
         if self._room():
@@ -205,7 +206,7 @@ class NodeClient:
             if not candidate.closed:
                 return candidate
             await candidate.aclose()
-        return await self._connect()
+        return await self.connect()
 
     def _request(self) -> _Lease:
         """``async with client._request() as stream``: one request on a connection."""

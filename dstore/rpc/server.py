@@ -105,10 +105,12 @@ class RpcServer:
 
     async def start(self) -> None:
         """Bind and listen; ``port`` 0 picks a free port, reported back in ``self.port``."""
-        self._server = await serve_tcp(self._spawn, self.host, self.port)
+        self._server = await serve_tcp(self.accept, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    def _spawn(self, channel: Channel) -> None:
+    def accept(self, channel: Channel) -> None:
+        """Serve a new connection: the TCP listener calls this, as can any other backend
+        that makes a connected ``Channel`` (tests join one in memory)."""
         if self._stopping:
             assert channel.transport is not None
             channel.transport.close()

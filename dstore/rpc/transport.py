@@ -57,6 +57,11 @@ class Channel(asyncio.BufferedProtocol):
         state = "lost" if self._closed.done() else "eof" if self._eof else "open"
         return f"<Channel {state}, {self._buffered} bytes buffered>"
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken."""
+        return self._buffered
+
     # --- protocol callbacks (the event loop calls these) ----------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -203,7 +208,8 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 async def open_tcp(host: str, port: int) -> Channel:
-    """The default network backend; tests inject their own to add faults."""
+    """The default network backend; tests inject their own (tests/memory.py joins a client
+    to a server in memory, with a hook to change the bytes on the way)."""
     _, channel = await asyncio.get_running_loop().create_connection(Channel, host, port)
     return channel
 

@@ -110,6 +110,11 @@ class BufferPool:
     def __repr__(self) -> str:
         return f"<BufferPool {len(self._idle)} of {self.size} bytes idle>"
 
+    @property
+    def idle(self) -> tuple[mmap.mmap, ...]:
+        """The buffers waiting to be taken, oldest first."""
+        return tuple(self._idle)
+
     def take(self) -> mmap.mmap:
         for i in range(len(self._idle)):
             buf = self._idle[i]

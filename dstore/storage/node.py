@@ -73,6 +73,7 @@ class StorageNode:
         self.scrubber = Scrubber(self.store, rate=config.scrub_rate, idle=config.scrub_pause)
         self.node_id = ""
         self.server: RpcServer | None = None
+        self.running = False  # from start to stop
         self._last_usage_seq = 0
 
     def _usage_seq(self) -> int:
@@ -93,7 +94,9 @@ class StorageNode:
     def addr(self) -> str:
         return f"{self.config.host}:{self.port}"
 
-    async def start(self) -> None:
+    async def start(self, *, listen: bool = True) -> None:
+        """Open the store and serve; ``listen=False`` binds no port (connections are
+        then handed to ``server.accept`` by another backend, as tests do in memory)."""
         await self.store.open()
         self.node_id = await asyncio.to_thread(load_node_id, self.config.data_dir)
         self.server = RpcServer(
@@ -105,13 +108,16 @@ class StorageNode:
             io_timeout=self.config.io_timeout,
             max_body=self.config.max_chunk_size,
         )
-        await self.server.start()
+        if listen:
+            await self.server.start()
         self.scrubber.start()
+        self.running = True
         log.info(
             "storage_node_started", node_id=self.node_id, addr=self.addr, zone=self.config.zone
         )
 
     async def stop(self, grace: float | None = None) -> None:
+        self.running = False
         await self.scrubber.stop()
         if self.server is not None:
             await self.server.close(self.config.grace if grace is None else grace)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from dstore.master.metadata import (
     MetadataStore,
     SQLiteMetadataStore,
 )
+from tests.conftest import wait_for
 
 
 def cached(path: Path, cache: LookupCache) -> CachedMetadataStore:
@@ -173,14 +175,17 @@ async def test_a_write_that_fills_the_disk_fails_alone_in_its_group(
     await put(store, "kept")
     await store.commit_inline("small", "", InlineBody(b"s", b"c" * 16), '"e"')
 
+    filling = threading.Event()
+
     def fill(db: sqlite3.Connection) -> None:
+        filling.set()
         (pages,) = db.execute("PRAGMA page_count").fetchone()
         db.execute(f"PRAGMA max_page_count = {pages}")
         time.sleep(0.3)  # while this runs, the next ops queue up into one group
 
     store.cache.clear()  # so that the lookups go to the database
     busy = asyncio.ensure_future(store.engine.raw(fill))
-    await asyncio.sleep(0.1)
+    await wait_for(filling.is_set)
     groups = store.stats().transactions
     big = InlineBody(os.urandom(64 << 10), b"c" * 16)
     results = await asyncio.gather(

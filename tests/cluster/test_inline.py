@@ -18,8 +18,8 @@ from dstore.gateway.cache import inline_key
 from dstore.gateway.upload import etag_of
 from dstore.master.inline_scrub import InlineScrubber
 from dstore.master.metadata import InlineBody, SQLiteMetadataStore
+from tests.cluster.test_gateway_api import check_ranges, random_ranges
 from tests.conftest import LocalCluster, chunk_files, sqlite_engine, tmp_leftovers, wait_for
-from tests.test_gateway_api import check_ranges, random_ranges
 
 MakeCluster = Callable[..., Awaitable[LocalCluster]]
 LIMIT = 4096  # the default inline_max
@@ -145,7 +145,7 @@ async def test_overwrite_across_inline_and_chunks_and_delete_leave_nothing(
     current = cluster.app[keys.LOOKUP_CACHE].get("f")
     assert current is not None
     # and from the read cache: only the live version's bytes are kept
-    assert list(cache._entries) == [inline_key(current.version_id)]
+    assert cache.ids() == [inline_key(current.version_id)]
     assert cluster.session is not None
     async with cluster.session.get(f"{cluster.url}/v1/cluster") as response:
         totals = await response.json()

@@ -18,7 +18,7 @@ CHUNK = 64 * 1024
 async def healthy_copies(cluster: LocalCluster, name: str) -> list[int]:
     """For each chunk of a file: how many up nodes really hold a good copy of it."""
     version = await cluster.app[keys.META].lookup(name)
-    alive = {n.node_id: n for n in cluster.nodes if n.server is not None and n.server._server}
+    alive = {n.node_id: n for n in cluster.nodes if n.running}
     counts = []
     for chunk in version.chunks:
         good = 0
@@ -55,7 +55,6 @@ async def test_a_node_lost_for_good_is_re_replicated(make_cluster: Any) -> None:
         assert (await cluster.put(name, data)).status == 201
     victim = cluster.nodes[0]
     await victim.stop(grace=0)
-    victim.server._server = None  # type: ignore[union-attr]
     await repair_done(cluster, list(files))
     for name, data in files.items():
         response, got = await cluster.get(name)
@@ -88,7 +87,6 @@ async def test_repair_that_cannot_record_a_copy_gives_its_space_back(make_cluste
     meta.add_replicas = failing_add_replicas  # type: ignore[method-assign]
     victim = cluster.nodes[0]
     await victim.stop(grace=0)
-    victim.server._server = None  # type: ignore[union-attr]
     await repair_done(cluster, list(files))
     assert failures == 3
     members = cluster.app[keys.CLUSTER].members.values()
@@ -104,7 +102,6 @@ async def test_a_node_back_after_re_replication_is_trimmed(make_cluster: Any) ->
     held = len(chunk_files(data_dir))
     assert held > 0
     await victim.stop(grace=0)
-    victim.server._server = None  # type: ignore[union-attr]
     await repair_done(cluster, ["f"])
     back = await cluster.add_node(port=port, data_dir=data_dir)
     assert back.node_id == victim.node_id
@@ -277,7 +274,6 @@ async def test_a_node_down_when_the_gateway_starts_is_repaired_too(make_cluster:
     await cluster.stop_gateway()
     victim = cluster.nodes[2]
     await victim.stop(grace=0)
-    victim.server._server = None  # type: ignore[union-attr]
     await cluster.start_gateway(**cluster.gateway_settings)  # the node never answers it
     await repair_done(cluster, ["early"])
     assert (await cluster.get("early"))[1] == data

@@ -27,7 +27,7 @@ async def test_sigkill_mid_write_leaves_no_partial_chunk(
 
     data = os.urandom(8 << 20)
     chunk_id = new_chunk_id()
-    stream = await client._connect()
+    stream = await client.connect()
     await stream.send(
         PutChunk(rid=1, chunk_id=chunk_id, length=len(data), checksum=checksum(data)), flush=False
     )
@@ -59,7 +59,7 @@ async def test_sigterm_finishes_in_flight_request_and_exits_zero(
     await idle.ping()  # an idle pooled connection must not hold up shutdown
     data = os.urandom(8 << 20)  # above the 4 MiB a node gathers before its temp file exists
     chunk_id = new_chunk_id()
-    stream = await client._connect()
+    stream = await client.connect()
     await stream.send(
         PutChunk(rid=1, chunk_id=chunk_id, length=len(data), checksum=checksum(data)), flush=False
     )

@@ -46,7 +46,7 @@ async def test_a_slow_reader_holds_the_sender_back() -> None:
     most_buffered = 0
     while received < total:
         await asyncio.sleep(0.002)  # a slow consumer
-        most_buffered = max(most_buffered, channel._buffered)
+        most_buffered = max(most_buffered, channel.buffered)
         pieces = await channel.read()
         if not pieces:
             break
@@ -73,7 +73,7 @@ async def test_a_reset_after_data_delivers_the_data_then_the_error() -> None:
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     channel = await open_tcp("127.0.0.1", server.sockets[0].getsockname()[1])
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(channel.wait_closed(), 5)  # the data, then the reset, are in
     assert b"".join(await channel.read()) == b"last words"
     with pytest.raises(OSError):
         await channel.read()

@@ -97,7 +97,7 @@ def test_unknown_file_setting_is_refused(tmp_path: Path) -> None:
 
 
 def test_example_configs_load() -> None:
-    root = Path(__file__).resolve().parent.parent / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     env = {"DSTORE_CLUSTER_SECRET": "s"}
     assert load(GatewayConfig, {}, env=env, config_file=root / "gateway.toml").replicas == 2
     assert load(StorageConfig, {}, env=env, config_file=root / "storage.toml").port == 9001
@@ -106,6 +106,6 @@ def test_example_configs_load() -> None:
 @pytest.mark.parametrize("role", ["gateway", "storage"])
 def test_the_example_configs_load(role: str) -> None:
     cls = GatewayConfig if role == "gateway" else StorageConfig
-    path = Path(__file__).resolve().parent.parent / "configs" / f"{role}.toml"
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{role}.toml"
     config: object = load(cls, {"cluster_secret": "example"}, env={}, config_file=path)  # type: ignore[arg-type]
     assert isinstance(config, cls)

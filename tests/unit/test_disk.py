@@ -83,7 +83,7 @@ def test_a_pooled_buffer_is_reused_only_once_no_view_of_it_is_alive() -> None:
     assert id(pool.take()) == address  # free again once the view is gone
     for extra in [BufferPool(ALIGN, keep=0).take() for _ in range(5)]:
         pool.give(extra)
-    assert len(pool._idle) == pool.keep  # the rest are let go
+    assert len(pool.idle) == pool.keep  # the rest are let go
 
 
 T = TypeVar("T")

@@ -23,7 +23,7 @@ from dstore.log import configure
 from dstore.master.cluster import Cluster, NodeState
 from dstore.rpc.client import NodeClient
 from tests.conftest import SECRET, LocalCluster, NodeProcess, chunk_files, wait_for
-from tests.faults import FaultProxy
+from tests.faultkit import FaultProxy
 
 CHUNK = 64 * 1024
 

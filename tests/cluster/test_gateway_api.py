@@ -18,23 +18,6 @@ from tests.conftest import LocalCluster, chunk_files, tmp_files, wait_for
 CHUNK = 64 * 1024
 
 
-def test_parse_range_forms() -> None:
-    assert parse_range(None, 10) is None
-    assert parse_range("bytes=0-4", 10) == (0, 5)
-    assert parse_range("bytes=5-", 10) == (5, 10)
-    assert parse_range("bytes=-3", 10) == (7, 10)
-    assert parse_range("bytes=-30", 10) == (0, 10)
-    assert parse_range("bytes=8-100", 10) == (8, 10)
-    assert parse_range("bytes=0-1,3-4", 10) is None  # several ranges: whole file
-    assert parse_range("items=0-1", 10) is None
-    assert parse_range("bytes=5-2", 10) is None
-    for bad in ("bytes=10-", "bytes=10-20", "bytes=-0"):
-        with pytest.raises(RangeNotSatisfiable):
-            parse_range(bad, 10)
-    with pytest.raises(RangeNotSatisfiable):
-        parse_range("bytes=-5", 0)
-
-
 async def test_ranges_against_a_reference(cluster: LocalCluster) -> None:
     data = os.urandom(7 * CHUNK + 321)
     await cluster.put("ranged", data)
@@ -374,5 +357,5 @@ async def test_a_heartbeat_figure_never_undoes_a_newer_put_figure(
         return stale  # fault: the old reply arrives now
 
     member.client.stat = late_stat  # type: ignore[method-assign,assignment]
-    await gateway._beat(member)
+    await gateway.refresh()
     assert member.used == 9 * CHUNK and stale.used == 0
