@@ -18,8 +18,6 @@ engine, their changes reach this cache through the name's generation (issue 28).
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar
@@ -82,8 +80,18 @@ class LookupCache:
     def put(self, version: FileVersion) -> None:
         if not self.admits(len(version.chunks)):
             return
-        if version.inline is not None and version.inline.data is not None:
-            version = dataclasses.replace(version, inline=InlineBody(None, version.inline.checksum))
+        inline = version.inline
+        if inline is not None and inline.data is not None:  # never the bytes
+            version = FileVersion(
+                version.name,
+                version.version_id,
+                version.size,
+                version.etag,
+                version.content_type,
+                version.created,
+                (),
+                InlineBody(None, inline.checksum),
+            )
         self._forget(version.name)
         self._versions[version.name] = version
         for chunk in version.chunks:
@@ -128,7 +136,7 @@ class CachedMetadataStore(MetadataStore):
         self._writes: dict[str, list[_Write]] = {}  # names with writes in flight
         self._epoch = 0  # counts writes begun, of names and of replicas
         self._touched: dict[str, int] = {}  # name -> epoch of its last write's start
-        self._replicas_touched = 0  # epoch of the last replica change's start
+        self._barrier = 0  # lookups begun before this epoch do not fill the cache
 
     def __repr__(self) -> str:
         return f"<CachedMetadataStore {self.cache!r} over {self.engine!r}>"
@@ -145,9 +153,11 @@ class CachedMetadataStore(MetadataStore):
 
     # --- the writes that change what a lookup answers ----------------------------------
     #
-    # A write's outcome settles the cache from a done callback on the engine's call,
-    # which runs before its caller resumes and runs even if the caller was cancelled
-    # meanwhile (the engine's call is shielded: it may still commit).
+    # A write settles the cache when its engine call returns. A caller cancelled while
+    # the engine still works (its transaction may yet commit) raises the barrier: no
+    # lookup begun before then may fill the cache. Engines run one caller's operations
+    # in the order they were handed over (SQLite's one thread does), so any lookup begun
+    # after the barrier reads what that write left.
 
     def _mark(self, name: str) -> int:
         """A write of ``name`` happened now; the epoch it was at before."""
@@ -155,6 +165,10 @@ class CachedMetadataStore(MetadataStore):
         self._epoch += 1
         self._touched[name] = self._epoch
         return last
+
+    def _raise_barrier(self) -> None:
+        self._epoch += 1
+        self._barrier = self._epoch
 
     def _begin(self, name: str) -> tuple[_Write, int]:
         self._mark(name)
@@ -177,7 +191,7 @@ class CachedMetadataStore(MetadataStore):
             version is not None
             and not write.contended
             and self._touched.get(name) == mark
-            and self._replicas_touched < mark
+            and self._barrier < mark
         )
         if fresh and version is not None:
             self.cache.put(version)
@@ -186,20 +200,17 @@ class CachedMetadataStore(MetadataStore):
 
     async def _write_of(self, name: str, call: Awaitable[T], keeps: bool) -> T:
         write, mark = self._begin(name)
-        task = asyncio.ensure_future(call)
-
-        def settle(done: asyncio.Future[T]) -> None:
-            ok = not done.cancelled() and done.exception() is None
-            result = done.result() if ok else None
-            version = (
-                result.version
-                if keeps and isinstance(result, CommitResult) and result.listed
-                else None
-            )
-            self._end(name, write, mark, version)
-
-        task.add_done_callback(settle)
-        return await asyncio.shield(task)
+        try:
+            result = await call
+        except BaseException:
+            self._raise_barrier()  # failed or given up: what the engine did is not known
+            self._end(name, write, mark, None)
+            raise
+        version = (
+            result.version if keeps and isinstance(result, CommitResult) and result.listed else None
+        )
+        self._end(name, write, mark, version)
+        return result
 
     async def commit(
         self,
@@ -211,36 +222,26 @@ class CachedMetadataStore(MetadataStore):
         keep_chunks: int = 0,
     ) -> CommitResult:
         # which name this commits is known only once it has: it is settled then, and a
-        # version goes in only if nothing else touched the name or a replica meanwhile
+        # version goes in only if nothing else touched the name meanwhile
         epoch = self._epoch
-        task = asyncio.ensure_future(
-            self.engine.commit(
+        try:
+            result = await self.engine.commit(
                 version_id,
                 size,
                 etag,
                 if_absent=if_absent,
                 keep_chunks=max(keep_chunks, self.cache.max_chunks),
             )
-        )
-
-        def settle(done: asyncio.Future[CommitResult]) -> None:
-            if done.cancelled() or done.exception() is not None:
-                return  # nothing committed
-            result = done.result()
-            name = result.version.name
-            last = self._mark(name)
-            if (
-                result.listed
-                and last <= epoch
-                and name not in self._writes
-                and self._replicas_touched <= epoch
-            ):
-                self.cache.put(result.version)
-            else:
-                self.cache.drop(name)
-
-        task.add_done_callback(settle)
-        return await asyncio.shield(task)
+        except BaseException:
+            self._raise_barrier()
+            raise
+        name = result.version.name
+        last = self._mark(name)
+        if result.listed and last <= epoch and name not in self._writes and self._barrier <= epoch:
+            self.cache.put(result.version)
+        else:
+            self.cache.drop(name)
+        return result
 
     async def commit_inline(
         self,
@@ -273,7 +274,7 @@ class CachedMetadataStore(MetadataStore):
 
     def _replica_change(self, chunk_id: str) -> None:
         self._epoch += 1
-        self._replicas_touched = self._epoch
+        self._barrier = self._epoch
         self.cache.drop_chunk(chunk_id)
 
     # --- lookups --------------------------------------------------------------------------
@@ -294,7 +295,7 @@ class CachedMetadataStore(MetadataStore):
             whole
             and name not in self._writes
             and self._touched.get(name, 0) <= epoch
-            and self._replicas_touched <= epoch
+            and self._barrier <= epoch
         ):
             self.cache.put(version)
         return version

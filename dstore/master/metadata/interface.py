@@ -88,7 +88,9 @@ class MetadataStore(abc.ABC):
         if_absent: bool = False,
     ) -> CommitResult:
         """A whole small file in one transaction: a new version, live at once, holding
-        its bytes; the name's old version becomes dead. ``if_absent`` as for ``commit``."""
+        its bytes; the name's old version becomes dead. ``if_absent`` as for ``commit``.
+        The version returned carries the bytes' checksum, not the bytes (the caller has
+        them), as a lookup cache keeps it."""
 
     @abc.abstractmethod
     async def abort(self, version_id: int) -> None:

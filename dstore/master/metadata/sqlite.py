@@ -259,6 +259,8 @@ class SQLiteMetadataStore(MetadataStore):
         if data is None:
             raise ValueError("an inline commit needs the file's bytes")
 
+        kept = InlineBody(None, body.checksum)
+
         def tx(db: sqlite3.Connection) -> CommitResult:
             current = _current_pointer(db, name)
             if current is not None and if_absent:
@@ -273,8 +275,8 @@ class SQLiteMetadataStore(MetadataStore):
                 (version_id, body.checksum, data),
             )
             replaced = _point(db, name, version_id, current)
-            version = FileVersion(
-                name, version_id, len(data), etag, content_type, created, inline=body
+            version = FileVersion(  # without the bytes: they are the caller's
+                name, version_id, len(data), etag, content_type, created, (), kept
             )
             return CommitResult(version, replaced, 0, True)
 
