@@ -204,3 +204,33 @@ async def test_a_write_that_fills_the_disk_fails_alone_in_its_group(
     assert totals == (2, 11)
     with pytest.raises(FileNotFound):
         await store.lookup("big")
+
+
+async def test_a_commit_given_up_while_the_engine_works_leaves_nothing_stale(
+    store: CachedMetadataStore,
+) -> None:
+    """A lookup queued ahead of a commit reads the old version; the commit's caller is
+    cancelled (its transaction still commits). Nothing may then keep the old version."""
+    old = await put(store, "a")
+    upload = await store.begin_upload(
+        "a", "", 60.0, ChunkIntent(0, "c-new", 10, b"c" * 16, ["n1"], 0)
+    )
+    store.cache.clear()
+    busy, go = threading.Event(), threading.Event()
+
+    def block(db: sqlite3.Connection) -> None:
+        busy.set()
+        go.wait(5)
+
+    blocker = asyncio.ensure_future(store.engine.raw(block))
+    await wait_for(busy.is_set)
+    lookup = asyncio.ensure_future(store.lookup("a"))  # queued first: it reads the old one
+    commit = asyncio.ensure_future(store.commit(upload, 10, '"new"'))  # queued after it
+    await asyncio.sleep(0)
+    commit.cancel()  # the caller gives up; the engine will still commit
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    go.set()
+    await blocker
+    assert (await lookup).version_id == old
+    assert (await store.lookup("a")).version_id == upload  # the commit landed; no stale hit

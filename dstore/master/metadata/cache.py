@@ -10,8 +10,10 @@ cache holds bytes, under its own bound).
 A hit is never older than a change anyone has been told of. Every write through this
 layer drops what it touches before it starts; when it ends, it puts in the state it made
 (a commit's new version) only if no other write of that name overlapped it, and a lookup
-puts in what it read only if no write of that name or of any replica began meanwhile and
-none is still running. Writes whose outcome is unknown (cancelled, failed) put nothing.
+puts in what it read only if no write of that name began meanwhile and none is still
+running. Replica changes, and writes whose outcome is unknown (failed, or given up by a
+cancelled caller while the engine may still commit), raise a barrier: lookups begun
+before it put nothing.
 This is exact while this process is the only writer; with several gateways on one
 engine, their changes reach this cache through the name's generation (issue 28).
 """
