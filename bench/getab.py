@@ -8,6 +8,7 @@ round, B ÷ A.
 
     python -m bench getab
     DSTORE_GETAB_A=SPLICE=0 DSTORE_GETAB_B=SPLICE=1 python -m bench getab
+    DSTORE_GETAB_OP=put DSTORE_GETAB_A=/tmp/old DSTORE_GETAB_B=. python -m bench getab
 
 A side is ``NAME=VALUE`` settings joined by ``:``, each set as ``DSTORE_NAME`` in that
 cluster's environment, and optionally a source tree to run (an item without ``=``:
@@ -28,6 +29,7 @@ import aiohttp
 from bench.gateway import GIB, MB, SIZE, Up, get, put
 
 ROUNDS = int(os.environ.get("DSTORE_GETAB_ROUNDS", "3"))
+OP = os.environ.get("DSTORE_GETAB_OP", "get")  # or "put": the PUTs in turns instead
 
 
 def environment(spec: str) -> dict[str, str]:
@@ -47,7 +49,7 @@ async def main() -> None:
     a = os.environ.get("DSTORE_GETAB_A", "SPLICE=0")
     b = os.environ.get("DSTORE_GETAB_B", "SPLICE=1")
     root = Path(tempfile.mkdtemp(prefix="dstore-getab-", dir=os.environ.get("DSTORE_BENCH_DIR")))
-    print(f"getab: one GET of {SIZE / GIB:.2f} GiB, A = {a}, B = {b}, A B B A x {ROUNDS}")
+    print(f"getab: one {OP.upper()} of {SIZE / GIB:.2f} GiB, A = {a}, B = {b}, A B B A x {ROUNDS}")
     timeout = aiohttp.ClientTimeout(total=None)
     try:
         async with (
@@ -62,7 +64,10 @@ async def main() -> None:
             for round_ in range(ROUNDS):
                 rates: dict[str, list[float]] = {"A": [], "B": []}
                 for side in "ABBA":
-                    rates[side].append((await get(session, urls[side]))[0])
+                    if OP == "put":  # the same name written anew: an overwrite each time
+                        rates[side].append(await put(session, urls[side], SIZE))
+                    else:
+                        rates[side].append((await get(session, urls[side]))[0])
                 mean_a, mean_b = (statistics.mean(rates[s]) for s in "AB")
                 ratios.append(mean_b / mean_a)
                 print(

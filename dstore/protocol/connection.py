@@ -28,6 +28,7 @@ from dstore.protocol.codec import (
     encode_frame,
 )
 from dstore.protocol.messages import (
+    MESSAGE_TYPES,
     NONCE_SIZE,
     SUPPORTED_VERSIONS,
     Auth,
@@ -103,13 +104,30 @@ _ERRORS_TAKEN: dict[Role, frozenset[Phase]] = {
 }
 
 
-def _move(role: Role, phase: Phase, way: _Way, message: Message) -> Phase | None:
-    """The phase after this message, or None if the table has no such move."""
-    for cls in type(message).__mro__:
-        after = _MOVES.get((role, phase, way, cls))
-        if after is not None:
-            return after
-    return None
+def _compiled(role: Role, phase: Phase, way: _Way) -> dict[type[Message], Phase]:
+    """The table's moves out of one phase one way, by exact message class (each class
+    matched to its nearest listed base): what a connection in that phase looks up, one
+    dict lookup per message."""
+    return _COMPILED[role, phase, way]
+
+
+def _compile() -> dict[tuple[Role, Phase, _Way], dict[type[Message], Phase]]:
+    compiled: dict[tuple[Role, Phase, _Way], dict[type[Message], Phase]] = {}
+    for role in Role:
+        for phase in Phase:
+            for way in _Way:
+                moves: dict[type[Message], Phase] = {}
+                for cls in (*MESSAGE_TYPES.values(), Hello, Challenge, Auth, Welcome):
+                    for base in cls.__mro__:
+                        after = _MOVES.get((role, phase, way, base))
+                        if after is not None:
+                            moves[cls] = after
+                            break
+                compiled[role, phase, way] = moves
+    return compiled
+
+
+_COMPILED = _compile()
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +179,10 @@ class Connection:
         self._secret = secret
         self._node_id = node_id
         self._random = random_bytes
-        self._phase = Phase.AWAIT_HELLO if role is Role.NODE else Phase.START
+        self._phase = Phase.START
+        self._receivable: dict[type[Message], Phase] = {}
+        self._sendable: dict[type[Message], Phase] = {}
+        self._enter(Phase.AWAIT_HELLO if role is Role.NODE else Phase.START)
         self._my_nonce = b""
         self._peer_nonce = b""
         # receive side
@@ -204,7 +225,7 @@ class Connection:
         try:
             return self._next_event()
         except RemoteProtocolError:
-            self._phase = Phase.BROKEN
+            self._enter(Phase.BROKEN)
             raise
 
     def _next_event(self) -> Event:
@@ -298,7 +319,7 @@ class Connection:
             if phase in _ERRORS_TAKEN[self.role]:
                 return
             raise AuthenticationFailed(f"error frame in phase {phase.value}: {message.message}")
-        after = _move(self.role, phase, _IN, message)
+        after = self._receivable.get(type(message))
         if after is None:
             if self.role is Role.NODE and phase is not Phase.READY:
                 raise AuthenticationFailed(f"{message.OP} before the handshake completed")
@@ -321,14 +342,22 @@ class Connection:
             self.version = message.version
         elif isinstance(message, Welcome):
             self.peer_node_id = message.node_id
-        self._phase = after
+        if after is not phase:
+            self._enter(after)
+
+    def _enter(self, phase: Phase) -> None:
+        """Move to ``phase``, with its moves from the table at hand."""
+        self._phase = phase
+        self._receivable = _compiled(self.role, phase, _IN)
+        self._sendable = _compiled(self.role, phase, _OUT)
 
     def _send_move(self, message: Message, what: str) -> None:
         """Make the move of sending ``message``, or refuse it (``LocalProtocolError``)."""
-        after = _move(self.role, self._phase, _OUT, message)
+        after = self._sendable.get(type(message))
         if after is None:
             raise LocalProtocolError(f"{what}: not in phase {self._phase.value}")
-        self._phase = after
+        if after is not self._phase:
+            self._enter(after)
 
     # --- handshake helpers ----------------------------------------------------------------
 
@@ -345,7 +374,7 @@ class Connection:
             raise LocalProtocolError("answer_hello answers a received hello")
         common = set(hello.versions) & set(SUPPORTED_VERSIONS)
         if not common:
-            self._phase = Phase.BROKEN
+            self._enter(Phase.BROKEN)
             return self._encode(Error(code="unsupported_version", message="no common version"))
         version = max(common)
         nonce = self._random(NONCE_SIZE)

@@ -509,7 +509,7 @@ def test_every_phase_refuses_what_its_table_does_not_list(role: Role) -> None:
     for phase in Phase:
         for message in samples:
             conn = Connection(role, SECRET)
-            conn._phase = phase  # the one reach inside: to start from any phase
+            conn._enter(phase)  # the one reach inside: to start from any phase
             conn.receive_data(encode_frame(to_header(message)))
             listed = any(
                 (role, phase, _Way.RECEIVE, cls) in _MOVES for cls in type(message).__mro__
