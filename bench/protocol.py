@@ -28,7 +28,7 @@ from dstore.storage.node import StorageNode
 CHUNK = 4 << 20
 TOTAL = int(os.environ.get("DSTORE_BENCH_MB", "256")) << 20
 ROUNDS = 5
-SECRET = b"bench-secret"
+SECRET = b"bench-cluster-secret"
 READ_SIZE = 1 << 20
 
 

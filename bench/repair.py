@@ -30,7 +30,7 @@ from dstore.rpc.client import NodeClient
 MB = 1e6
 TOTAL = int(os.environ.get("DSTORE_BENCH_REPAIR_MB", "256")) << 20
 BANDWIDTH = os.environ.get("DSTORE_BENCH_REPAIR_BW", "1GiB")
-SECRET = "bench-secret"
+SECRET = "bench-cluster-secret"
 
 
 def start_node(data_dir: Path) -> tuple[subprocess.Popen[str], int]:

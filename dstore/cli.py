@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from dstore import config as cfg
@@ -85,6 +86,16 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+def keep_private(data_dir: os.PathLike[str] | str) -> None:
+    """What a server writes is its own: files 0600 and folders 0700 from here on (the
+    umask, inherited by the processes ``dstore up`` starts), and the data dir itself 0700
+    even if an older version made it 0755 (nothing below it can then be reached)."""
+    os.umask(0o077)
+    path = Path(data_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+
+
 def _serve(role: str, argv: Sequence[str]) -> int:
     args = _role_parser(role).parse_args(argv)
     try:
@@ -94,6 +105,7 @@ def _serve(role: str, argv: Sequence[str]) -> int:
     configure_logging(config.log_format, config.log_level, cache=True)
     tune_malloc()
     try:
+        keep_private(config.data_dir)
         if role == "storage":
             from dstore.storage.node import run_storage
 
@@ -177,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tune_malloc()
 
         try:
+            keep_private(args.data_dir)
             return asyncio.run(
                 run_local_cluster(
                     args.nodes, args.replicas, args.port, args.data_dir, auth=args.auth

@@ -162,7 +162,7 @@ async def join_cluster(url: str, addr: str, secret: bytes, *, attempts: int = 10
             body = {"addr": addr, "time": stamp, "proof": join_proof(secret, addr, stamp)}
             try:
                 async with session.post(f"{url.rstrip('/')}/v1/cluster/nodes", json=body) as r:
-                    if r.status == 201:
+                    if r.status in (200, 201):  # 200: known already (kept draining, if it was)
                         return await r.json()
                     text = await r.text()
                     if r.status in (400, 401, 403):

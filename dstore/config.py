@@ -113,6 +113,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MIN_SECRET_LENGTH = 16
+
+
+def _secret(value: str, path: Path | None) -> str:
+    """The cluster secret, from its value or its file (not both), at least
+    ``MIN_SECRET_LENGTH`` characters."""
+    if path is not None:
+        if value:
+            raise ConfigError("cluster secret given twice: both a file and a value")
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the cluster secret file: {exc}") from exc
+    if not value:
+        raise ConfigError(
+            "cluster secret missing: set --cluster-secret-file, --cluster-secret or"
+            " DSTORE_CLUSTER_SECRET"
+        )
+    if len(value) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"the cluster secret must be at least {MIN_SECRET_LENGTH} characters")
+    return value
+
+
 def _opt(default: Any, parse: Callable[[Any], Any], help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"parse": parse, "help": help, **kw})
 
@@ -126,6 +149,9 @@ class StorageConfig:
     zone: str = _opt("default", str, "failure domain of this node")
     join: str | None = _opt(None, str, "gateway URL to register with at start")
     cluster_secret: str = _opt("", str, "shared secret between gateway and nodes")
+    cluster_secret_file: Path | None = _opt(
+        None, Path, "file holding the cluster secret (keeps it out of ps and the environment)"
+    )
     grace: float = _opt(10.0, parse_duration, "time to finish in-flight requests on SIGTERM")
     io_timeout: float = _opt(30.0, parse_duration, "timeout on each network read or write")
     max_chunk_size: int = _opt(256 << 20, parse_size, "largest chunk this node accepts")
@@ -141,10 +167,8 @@ class StorageConfig:
     log_level: str = _opt("info", str, "debug, info, warning, error")
 
     def validate(self) -> None:
-        if not self.cluster_secret:
-            raise ConfigError(
-                "cluster secret missing: set --cluster-secret or DSTORE_CLUSTER_SECRET"
-            )
+        self.cluster_secret = _secret(self.cluster_secret, self.cluster_secret_file)
+        self.cluster_secret_file = None  # read: validating again finds the value alone
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} out of range")
         if self.capacity is not None and self.capacity <= 0:
@@ -164,6 +188,9 @@ class GatewayConfig:
     chunk_size: int = _opt(4 << 20, parse_size, "size of the chunks files are cut into")
     gc_grace: float = _opt(600.0, parse_duration, "how long unreferenced chunks may linger")
     cluster_secret: str = _opt("", str, "shared secret between gateway and nodes")
+    cluster_secret_file: Path | None = _opt(
+        None, Path, "file holding the cluster secret (keeps it out of ps and the environment)"
+    )
     window: int = _opt(8, int, "chunks in flight per upload")
     memory_budget: int = _opt(256 << 20, parse_size, "chunk bytes all uploads may buffer")
     budget_wait: float = _opt(10.0, parse_duration, "how long an upload waits for memory")
@@ -183,12 +210,18 @@ class GatewayConfig:
         "client tokens, TOKEN=read+write,... ([[auth.tokens]] in TOML; none: auth off)",
         toml="auth.tokens",
     )
+    auth_tokens_file: Path | None = _opt(
+        None, Path, "file of client tokens, one TOKEN=scope+scope per line (out of ps)"
+    )
     max_object_size: int | None = _opt(None, parse_size, "largest file accepted (default none)")
     lease: float = _opt(60.0, parse_duration, "upload lease, renewed while bytes flow")
     heartbeat: float = _opt(1.0, parse_duration, "interval of node heartbeats")
     suspect_after: int = _opt(1, int, "missed heartbeats before a node is suspect")
     down_after: int = _opt(3, int, "missed heartbeats before a node is down")
     io_timeout: float = _opt(10.0, parse_duration, "timeout on each read/write to a node")
+    send_timeout: float = _opt(
+        60.0, parse_duration, "a download whose client takes no byte for this long is closed"
+    )
     reaper_interval: float = _opt(1.0, parse_duration, "how often dead chunks are reclaimed")
     repair_delay: float = _opt(
         300.0, parse_duration, "how long a node may be down before its chunks are re-replicated"
@@ -221,10 +254,21 @@ class GatewayConfig:
                 parse_hostport(addr)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        if not self.cluster_secret:
-            raise ConfigError(
-                "cluster secret missing: set --cluster-secret or DSTORE_CLUSTER_SECRET"
-            )
+        self.cluster_secret = _secret(self.cluster_secret, self.cluster_secret_file)
+        self.cluster_secret_file = None  # read: validating again finds the value alone
+        if self.auth_tokens_file is not None:
+            if self.auth_tokens:
+                raise ConfigError("auth tokens given twice: both a file and a value")
+            try:
+                text = self.auth_tokens_file.read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read the auth tokens file: {exc}") from exc
+            entries = ",".join(line.strip() for line in text.splitlines() if line.strip())
+            try:
+                self.auth_tokens = parse_tokens(entries)
+            except ValueError as exc:
+                raise ConfigError(f"{self.auth_tokens_file}: {exc}") from exc
+            self.auth_tokens_file = None  # read, as for the secret
         if self.replicas < 1:
             raise ConfigError("replicas must be at least 1")
         if not 1 <= self.chunk_size <= 256 << 20:
@@ -233,7 +277,13 @@ class GatewayConfig:
             raise ConfigError("lookup_cache must be 0 or more")
         if not 0 <= self.inline_max <= 64 << 10:
             raise ConfigError("inline_max must be between 0 and 64KiB")
-        for key in ("heartbeat", "reaper_interval", "reconcile_interval", "inline_scrub_interval"):
+        for key in (
+            "heartbeat",
+            "reaper_interval",
+            "reconcile_interval",
+            "inline_scrub_interval",
+            "send_timeout",
+        ):
             if getattr(self, key) <= 0:  # a job run every 0 s would spin
                 raise ConfigError(f"{key} must be more than 0")
         if self.window < 1:

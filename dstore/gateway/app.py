@@ -43,7 +43,7 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
     app[keys.CONFIG] = config
     app[keys.TOKENS] = tokens
     app[keys.HTTP] = HttpCounters()
-    app.on_response_prepare.append(handlers.add_trace_header)
+    app.on_response_prepare.append(handlers.add_response_headers)
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         lookups = LookupCache(config.lookup_cache)

@@ -32,6 +32,7 @@ from dstore.errors import (
     NotEnoughNodes,
     OutOfSpace,
     Overloaded,
+    PeerGone,
     PreconditionFailed,
     RangeNotSatisfiable,
     TooLarge,
@@ -44,6 +45,7 @@ from dstore.gateway.names import name_from_raw_path
 from dstore.gateway.ranges import parse_range
 from dstore.gateway.upload import Expectations
 from dstore.log import log_context
+from dstore.master.cluster import NodeState
 from dstore.master.metadata import FileVersion, MemberState
 from dstore.master.replicas import Splicer, splicer_for
 
@@ -63,6 +65,7 @@ STATUS: dict[type[DstoreError], int] = {
     Overloaded: 503,
     OutOfSpace: 507,
 }
+CLIENT_GONE = 499  # nginx's status for a client that closed before the reply: logs and metrics
 STATUS_BY_CODE = {"bad_header": 400, "bad_request": 400, "conflict": 409}
 SMALL_RESPONSE = 256 << 10  # bodies up to this size are sent in one piece with the headers
 # a GET's lookup brings this many chunks of the list (16 × 4 MiB: 64 MiB), the download
@@ -119,9 +122,11 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     with log_context(trace=trace):
         try:
             response = await handler(request)
-            status = response.status
+            status = CLIENT_GONE if request.get(keys.CLIENT_LEFT) else response.status
         except DstoreError as exc:
             status = status_of(exc)
+            if isinstance(exc, ClientGone):
+                status = CLIENT_GONE  # not an error of ours; nobody reads the reply
             if status >= 500:
                 log.warning("request_failed", code=exc.code, error=str(exc))
             response = error_response(status, exc.code, str(exc))
@@ -131,6 +136,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             status = exc.status
             code = exc.reason.lower().replace(" ", "_")
             response = error_response(status, code, exc.text or exc.reason)
+        except ConnectionError:
+            status = CLIENT_GONE  # the client's socket failed under a write
+            raise
         finally:
             bytes_in = request.get(keys.REQUEST_BYTES_IN, 0)
             bytes_out = _body_bytes(request, response)
@@ -141,6 +149,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 path=request.path if not request.path.startswith("/v1/files/") else None,
                 name=request.get(keys.REQUEST_NAME),
                 status=status,
+                token=token.name if (token := request.get(keys.REQUEST_TOKEN)) else None,
                 bytes_in=bytes_in,
                 bytes_out=bytes_out,
                 ms=round((time.monotonic() - started) * 1000, 2),
@@ -181,7 +190,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     tokens = request.app[keys.TOKENS]
     needed = needed_scope(request) if tokens.enabled else None
     if needed is not None:
-        header = request.headers.get("Authorization")
+        headers = request.headers.getall("Authorization", [])
+        if len(headers) > 1:
+            raise DstoreError("one Authorization header, not several", code="bad_header")
+        header = headers[0] if headers else None
         resource = request.match_info.route.resource
         joining = header is None and request.method == "POST"
         if not (joining and resource is not None and resource.canonical == _JOIN):
@@ -192,11 +204,13 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
-async def add_trace_header(request: web.Request, response: web.StreamResponse) -> None:
+async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Every response, streamed ones included, names its request id."""
     trace = request.get(keys.TRACE)
     if trace:
         response.headers["X-Request-Id"] = trace
+    # a stored text/html is served as the type it was given, never sniffed into another
+    response.headers["X-Content-Type-Options"] = "nosniff"
 
 
 def _file_headers(version: FileVersion) -> dict[str, str]:
@@ -392,7 +406,8 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = end - start
 
-    splicer = _splicer(request) if downloader.splice else None
+    send_timeout = request.app[keys.CONFIG].send_timeout
+    splicer = _splicer(request, send_timeout) if downloader.splice else None
 
     async def send_status() -> None:
         # only once the first chunk is in hand and verified: a file that cannot be
@@ -405,7 +420,11 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
 
     async def write(piece: memoryview) -> None:
         nonlocal written
-        await response.write(piece)
+        try:
+            async with asyncio.timeout(send_timeout):
+                await response.write(piece)
+        except TimeoutError:
+            raise ClientGone(f"the client took no bytes for {send_timeout:g} s") from None
         written += len(piece)
 
     def sent() -> int:  # written through aiohttp, and relayed past it
@@ -415,15 +434,17 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         await downloader.stream(
             feed, write, trace=trace, before_first_write=send_status, splicer=splicer
         )
-    except DstoreError as exc:
-        if not response.prepared:
+    except (DstoreError, PeerGone) as exc:
+        gone = isinstance(exc, (ClientGone, PeerGone))
+        if not response.prepared and not gone:
             raise
         # too late for a status: cut the connection so the client sees a short body
-        log.error(
+        request[keys.CLIENT_LEFT] = gone
+        (log.info if gone else log.error)(
             "download_aborted",
             name=version.name,
             error=str(exc),
-            code=exc.code,
+            code=exc.code if isinstance(exc, DstoreError) else "client_gone",
             sent=sent(),
         )
         if request.transport is not None:
@@ -437,12 +458,13 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
     return response
 
 
-def _splicer(request: web.Request) -> Splicer | None:
+def _splicer(request: web.Request, timeout: float) -> Splicer | None:
     """A relay into the client's socket, where the kernel can do it (plain TCP, Linux)."""
     transport = request.transport
     if transport is None or transport.get_extra_info("sslcontext") is not None:
         return None
-    return splicer_for(transport.get_extra_info("socket"), transport.get_write_buffer_size)
+    sock = transport.get_extra_info("socket")
+    return splicer_for(sock, transport.get_write_buffer_size, timeout=timeout)
 
 
 async def delete_file(request: web.Request) -> web.StreamResponse:
@@ -519,13 +541,20 @@ async def add_node(request: web.Request) -> web.StreamResponse:
         addr = str(body["addr"])
         parse_hostport(addr)
         if not admin:
-            stamp, proof = int(body["time"]), str(body["proof"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DstoreError(f"expected {{addr, time, proof}}: {exc}", code="bad_request") from None
+            stamp, proof = body["time"], str(body["proof"])
+            if not isinstance(stamp, int) or not 0 <= stamp < 1 << 40:
+                raise ValueError("time must be seconds since the epoch")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        reason = "too deeply nested" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise DstoreError(f"expected {{addr, time, proof}}: {reason}", code="bad_request") from None
     cluster = app[keys.CLUSTER]
     if not admin and not cluster.verify_join(addr, stamp, proof):
         raise Unauthorized("join proof does not match the cluster secret")
     member = cluster.add(addr)
+    if member.state is NodeState.DRAINING:
+        # a join never undoes a drain (a node restarted with --join, or a replay)
+        log.info("join_of_draining_node", addr=addr, node_id=member.node_id)
+        return json_response(member.as_json(), status=200)
     await app[keys.META].set_member(addr, MemberState.ACTIVE)
     await cluster.refresh()
     log.info("node_joined", addr=addr, node_id=member.node_id, state=member.state.value)

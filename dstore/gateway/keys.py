@@ -33,6 +33,7 @@ DOWNLOADER = web.AppKey("downloader", Downloader)
 TOKENS = web.AppKey("tokens", TokenTable)
 
 # per-request values the canonical log line reports
+CLIENT_LEFT = web.RequestKey("client_left", bool)  # the client went before the reply ended
 TRACE = web.RequestKey("trace", str)  # the request id: X-Request-Id, and "trace" in logs and frames
 REQUEST_NAME = web.RequestKey("name", str)
 REQUEST_BYTES_IN = web.RequestKey("bytes_in", int)

@@ -9,6 +9,13 @@ from urllib.parse import unquote
 from dstore.errors import BadName
 
 MAX_NAME_BYTES = 1024
+# characters that change how a name is shown without showing themselves: bidirectional
+# controls (a listing could show "gpj.exe" as "exe.jpg") and zero-width ones (two names
+# that look the same)
+INVISIBLE = frozenset(
+    "\u061c\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+    "\u2060\u2066\u2067\u2068\u2069\ufeff"
+)
 FILES_PREFIX = "/v1/files/"
 
 
@@ -22,6 +29,8 @@ def validate_name(name: str) -> str:
     for ch in name:
         if unicodedata.category(ch) == "Cc":
             raise BadName(f"name contains control character U+{ord(ch):04X}")
+        if ch in INVISIBLE:
+            raise BadName(f"name contains invisible formatting character U+{ord(ch):04X}")
     return name
 
 

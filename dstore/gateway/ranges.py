@@ -7,6 +7,14 @@ import re
 from dstore.errors import RangeNotSatisfiable
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_MAX_DIGITS = 19  # past any file size; a longer number is read as "beyond the end"
+_BEYOND = 1 << 63
+
+
+def _number(digits: str) -> int:
+    """A range position, without parsing an unbounded number (Python refuses past 4,300
+    digits, and the work grows with the length before that)."""
+    return int(digits) if len(digits) <= _MAX_DIGITS else _BEYOND
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -23,13 +31,13 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first and not last:
         return None
     if not first:  # suffix: the last n bytes
-        n = int(last)
+        n = _number(last)
         if n == 0 or size == 0:
             raise RangeNotSatisfiable(f"range {header} of {size} bytes")
         return max(size - n, 0), size
-    start = int(first)
-    end = size if not last else min(int(last) + 1, size)
-    if last and int(last) < start:
+    start = _number(first)
+    end = size if not last else min(_number(last) + 1, size)
+    if last and _number(last) < start:
         return None  # invalid: ignore the header
     if start >= size:
         raise RangeNotSatisfiable(f"range {header} of {size} bytes")

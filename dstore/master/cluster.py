@@ -126,7 +126,11 @@ class StorageMember:
     """One storage node as the gateway sees it."""
 
     addr: str
-    client: NodeClient
+    client: NodeClient  # chunk traffic, through the door
+    # heartbeats and scrub reports, on a connection of their own: a node whose data
+    # connections are all held (slow clients, big reads) still answers its heartbeat,
+    # and node-state decisions never wait behind data traffic
+    control: NodeClient
     node_id: str = ""
     zone: str = "default"
     state: NodeState = NodeState.DOWN
@@ -206,6 +210,7 @@ class Cluster:
         # told when an address shows a node id not seen there before: (addr, node id)
         self.on_identity: Callable[[str, str], Awaitable[None]] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._joins: dict[str, float] = {}  # join proofs used, until they expire anyway
         for addr in addrs:
             self.add(addr)
 
@@ -217,15 +222,19 @@ class Cluster:
         if addr in self.members:
             return self.members[addr]
         host, _, port = addr.rpartition(":")
-        client = NodeClient(
-            host,
-            int(port),
-            self._secret,
-            connect_timeout=min(2.0, self._io_timeout),
-            io_timeout=self._io_timeout,
-            connector=self._connector,
-        )
-        member = StorageMember(addr, client)
+        clients = [
+            NodeClient(
+                host,
+                int(port),
+                self._secret,
+                connect_timeout=min(2.0, self._io_timeout),
+                io_timeout=self._io_timeout,
+                connector=self._connector,
+                **({"max_connections": 1} if control else {}),
+            )
+            for control in (False, True)
+        ]
+        member = StorageMember(addr, clients[0], clients[1])
         self.members[addr] = member
         return member
 
@@ -233,6 +242,7 @@ class Cluster:
         member = self.members.pop(addr, None)
         if member is not None:
             await member.client.aclose()
+            await member.control.aclose()
 
     def drain(self, member: StorageMember) -> None:
         log.info("node_draining", node_id=member.node_id, addr=member.addr)
@@ -251,6 +261,7 @@ class Cluster:
             self._task = None
         for member in self.members.values():
             await member.client.aclose()
+            await member.control.aclose()
 
     async def _heartbeats(self) -> None:
         while True:
@@ -264,7 +275,7 @@ class Cluster:
     async def _beat(self, member: StorageMember) -> None:
         try:
             async with asyncio.timeout(max(self.heartbeat, 0.5)):
-                stat = await member.client.stat(trace="heartbeat")
+                stat = await member.control.stat(trace="heartbeat")
         except (TimeoutError, NodeUnavailable, DstoreError) as exc:
             member.missed += 1
             if member.missed >= self.down_after:
@@ -308,7 +319,7 @@ class Cluster:
 
     async def _take_corrupt(self, member: StorageMember) -> None:
         try:
-            chunks = await member.client.take_corrupt(trace="heartbeat")
+            chunks = await member.control.take_corrupt(trace="heartbeat")
         except DstoreError as exc:
             log.warning("take_corrupt_failed", node=member.node_id, error=str(exc))
             return
@@ -363,8 +374,17 @@ class Cluster:
             lost.unwatch(abandon)
 
     def verify_join(self, addr: str, stamp: int, proof: str) -> bool:
-        """Whether a storage node's join request proves it knows the cluster secret."""
-        return handshake.verify_join(self._secret, addr, stamp, proof, time.time())
+        """Whether a storage node's join request proves it knows the cluster secret. A
+        proof is good once: one seen before within its validity window (a replay by
+        someone who captured it) is refused."""
+        now = time.time()
+        for seen, until in list(self._joins.items()):
+            if until < now:
+                del self._joins[seen]
+        if proof in self._joins or not handshake.verify_join(self._secret, addr, stamp, proof, now):
+            return False
+        self._joins[proof] = stamp + handshake.JOIN_WINDOW
+        return True
 
     # --- queries --------------------------------------------------------------------------
 
@@ -397,7 +417,7 @@ class Cluster:
         ``used`` came from. Replies race (a heartbeat's against a put's on another
         connection), so only the order the node gave its reports counts: a heartbeat
         never undoes a newer put's figure, nor a put's a newer heartbeat's."""
-        seq, used = member.client.usage
+        seq, used = max(member.client.usage, member.control.usage)
         if seq <= member.usage_seq:
             return False
         member.usage_seq, member.used = seq, used
@@ -412,6 +432,7 @@ class Cluster:
         if stored:
             # the node's own figure, newer than any taken before, includes this chunk; a
             # node that does not report one: count it here until the next heartbeat
-            if not self._take_usage(member) and not member.client.usage[0]:
+            reported = max(member.client.usage, member.control.usage)[0]
+            if not self._take_usage(member) and not reported:
                 member.used += size
             member.chunks += 1

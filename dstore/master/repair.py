@@ -337,6 +337,7 @@ class Repairer(PeriodicJob):
                     await self.reconciler.reconcile_member(member, grace=0.0)
                 except DstoreError as exc:
                     log.warning("trim_failed", node=member.node_id, error=str(exc))
+                    self._lost.add(member.node_id)  # tried again on the next pass
 
     async def _finish_drains(self, draining: set[str]) -> None:
         for node_id in draining:

@@ -88,12 +88,15 @@ class Relay:
         return 0 if self.start < 0 else self.splicer.sent - self.start
 
 
-def splicer_for(sock: socket.socket | None, pending: Callable[[], int]) -> Splicer | None:
+def splicer_for(
+    sock: socket.socket | None, pending: Callable[[], int], *, timeout: float
+) -> Splicer | None:
     """A ``Splicer`` into a client's socket, where this host and the socket allow one
-    (not for TLS, nor off Linux); ``pending``: bytes the socket's owner still buffers."""
+    (not for TLS, nor off Linux); ``pending``: bytes the socket's owner still buffers;
+    ``timeout``: how long the client may take no byte before it counts as gone."""
     if sock is None or not splice.available(sock):
         return None
-    return Splicer(sock, pending)
+    return Splicer(sock, pending, timeout=timeout)
 
 
 @dataclass(slots=True)

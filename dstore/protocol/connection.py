@@ -44,6 +44,9 @@ from dstore.protocol.messages import (
 )
 
 DEFAULT_MAX_BODY: Final = 256 << 20
+# frames before the handshake is done: a hello or an auth is well under 200 bytes, so an
+# unauthenticated peer can make a node hold no more than this for its frame
+PRE_AUTH_MAX_FRAME: Final = 4096
 
 
 class Role(enum.Enum):
@@ -234,8 +237,9 @@ class Connection:
         if self._buffered < PREFIX_SIZE:
             return self._starved()
         (size,) = FRAME_PREFIX.unpack(self._peek(PREFIX_SIZE))
-        if size == 0 or size > self.max_frame:
-            raise RemoteProtocolError(f"frame length {size} outside 1..{self.max_frame}")
+        limit = self.max_frame if self._phase is Phase.READY else PRE_AUTH_MAX_FRAME
+        if size == 0 or size > limit:
+            raise RemoteProtocolError(f"frame length {size} outside 1..{limit}")
         if self._buffered < PREFIX_SIZE + size:
             return self._starved()
         self._take(PREFIX_SIZE)

@@ -203,7 +203,7 @@ class NodeClient:
         """An idle pooled connection, else a new one; the caller holds a slot."""
         while self._idle:
             candidate = self._idle.popleft()
-            if not candidate.closed:
+            if candidate.reusable:
                 return candidate
             await candidate.aclose()
         return await self.connect()

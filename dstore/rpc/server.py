@@ -58,11 +58,12 @@ class BodyReader:
 
 
 class _ConnectionState:
-    __slots__ = ("busy", "task")
+    __slots__ = ("busy", "ready", "task")
 
     def __init__(self, task: asyncio.Task[None]) -> None:
         self.task = task
         self.busy = False
+        self.ready = False  # past the handshake
 
 
 class RpcServer:
@@ -78,6 +79,7 @@ class RpcServer:
         idle_timeout: float = 600.0,
         handshake_timeout: float = 10.0,
         max_body: int = 256 << 20,
+        max_handshaking: int = 64,
     ) -> None:
         self.host = host
         self.port = port
@@ -86,6 +88,9 @@ class RpcServer:
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
         self.max_body = max_body
+        self.max_handshaking = max_handshaking  # connections not yet authenticated, at most
+        self.refused = 0  # connections closed at once: too many were handshaking
+        self._handshaking = 0
         self._secret = secret
         self._handler = handler
         self._server: asyncio.Server | None = None
@@ -111,10 +116,19 @@ class RpcServer:
     def accept(self, channel: Channel) -> None:
         """Serve a new connection: the TCP listener calls this, as can any other backend
         that makes a connected ``Channel`` (tests join one in memory)."""
-        if self._stopping:
-            assert channel.transport is not None
-            channel.transport.close()
+        if self._stopping or self._handshaking >= self.max_handshaking:
+            if not self._stopping:
+                self.refused += 1
+                if (
+                    self.refused & (self.refused - 1) == 0
+                ):  # 1, 2, 4, 8...: a flood, not a line each
+                    log.warning(
+                        "handshakes_refused", handshaking=self._handshaking, total=self.refused
+                    )
+            if channel.transport is not None:
+                channel.transport.abort()
             return
+        self._handshaking += 1
         task = asyncio.create_task(self._accept(channel))
         self._connections[task] = _ConnectionState(task)
 
@@ -136,23 +150,23 @@ class RpcServer:
         except Exception:
             log.exception("connection_failed", peer=stream.peer)
         finally:
+            if not state.ready:
+                self._handshaking -= 1
             del self._connections[task]
             stream.close()  # no waiting: this may run while shutdown cancels us
 
     async def _serve(self, stream: FramedStream, state: _ConnectionState) -> None:
         conn = stream.conn
-        async with asyncio.timeout(self.handshake_timeout):
-            hello = await stream.next_event()
-            if hello is CLOSED:
-                return
-            await stream.write(conn.answer_hello(_expect(hello, Hello)))
-            if not conn.ready and conn.version is None:
-                return  # no common version: the error frame was sent
-            auth = await stream.next_event()
-            if auth is CLOSED:
-                return
-            _expect(auth, Auth)  # verified by the connection: only then may it welcome
-            await stream.write(conn.welcome())
+        try:
+            await self._handshake(stream)
+        except TimeoutError:
+            raise RemoteProtocolError(
+                f"no handshake within {self.handshake_timeout:g} s", code="handshake_timeout"
+            ) from None
+        if not conn.ready:
+            return
+        state.ready = True
+        self._handshaking -= 1
         while not self._stopping:
             request = await stream.next_event(timeout=self.idle_timeout)
             if request is CLOSED:
@@ -164,6 +178,23 @@ class RpcServer:
                     await self._handler(request, stream)
             finally:
                 state.busy = False
+
+    async def _handshake(self, stream: FramedStream) -> None:
+        """Hello, challenge, verified auth, welcome, within ``handshake_timeout``; the
+        connection is ready after it unless the peer left or had no common version."""
+        conn = stream.conn
+        async with asyncio.timeout(self.handshake_timeout):
+            hello = await stream.next_event()
+            if hello is CLOSED:
+                return
+            await stream.write(conn.answer_hello(_expect(hello, Hello)))
+            if conn.version is None:
+                return  # no common version: the error frame was sent
+            auth = await stream.next_event()
+            if auth is CLOSED:
+                return
+            _expect(auth, Auth)  # verified by the connection: only then may it welcome
+            await stream.write(conn.welcome())
 
     async def _send_error_and_close(self, stream: FramedStream, code: str, message: str) -> None:
         if stream.closed or stream.conn.body_owed:

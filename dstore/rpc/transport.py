@@ -62,6 +62,11 @@ class Channel(asyncio.BufferedProtocol):
         """Bytes received and not yet taken."""
         return self._buffered
 
+    @property
+    def at_eof(self) -> bool:
+        """The peer closed its side (what it sent before may still be unread)."""
+        return self._eof
+
     # --- protocol callbacks (the event loop calls these) ----------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -244,6 +249,12 @@ class FramedStream:
     @property
     def closed(self) -> bool:
         return self._closed or self._transport.is_closing()
+
+    @property
+    def reusable(self) -> bool:
+        """Fit for another request: open, and the peer has not closed its side (a node
+        that stopped closes its idle connections; that is only seen when read)."""
+        return not self.closed and not self._channel.at_eof and not self._channel.buffered
 
     @property
     def can_sendfile(self) -> bool:

@@ -8,6 +8,7 @@ goes on; transport and protocol failures close the connection.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import signal
 import time
@@ -56,8 +57,16 @@ def load_node_id(data_dir: Path) -> str:
     except FileNotFoundError:
         node_id = "n-" + secrets.token_hex(6)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(node_id + "\n")
+        with open(tmp, "w") as file:  # durable before it is used: the replicas name it
+            file.write(node_id + "\n")
+            file.flush()
+            os.fsync(file.fileno())
         tmp.replace(path)
+        folder = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
         return node_id
 
 

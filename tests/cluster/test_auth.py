@@ -78,16 +78,16 @@ def test_token_table_checks_the_header_and_the_scope() -> None:
 def test_tokens_come_from_a_toml_file_and_allow_a_public_listen(tmp_path: Path) -> None:
     config_file = tmp_path / "gw.toml"
     config_file.write_text(
-        'listen = "0.0.0.0:8080"\ncluster_secret = "s"\n'
+        'listen = "0.0.0.0:8080"\ncluster_secret = "ssssssssssssssss"\n'
         f'[[auth.tokens]]\nname = "ops"\ntoken = "{ADMIN}"\nscopes = ["admin"]\n'
     )
     config = load(GatewayConfig, {}, env={}, config_file=config_file)
     assert config.auth_tokens is not None
     assert [t.name for t in config.auth_tokens] == ["ops"]
     with pytest.raises(ConfigError, match="non-loopback"):
-        load(GatewayConfig, {"listen": "0.0.0.0:8080", "cluster_secret": "s"}, env={})
+        load(GatewayConfig, {"listen": "0.0.0.0:8080", "cluster_secret": "s" * 16}, env={})
     with pytest.raises(ConfigError, match="DSTORE_AUTH_TOKENS"):
-        load(GatewayConfig, {"cluster_secret": "s"}, env={"DSTORE_AUTH_TOKENS": "x=read"})
+        load(GatewayConfig, {"cluster_secret": "s" * 16}, env={"DSTORE_AUTH_TOKENS": "x=read"})
 
 
 # --- the gateway --------------------------------------------------------------------------

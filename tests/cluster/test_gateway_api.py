@@ -356,6 +356,6 @@ async def test_a_heartbeat_figure_never_undoes_a_newer_put_figure(
     async def late_stat(*, trace: str = "") -> object:
         return stale  # fault: the old reply arrives now
 
-    member.client.stat = late_stat  # type: ignore[method-assign,assignment]
+    member.control.stat = late_stat  # type: ignore[method-assign,assignment]
     await gateway.refresh()
     assert member.used == 9 * CHUNK and stale.used == 0

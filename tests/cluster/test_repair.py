@@ -277,3 +277,40 @@ async def test_a_node_down_when_the_gateway_starts_is_repaired_too(make_cluster:
     await cluster.start_gateway(**cluster.gateway_settings)  # the node never answers it
     await repair_done(cluster, ["early"])
     assert (await cluster.get("early"))[1] == data
+
+
+async def test_a_join_proof_works_once_and_never_undoes_a_drain(make_cluster: Any) -> None:
+    import time
+
+    from dstore.protocol.handshake import join_proof
+    from tests.conftest import SECRET
+
+    cluster = await make_cluster(nodes=3, repair_delay=3600)
+    assert cluster.session is not None
+    url = f"{cluster.url}/v1/cluster/nodes"
+    newcomer = await cluster.add_node()
+    stamp = int(time.time())
+    body = {
+        "addr": newcomer.addr,
+        "time": stamp,
+        "proof": join_proof(SECRET.encode(), newcomer.addr, stamp),
+    }
+    async with cluster.session.post(url, json=body) as r:
+        assert r.status == 201
+    async with cluster.session.post(url, json=body) as r:  # the same proof again: a replay
+        assert r.status == 401
+    await cluster.put("f", os.urandom(4 * CHUNK))
+    victim = cluster.nodes[0]
+    async with cluster.session.delete(f"{url}/{victim.node_id}") as r:
+        assert r.status == 202
+    stamp = int(time.time())
+    fresh = {
+        "addr": victim.addr,
+        "time": stamp,
+        "proof": join_proof(SECRET.encode(), victim.addr, stamp),
+    }
+    async with cluster.session.post(url, json=fresh) as r:  # a good, new proof
+        assert r.status == 200 and (await r.json())["state"] == "draining"
+    await cluster.restart_gateway()  # and the drain was not undone in the metadata either
+    member = cluster.app[keys.CLUSTER].members.get(victim.addr)
+    assert member is None or member.state.value == "draining"

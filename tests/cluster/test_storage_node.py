@@ -801,3 +801,49 @@ async def test_usage_reports_are_ordered_and_outlive_a_restart(
     async with NodeClient("127.0.0.1", again.port, SECRET.encode()) as c:
         seqs.append((await c.stat()).usage_seq)
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+# --- before the handshake ------------------------------------------------------------------
+
+
+async def test_an_unauthenticated_peer_gets_no_big_frame_buffered(node: StorageNode) -> None:
+    """A frame announced larger than a handshake message is refused at its prefix."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    writer.write(struct.pack(">I", 1 << 20) + b"\0" * 1000)  # 1 MiB announced, before hello
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), 5)  # an error frame, then the close
+    assert decode_payload(reply[4:])["code"] == "protocol_error"
+    writer.close()
+
+
+async def test_a_silent_peer_times_out_with_one_warning_and_no_traceback(
+    node: StorageNode,
+) -> None:
+    import structlog
+
+    assert node.server is not None
+    node.server.handshake_timeout = 0.3
+    with structlog.testing.capture_logs() as logs:
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        reply = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    assert decode_payload(reply[4:])["code"] == "handshake_timeout"
+    lines = [e for e in logs if e["log_level"] in ("warning", "error")]
+    assert [(e["event"], e.get("code")) for e in lines] == [("protocol_error", "handshake_timeout")]
+    assert not any("exc_info" in e for e in logs)
+
+
+async def test_peers_that_never_authenticate_are_capped(node: StorageNode) -> None:
+    assert node.server is not None
+    node.server.max_handshaking = 8
+    idle = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(8)]
+    await wait_for(lambda: node.server is not None and node.server.connections == 8)
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once
+    assert node.server.refused == 1 and node.server.connections == 8
+    writer.close()
+    for _, w in idle:  # once they go, authenticated clients are served again
+        w.close()
+    await wait_for(lambda: node.server is not None and node.server.connections == 0)
+    async with NodeClient("127.0.0.1", node.port, SECRET.encode()) as client:
+        assert (await client.stat()).node_id == node.node_id

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -89,8 +91,9 @@ def test_bad_config_refuses_to_start_with_one_line(tmp_path: object) -> None:
     env.pop("DSTORE_CLUSTER_SECRET", None)
     cases = [
         (["--port", "0"], "cluster secret"),
-        (["--port", "0", "--cluster-secret", "s", "--capacity", "lots"], "capacity"),
-        (["--port", "99999", "--cluster-secret", "s"], "port"),
+        (["--port", "0", "--cluster-secret", "s"], "at least 16"),
+        (["--port", "0", "--cluster-secret", "s" * 16, "--capacity", "lots"], "capacity"),
+        (["--port", "99999", "--cluster-secret", "s" * 16], "port"),
     ]
     for args, word in cases:
         out = subprocess.run(
@@ -135,7 +138,7 @@ def test_port_in_use_refuses_to_start(
             "--port",
             str(proc.port),
             "--cluster-secret",
-            "s",
+            "s" * 16,
             "--data-dir",
             f"{tmp_path}/second",
         ],
@@ -146,3 +149,21 @@ def test_port_in_use_refuses_to_start(
     )
     assert out.returncode != 0
     assert "address already in use" in out.stderr.lower().splitlines()[-1]
+
+
+async def test_a_node_keeps_its_data_private_on_disk(
+    node_process: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """Folders 0700 and files 0600, the data dir too even if it was made 0755 before."""
+    data_dir = tmp_path / "private"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    proc = node_process("private")
+    async with NodeClient("127.0.0.1", proc.port, SECRET.encode()) as client:
+        for size in (1000, 600_000):  # into a volume, and a chunk file of its own
+            data = os.urandom(size)
+            await client.put_chunk(new_chunk_id(), data, length=size, checksum=checksum(data))
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [data_dir, *data_dir.rglob("*")]}
+    assert len(modes) > 5
+    loose = {str(p): oct(m) for p, m in modes.items() if m & 0o077}
+    assert loose == {}

@@ -529,3 +529,13 @@ def test_every_phase_refuses_what_its_table_does_not_list(role: Role) -> None:
                 assert not taken
                 continue
             assert taken is listed, (role, phase, message.OP)
+
+
+def test_frames_before_the_handshake_are_capped_at_a_few_kib() -> None:
+    node = Connection(Role.NODE, SECRET)
+    node.receive_data(struct.pack(">I", 5000))
+    with pytest.raises(RemoteProtocolError, match="frame length 5000"):
+        node.next_event()
+    _, ready = handshaken_pair()
+    ready.receive_data(encode_frame(to_header(Ping(rid=1, trace="x" * 5000))))
+    assert isinstance(ready.next_event(), Ping)  # once ready, the full limit

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dstore.errors import BadName, RangeNotSatisfiable
-from dstore.gateway.names import MAX_NAME_BYTES, name_from_raw_path, validate_name
+from dstore.gateway.names import INVISIBLE, MAX_NAME_BYTES, name_from_raw_path, validate_name
 from dstore.gateway.ranges import parse_range
 
 
@@ -70,3 +70,10 @@ def test_only_file_paths_carry_names() -> None:
     with pytest.raises(BadName):
         name_from_raw_path("/v1/cluster")
     assert name_from_raw_path("/v1/files/a%3Fb?x=1") == "a?b"
+
+
+@pytest.mark.parametrize("ch", sorted(INVISIBLE))
+def test_invisible_formatting_characters_are_refused(ch: str) -> None:
+    """Bidirectional and zero-width controls would let one name pass for another."""
+    with pytest.raises(BadName, match="invisible"):
+        validate_name(f"a{ch}b")

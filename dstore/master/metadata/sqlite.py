@@ -349,12 +349,13 @@ class SQLiteMetadataStore(MetadataStore):
             if prefix:
                 sql += " AND substr(f.name, 1, ?) = ?"
                 args += [len(prefix), prefix]
-                if ord(prefix[-1]) < 0x10FFFF:
+                bound = _after(prefix)
+                if bound is not None:
                     # names with the prefix sort below the prefix with its last character
                     # bumped (SQLite's BINARY order is code point order, like Python's):
                     # this bound lets the scan stop at the end of the prefix's range
                     sql += " AND f.name < ?"
-                    args.append(prefix[:-1] + chr(ord(prefix[-1]) + 1))
+                    args.append(bound)
             rows = db.execute(sql + " ORDER BY f.name LIMIT ?", (*args, limit + 1)).fetchall()
             files = [FileInfo(*row) for row in rows[:limit]]
             return files, (files[-1].name if len(rows) > limit else None)
@@ -572,6 +573,15 @@ _REPLICA_LIST = (
     "(SELECT group_concat(node_id, ',') FROM (SELECT node_id FROM replicas r"
     " WHERE r.chunk_id = c.chunk_id ORDER BY r.pos))"
 )
+
+
+def _after(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (its last code
+    point bumped, over the surrogates, which no stored string holds); None past U+10FFFF."""
+    last = ord(prefix[-1]) + 1
+    if 0xD800 <= last <= 0xDFFF:
+        last = 0xE000
+    return None if last > 0x10FFFF else prefix[:-1] + chr(last)
 
 
 def _current(db: sqlite3.Connection, name: str, *, data: bool) -> FileVersion:
