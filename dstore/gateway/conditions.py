@@ -94,6 +94,15 @@ class Preconditions:
         return date is not None and date == int(current.modified)
 
 
+def strong_tags(header: str) -> tuple[str, ...]:
+    """The ETags an ``If-Match`` names, for the metadata's compare-and-swap: ``("*",)``
+    for any version; weak tags never match there, so they are left out."""
+    value = header.strip()
+    if value == "*":
+        return ("*",)
+    return tuple(t for t in (t.strip() for t in value.split(",")) if t and not t.startswith("W/"))
+
+
 def _matches(header: str, etag: str, *, weak: bool) -> bool:
     """Whether a list of entity tags (or ``*``) names ``etag``: ``weak`` comparison
     ignores the ``W/`` prefix (If-None-Match), strong comparison needs two strong tags

@@ -40,6 +40,7 @@ from dstore.errors import (
 )
 from dstore.gateway import keys
 from dstore.gateway.cache import inline_key
+from dstore.gateway.conditions import Outcome, Preconditions, Validators, strong_tags
 from dstore.gateway.download import SpanFeed
 from dstore.gateway.names import name_from_raw_path
 from dstore.gateway.ranges import parse_range
@@ -222,15 +223,6 @@ def _file_headers(version: FileVersion) -> dict[str, str]:
     }
 
 
-def _etag_matches(header: str, etag: str) -> bool:
-    candidates = [c.strip() for c in header.split(",")]
-    return (
-        "*" in candidates
-        or etag in candidates
-        or etag in (c.removeprefix("W/") for c in candidates)
-    )
-
-
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
     """The request body as it arrives; a client that goes away becomes ``ClientGone``."""
     content = request.content
@@ -271,10 +263,9 @@ async def put_file(request: web.Request) -> web.StreamResponse:
     request[keys.REQUEST_NAME] = name
     app = request.app
     config = app[keys.CONFIG]
-    if_none_match = request.headers.get("If-None-Match")
-    if if_none_match is not None and if_none_match.strip() != "*":
-        raise DstoreError("PUT only supports If-None-Match: *", code="bad_header")
-    if_absent = if_none_match is not None
+    conditions = Preconditions.from_headers(request.headers)
+    if_absent = (conditions.if_none_match or "").strip() == "*"
+    if_match = None if conditions.if_match is None else strong_tags(conditions.if_match)
     limit = config.max_object_size
     if limit is not None and request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"{request.content_length} bytes exceed the limit of {limit}")
@@ -283,17 +274,14 @@ async def put_file(request: web.Request) -> web.StreamResponse:
     )
     if request.content_length is None or request.content_length > BULK_READ:
         _read_in_bulk(request)
-    if if_absent:
-        try:  # fail fast before reading the body; the commit re-checks, race-free
-            await app[keys.META].head(name)
-            raise PreconditionFailed(f"{name!r} exists")
-        except FileNotFound:
-            pass
+    if conditions.any:  # fail fast before reading the body; the commit re-checks what it can
+        await _check_preconditions(request, name, conditions)
     result = await app[keys.UPLOADER].upload(
         name,
         _body(request),
         content_type=request.headers.get("Content-Type", "application/octet-stream"),
         if_absent=if_absent,
+        if_match=if_match,
         expect=expect,
         trace=request[keys.TRACE],
         length=request.content_length,
@@ -317,7 +305,9 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     request[keys.REQUEST_NAME] = name
     app = request.app
     # the chunk list a page at a time, from where the range starts (if it says)
-    start = 0 if request.method == "HEAD" else _range_start(request.headers.get("Range"))
+    start = 0  # (with If-Range the whole file may be sent: its list from the start)
+    if request.method != "HEAD" and "If-Range" not in request.headers:
+        start = _range_start(request.headers.get("Range"))
     limit = 0 if request.method == "HEAD" else FIRST_PAGE
     meta = app[keys.META]
     version = await meta.lookup(name, start, limit)
@@ -365,12 +355,18 @@ def _range_start(header: str | None) -> int:
 
 async def _serve(request: web.Request, version: FileVersion) -> web.StreamResponse:
     headers = _file_headers(version)
-    if_none_match = request.headers.get("If-None-Match")
-    if if_none_match is not None and _etag_matches(if_none_match, version.etag):
+    conditions = Preconditions.from_headers(request.headers)
+    current = Validators(version.etag, version.created)
+    outcome = conditions.evaluate(request.method, current)
+    if outcome is Outcome.NOT_MODIFIED:
         return web.Response(status=304, headers={k: headers[k] for k in ("ETag", "Last-Modified")})
+    if outcome is Outcome.PRECONDITION_FAILED:
+        raise PreconditionFailed(f"a precondition of this {request.method} failed")
     status, start, end = 200, 0, version.size
+    # a range of another version than the client holds would splice two into one
+    range_header = request.headers.get("Range") if conditions.range_applies(current) else None
     try:
-        wanted = parse_range(request.headers.get("Range"), version.size)
+        wanted = parse_range(range_header, version.size)
     except RangeNotSatisfiable:
         refusal = error_response(
             416,
@@ -470,9 +466,25 @@ def _splicer(request: web.Request, timeout: float) -> Splicer | None:
 async def delete_file(request: web.Request) -> web.StreamResponse:
     name = name_from_raw_path(request.raw_path)
     request[keys.REQUEST_NAME] = name
-    await request.app[keys.META].delete(name)
+    conditions = Preconditions.from_headers(request.headers)
+    if conditions.any:
+        await _check_preconditions(request, name, conditions)
+    if_match = None if conditions.if_match is None else strong_tags(conditions.if_match)
+    await request.app[keys.META].delete(name, if_match=if_match)
     request.app[keys.REAPER].wake()
     return web.Response(status=204)
+
+
+async def _check_preconditions(request: web.Request, name: str, conditions: Preconditions) -> None:
+    """A write's preconditions against the current version, before any work: a 412 now
+    rather than after the body (``If-Match`` is checked again in the commit)."""
+    try:
+        version = await request.app[keys.META].head(name)
+        current: Validators | None = Validators(version.etag, version.created)
+    except FileNotFound:
+        current = None
+    if conditions.evaluate(request.method, current) is not Outcome.PROCEED:
+        raise PreconditionFailed(f"a precondition of this {request.method} failed")
 
 
 def _int_param(request: web.Request, key: str, default: int, lo: int, hi: int) -> int:

@@ -136,6 +136,7 @@ class Uploader:
         *,
         content_type: str = "application/octet-stream",
         if_absent: bool = False,
+        if_match: Sequence[str] | None = None,
         expect: Expectations | None = None,
         trace: str = "",
         length: int | None = None,
@@ -157,14 +158,16 @@ class Uploader:
             etag = etag_of(checksums)
             if upload.inline is not None:
                 result = await self.meta.commit_inline(
-                    name, content_type, upload.inline, etag, if_absent=if_absent
+                    name, content_type, upload.inline, etag, if_absent=if_absent, if_match=if_match
                 )
                 if upload.inline.data:
                     self.cache.offer(inline_key(result.version.version_id), [upload.inline.data])
                 self.stored_inline += 1
             else:
                 assert upload.version_id is not None
-                result = await self.meta.commit(upload.version_id, size, etag, if_absent=if_absent)
+                result = await self.meta.commit(
+                    upload.version_id, size, etag, if_absent=if_absent, if_match=if_match
+                )
                 self.stored_chunked += 1
         except BaseException as exc:
             # shielded: a cancelled request must still give up its version

@@ -359,3 +359,26 @@ async def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None
     await meta.close()
     with pytest.raises(ConfigError, match="version 999"):
         await SQLiteMetadataStore(tmp_path / "meta.db").open()
+
+
+async def test_if_match_is_a_compare_and_swap_on_the_current_etag(meta: MetadataStore) -> None:
+    first = await put(meta, "f")
+    etag = (await meta.head("f")).etag
+    stale = await pending(meta, "f")
+    with pytest.raises(PreconditionFailed):
+        await meta.commit(stale, 10, '"x"', if_match=['"other"'])
+    uploads = [await pending(meta, "f") for _ in range(4)]
+    results = await asyncio.gather(
+        *(meta.commit(v, 10, f'"{v}"', if_match=[etag]) for v in uploads),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    assert all(isinstance(r, PreconditionFailed) for r in results if isinstance(r, BaseException))
+    with pytest.raises(PreconditionFailed):
+        await meta.delete("f", if_match=[etag])  # that version is gone
+    winner = (await meta.head("f")).etag
+    assert await meta.delete("f", if_match=["*"]) != first
+    with pytest.raises(FileNotFound):
+        await meta.delete("f", if_match=[winner])
+    with pytest.raises(PreconditionFailed):
+        await meta.commit_inline("f", "", InlineBody(b"x", b"c" * 16), '"i"', if_match=["*"])

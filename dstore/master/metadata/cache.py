@@ -221,6 +221,7 @@ class CachedMetadataStore(MetadataStore):
         etag: str,
         *,
         if_absent: bool = False,
+        if_match: Sequence[str] | None = None,
         keep_chunks: int = 0,
     ) -> CommitResult:
         # which name this commits is known only once it has: it is settled then, and a
@@ -232,6 +233,7 @@ class CachedMetadataStore(MetadataStore):
                 size,
                 etag,
                 if_absent=if_absent,
+                if_match=if_match,
                 keep_chunks=max(keep_chunks, self.cache.max_chunks),
             )
         except BaseException:
@@ -253,12 +255,15 @@ class CachedMetadataStore(MetadataStore):
         etag: str,
         *,
         if_absent: bool = False,
+        if_match: Sequence[str] | None = None,
     ) -> CommitResult:
-        call = self.engine.commit_inline(name, content_type, body, etag, if_absent=if_absent)
+        call = self.engine.commit_inline(
+            name, content_type, body, etag, if_absent=if_absent, if_match=if_match
+        )
         return await self._write_of(name, call, keeps=True)
 
-    async def delete(self, name: str) -> int:
-        return await self._write_of(name, self.engine.delete(name), keeps=False)
+    async def delete(self, name: str, *, if_match: Sequence[str] | None = None) -> int:
+        return await self._write_of(name, self.engine.delete(name, if_match=if_match), keeps=False)
 
     async def add_replicas(self, chunk_id: str, nodes: Sequence[str]) -> None:
         self._replica_change(chunk_id)

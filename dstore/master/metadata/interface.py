@@ -70,12 +70,15 @@ class MetadataStore(abc.ABC):
         etag: str,
         *,
         if_absent: bool = False,
+        if_match: Sequence[str] | None = None,
         keep_chunks: int = 0,
     ) -> CommitResult:
         """Make a pending version current for its name, atomically; the old one becomes
         dead. ``if_absent``: raise ``PreconditionFailed`` if the name exists (the version
-        stays pending: the caller aborts it). The result lists the chunks of a version of
-        at most ``keep_chunks``. ``Conflict`` if the version is no longer pending."""
+        stays pending: the caller aborts it); ``if_match``: unless the current version's
+        ETag is one of these (``"*"``: any version), checked in the same transaction.
+        The result lists the chunks of a version of at most ``keep_chunks``.
+        ``Conflict`` if the version is no longer pending."""
 
     @abc.abstractmethod
     async def commit_inline(
@@ -86,6 +89,7 @@ class MetadataStore(abc.ABC):
         etag: str,
         *,
         if_absent: bool = False,
+        if_match: Sequence[str] | None = None,
     ) -> CommitResult:
         """A whole small file in one transaction: a new version, live at once, holding
         its bytes; the name's old version becomes dead. ``if_absent`` as for ``commit``.
@@ -125,8 +129,9 @@ class MetadataStore(abc.ABC):
         id order, at most ``limit``: what the inline scrubber reads, a batch at a time."""
 
     @abc.abstractmethod
-    async def delete(self, name: str) -> int:
-        """Remove a name at once; returns the version that became dead."""
+    async def delete(self, name: str, *, if_match: Sequence[str] | None = None) -> int:
+        """Remove a name at once; returns the version that became dead. ``if_match`` as
+        for ``commit``."""
 
     @abc.abstractmethod
     async def list_files(

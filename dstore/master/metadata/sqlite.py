@@ -210,6 +210,7 @@ class SQLiteMetadataStore(MetadataStore):
         etag: str,
         *,
         if_absent: bool = False,
+        if_match: Sequence[str] | None = None,
         keep_chunks: int = 0,
     ) -> CommitResult:
         def tx(db: sqlite3.Connection) -> CommitResult:
@@ -223,6 +224,7 @@ class SQLiteMetadataStore(MetadataStore):
             current = _current_pointer(db, name)
             if current is not None and if_absent:
                 raise PreconditionFailed(f"{name!r} exists")
+            _check_match(db, name, current, if_match)
             # pending -> live, guarded by the state read above
             moved = db.execute(
                 f"UPDATE versions SET state = '{LIVE}', size = ?, etag = ?, created = {_NOW},"
@@ -254,6 +256,7 @@ class SQLiteMetadataStore(MetadataStore):
         etag: str,
         *,
         if_absent: bool = False,
+        if_match: Sequence[str] | None = None,
     ) -> CommitResult:
         data = body.data
         if data is None:
@@ -265,6 +268,7 @@ class SQLiteMetadataStore(MetadataStore):
             current = _current_pointer(db, name)
             if current is not None and if_absent:
                 raise PreconditionFailed(f"{name!r} exists")
+            _check_match(db, name, current, if_match)
             version_id, created = db.execute(
                 "INSERT INTO versions (name, state, size, etag, content_type, created)"
                 f" VALUES (?, '{LIVE}', ?, ?, ?, {_NOW}) RETURNING id, created",
@@ -323,13 +327,18 @@ class SQLiteMetadataStore(MetadataStore):
 
         return await self._submit(tx)
 
-    async def delete(self, name: str) -> int:
+    async def delete(self, name: str, *, if_match: Sequence[str] | None = None) -> int:
         def tx(db: sqlite3.Connection) -> int:
+            current = _current_pointer(db, name)
+            if current is None:
+                raise FileNotFound(f"no file named {name!r}")
+            _check_match(db, name, current, if_match)
             row = db.execute(
-                "DELETE FROM files WHERE name = ? RETURNING version_id", (name,)
+                "DELETE FROM files WHERE name = ? AND generation = ? RETURNING version_id",
+                (name, current[1]),
             ).fetchone()
             if row is None:
-                raise FileNotFound(f"no file named {name!r}")
+                raise Conflict(f"{name!r} changed meanwhile")
             _kill(db, row[0], LIVE)
             return int(row[0])
 
@@ -631,6 +640,25 @@ def _current_pointer(db: sqlite3.Connection, name: str) -> tuple[int, int] | Non
     """(version id, generation) of the name's row, if it has one."""
     row = db.execute("SELECT version_id, generation FROM files WHERE name = ?", (name,)).fetchone()
     return None if row is None else (int(row[0]), int(row[1]))
+
+
+def _check_match(
+    db: sqlite3.Connection,
+    name: str,
+    current: tuple[int, int] | None,
+    if_match: Sequence[str] | None,
+) -> None:
+    """``PreconditionFailed`` unless the name's current version has one of these ETags
+    (``"*"``: any); None asks nothing."""
+    if if_match is None:
+        return
+    if current is None:
+        raise PreconditionFailed(f"{name!r} does not exist")
+    if "*" in if_match:
+        return
+    (etag,) = db.execute("SELECT etag FROM versions WHERE id = ?", (current[0],)).fetchone()
+    if etag not in if_match:
+        raise PreconditionFailed(f"{name!r} is at another version than If-Match names")
 
 
 def _point(
