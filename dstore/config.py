@@ -222,6 +222,17 @@ class GatewayConfig:
     send_timeout: float = _opt(
         60.0, parse_duration, "a download whose client takes no byte for this long is closed"
     )
+    max_connections: int = _opt(
+        1000, int, "open client connections at most; more are answered 503 and closed"
+    )
+    body_timeout: float = _opt(
+        30.0, parse_duration, "an upload that sends no byte for this long is aborted (408)"
+    )
+    header_timeout: float = _opt(
+        10.0,
+        parse_duration,
+        "a request's headers must arrive within this; also how long an idle connection stays",
+    )
     reaper_interval: float = _opt(1.0, parse_duration, "how often dead chunks are reclaimed")
     repair_delay: float = _opt(
         300.0, parse_duration, "how long a node may be down before its chunks are re-replicated"
@@ -283,11 +294,15 @@ class GatewayConfig:
             "reconcile_interval",
             "inline_scrub_interval",
             "send_timeout",
+            "body_timeout",
+            "header_timeout",
         ):
             if getattr(self, key) <= 0:  # a job run every 0 s would spin
                 raise ConfigError(f"{key} must be more than 0")
         if self.window < 1:
             raise ConfigError("window must be at least 1")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections must be at least 1")
         if self.memory_budget < self.chunk_size * 2:
             raise ConfigError("memory budget must hold at least two chunks")
         if self.auth_tokens is None:

@@ -149,6 +149,12 @@ class RangeNotSatisfiable(DstoreError):
     code = "range_not_satisfiable"
 
 
+class BodyTimeout(DstoreError):
+    """An upload's client sent no byte for the body timeout (408)."""
+
+    code = "request_timeout"
+
+
 class TooLarge(DstoreError):
     code = "too_large"
 

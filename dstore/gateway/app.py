@@ -164,6 +164,56 @@ def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web
     return app
 
 
+_BUSY_BODY = b'{"error": {"code": "too_many_connections", "message": "too many open connections"}}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+) % (len(_BUSY_BODY), _BUSY_BODY)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection past the cap: told so, and closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(_BUSY)
+        transport.close()
+
+
+class CappedSite(web.BaseSite):
+    """A TCP site that serves at most ``max_connections`` client connections at once (no
+    limit keyed on the client's address: behind a load balancer every client has one)."""
+
+    __slots__ = ("_host", "_port", "max_connections", "refused")
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int
+    ) -> None:
+        super().__init__(runner)
+        self._host, self._port = host, port
+        self.max_connections = max_connections
+        self.refused = 0
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+
+        def connection() -> asyncio.BaseProtocol:
+            if len(server.connections) >= self.max_connections:
+                self.refused += 1
+                return _Refused()
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            connection, self._host, self._port, reuse_address=True, backlog=self._backlog
+        )
+
+
 async def start_gateway(
     config: GatewayConfig, *, connector: Connector = open_tcp
 ) -> tuple[web.AppRunner, int]:
@@ -172,11 +222,14 @@ async def start_gateway(
         create_app(config, connector=connector),
         access_log=None,
         shutdown_timeout=config.grace,
+        # aiohttp closes a connection that has no whole request within this, from its
+        # start and between requests: the header timeout, and the idle one
+        keepalive_timeout=config.header_timeout,
         handler_cancellation=False,
     )
     await runner.setup()
     host, port = config.host_port
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = CappedSite(runner, host, port, max_connections=config.max_connections)
     try:
         await site.start()
     except BaseException:

@@ -21,6 +21,7 @@ from dstore.chunk import checksum
 from dstore.config import parse_hostport
 from dstore.errors import (
     BadName,
+    BodyTimeout,
     ChecksumMismatch,
     ChunkCorrupt,
     ClientGone,
@@ -60,6 +61,7 @@ STATUS: dict[type[DstoreError], int] = {
     FileNotFound: 404,
     PreconditionFailed: 412,
     TooLarge: 413,
+    BodyTimeout: 408,
     RangeNotSatisfiable: 416,
     NotEnoughNodes: 503,
     NodeUnavailable: 503,
@@ -227,9 +229,13 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
     """The request body as it arrives; a client that goes away becomes ``ClientGone``."""
     content = request.content
     total = 0
+    wait = request.app[keys.CONFIG].body_timeout
     while True:
         try:
-            piece = await content.readany()
+            async with asyncio.timeout(wait):
+                piece = await content.readany()
+        except TimeoutError:
+            raise BodyTimeout(f"no byte of the body for {wait:g} s, after {total}") from None
         except (
             aiohttp.ClientError,
             aiohttp.http_exceptions.HttpProcessingError,

@@ -269,9 +269,12 @@ class Uploader:
                     task.add_done_callback(lambda _: self._give_slot(window, share(chunk), chunk))
                     holding = 0
 
-                await self._take_slot(window, first)
-                holding = first
+                # a chunk's slot is taken when its first byte has come, not before: a
+                # body that never sends one holds nothing (one that stalls after it is
+                # ended by the body timeout)
                 async for piece in body:
+                    if not piece:
+                        continue
                     if settings.max_object_size is not None and (
                         chunker.total + len(piece) > settings.max_object_size
                     ):
@@ -281,9 +284,14 @@ class Uploader:
                     if sha is not None:
                         sha.update(piece)
                     for chunk in chunker.feed(piece):
-                        await hand_on(chunk)
-                        await self._take_slot(window, settings.chunk_size)
-                        holding = settings.chunk_size
+                        if not holding:  # a chunk begun and completed by this piece
+                            await self._take_slot(window, share(chunk))
+                            holding = share(chunk)
+                        await hand_on(chunk)  # its slot goes with it
+                    if chunker.pending and not holding:  # the next chunk has begun
+                        begun = share(Chunk(chunker.total // settings.chunk_size))
+                        await self._take_slot(window, begun)
+                        holding = begun
                 last = chunker.finish()
                 if upload.version_id is None and chunker.total <= settings.inline_max:
                     # the whole file, and small: kept inline, with its version

@@ -66,3 +66,67 @@ async def test_a_reader_that_stalls_is_dropped_after_the_send_timeout(
         sock.close()
     response, body = await cluster.get("big")  # and others are served as before
     assert response.status == 200 and len(body) == 200 * CHUNK
+
+
+async def test_an_upload_that_stops_sending_is_a_408_and_leaves_nothing(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = await make_cluster(body_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+    writer.write(b"PUT /v1/files/stall HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+    writer.write(os.urandom(CHUNK + 10))  # a chunk and a bit, then nothing
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    assert status_line.startswith(b"HTTP/1.1 408"), status_line
+    writer.close()
+    budget = cluster.app[keys.BUDGET]
+    await wait_for(lambda: budget.in_use == 0)
+    assert sum(m.reserved for m in cluster.app[keys.CLUSTER].members.values()) == 0
+    assert (await cluster.get("stall"))[0].status == 404
+    await cluster.wait_reaped()
+
+
+async def test_uploads_that_declare_a_body_and_send_none_hold_no_memory(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = await make_cluster(memory_budget=4 * CHUNK)
+    stalled = []
+    for i in range(8):  # each declares ten chunks' worth
+        _, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+        head = f"PUT /v1/files/s{i} HTTP/1.1\r\nHost: x\r\nContent-Length: {10 * CHUNK}\r\n\r\n"
+        writer.write(head.encode())
+        await writer.drain()
+        stalled.append(writer)
+    await wait_for(lambda: len(cluster.app[keys.UPLOADER].active) == 0)
+    assert cluster.app[keys.BUDGET].in_use == 0
+    data = os.urandom(3 * CHUNK)
+    assert (await cluster.put("ordinary", data)).status == 201
+    assert (await cluster.get("ordinary"))[1] == data
+    for writer in stalled:
+        writer.close()
+
+
+async def test_headers_that_never_finish_are_cut_off(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster(header_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+    writer.write(b"GET /v1/files/x HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and no more
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the gateway
+    writer.close()
+
+
+async def test_connections_past_the_cap_are_refused_with_a_503(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster(max_connections=4)
+    idle = [await asyncio.open_connection("127.0.0.1", cluster.port) for _ in range(4)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+    refusal = await asyncio.wait_for(reader.read(), 10)
+    assert refusal.startswith(b"HTTP/1.1 503") and b"too_many_connections" in refusal
+    writer.close()
+    for _, w in idle:
+        w.close()
+
+    async def served() -> bool:
+        response, _ = await cluster.get("anything")
+        return response.status == 404
+
+    await wait_for(served)
