@@ -147,7 +147,8 @@ class Repairer(PeriodicJob):
             if not await self._write(chunk, data, emptiest.node_id):
                 await self.meta.forget_replica(chunk.chunk_id, emptiest.node_id)
                 return False
-            await self.meta.forget_replica(chunk.chunk_id, fullest.node_id)
+            # durable before the source copy goes (see MetadataStore.forget_replica)
+            await self.meta.forget_replica(chunk.chunk_id, fullest.node_id, durable=True)
             await self._delete(chunk.chunk_id, fullest.node_id)
             fullest.used -= chunk.size
             fullest.chunks -= 1
@@ -277,7 +278,8 @@ class Repairer(PeriodicJob):
         if len(item.healthy) < self.replicas:
             return False
         for node_id in item.drop + item.leaving:
-            await self.meta.forget_replica(chunk.chunk_id, node_id)
+            # durable before the copy goes (see MetadataStore.forget_replica)
+            await self.meta.forget_replica(chunk.chunk_id, node_id, durable=True)
             await self._delete(chunk.chunk_id, node_id)
         self.bad.pop(chunk.chunk_id, None)
         self.chunks_repaired += 1

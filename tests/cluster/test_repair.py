@@ -314,3 +314,37 @@ async def test_a_join_proof_works_once_and_never_undoes_a_drain(make_cluster: An
     await cluster.restart_gateway()  # and the drain was not undone in the metadata either
     member = cluster.app[keys.CLUSTER].members.get(victim.addr)
     assert member is None or member.state.value == "draining"
+
+
+async def test_a_move_makes_the_new_replica_list_durable_before_the_source_goes(
+    make_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drain: every copy deleted from the draining node was first forgotten in the
+    metadata durably (power loss between the two must not leave the metadata naming a
+    deleted copy)."""
+    cluster = await make_cluster(nodes=4, repair_delay=3600)
+    await cluster.put("f", os.urandom(6 * CHUNK))
+    meta, door = cluster.app[keys.META], cluster.app[keys.REPAIRER].door
+    events: list[tuple[str, str, str, bool]] = []
+    forget, delete = meta.forget_replica, door.delete
+
+    async def spy_forget(chunk_id: str, node_id: str, *, durable: bool = False) -> None:
+        await forget(chunk_id, node_id, durable=durable)
+        events.append(("forget", chunk_id, node_id, durable))
+
+    async def spy_delete(chunk_id: str, node_id: str, **kw: Any) -> bool:
+        events.append(("delete", chunk_id, node_id, False))
+        return await delete(chunk_id, node_id, **kw)
+
+    monkeypatch.setattr(meta, "forget_replica", spy_forget)
+    monkeypatch.setattr(door, "delete", spy_delete)
+    victim = cluster.nodes[0]
+    assert cluster.session is not None
+    async with cluster.session.delete(f"{cluster.url}/v1/cluster/nodes/{victim.node_id}") as r:
+        assert r.status == 202
+    await wait_for(lambda: victim.addr not in cluster.app[keys.CLUSTER].members, timeout=30)
+    deletes = [(c, n) for kind, c, n, _ in events if kind == "delete" and n == victim.node_id]
+    assert deletes
+    for chunk_id, node_id in deletes:
+        before = events[: events.index(("delete", chunk_id, node_id, False))]
+        assert ("forget", chunk_id, node_id, True) in before

@@ -272,10 +272,10 @@ class CachedMetadataStore(MetadataStore):
         finally:
             self.cache.drop_chunk(chunk_id)
 
-    async def forget_replica(self, chunk_id: str, node_id: str) -> None:
+    async def forget_replica(self, chunk_id: str, node_id: str, *, durable: bool = False) -> None:
         self._replica_change(chunk_id)
         try:
-            await self.engine.forget_replica(chunk_id, node_id)
+            await self.engine.forget_replica(chunk_id, node_id, durable=durable)
         finally:
             self.cache.drop_chunk(chunk_id)
 

@@ -170,8 +170,11 @@ class MetadataStore(abc.ABC):
         """Chunks of versions dead for more than ``settle`` seconds, longest dead first."""
 
     @abc.abstractmethod
-    async def forget_replica(self, chunk_id: str, node_id: str) -> None:
-        """A chunk's replica is gone from its node (or never to be made)."""
+    async def forget_replica(self, chunk_id: str, node_id: str, *, durable: bool = False) -> None:
+        """A chunk's replica is gone from its node (or never to be made). ``durable``:
+        survives power loss before this returns, as it must when the copy is deleted
+        next (a move: otherwise the metadata could come back naming the deleted copy,
+        and the reconciler would then delete the new one as an orphan)."""
 
     @abc.abstractmethod
     async def purge_dead(self) -> Purged:

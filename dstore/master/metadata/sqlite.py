@@ -437,11 +437,12 @@ class SQLiteMetadataStore(MetadataStore):
 
         return await self._submit(tx)
 
-    async def forget_replica(self, chunk_id: str, node_id: str) -> None:
+    async def forget_replica(self, chunk_id: str, node_id: str, *, durable: bool = False) -> None:
         await self._submit(
             lambda db: db.execute(
                 "DELETE FROM replicas WHERE chunk_id = ? AND node_id = ?", (chunk_id, node_id)
-            )
+            ),
+            durable=durable,
         )
 
     async def purge_dead(self) -> Purged:
