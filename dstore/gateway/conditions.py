@@ -42,13 +42,10 @@ class Preconditions:
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> Preconditions:
-        return cls(
-            headers.get("If-Match"),
-            headers.get("If-None-Match"),
-            headers.get("If-Modified-Since"),
-            headers.get("If-Unmodified-Since"),
-            headers.get("If-Range"),
-        )
+        """The request's preconditions; ``NONE`` (one shared value) when it has none, as
+        most requests do."""
+        values = [headers.get(name) for name in _HEADERS]
+        return cls(*values) if any(v is not None for v in values) else NONE
 
     @property
     def any(self) -> bool:
@@ -92,6 +89,10 @@ class Preconditions:
             return not value.startswith("W/") and value == current.etag
         date = _http_date(value)
         return date is not None and date == int(current.modified)
+
+
+_HEADERS = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range")
+NONE = Preconditions()
 
 
 def strong_tags(header: str) -> tuple[str, ...]:

@@ -41,6 +41,7 @@ from dstore.errors import (
 )
 from dstore.gateway import keys
 from dstore.gateway.cache import inline_key
+from dstore.gateway.conditions import NONE as NO_CONDITIONS
 from dstore.gateway.conditions import Outcome, Preconditions, Validators, strong_tags
 from dstore.gateway.download import SpanFeed
 from dstore.gateway.names import name_from_raw_path
@@ -226,30 +227,72 @@ def _file_headers(version: FileVersion) -> dict[str, str]:
 
 
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives; a client that goes away becomes ``ClientGone``."""
+    """The request body as it arrives; a client that goes away becomes ``ClientGone``,
+    one that sends nothing for ``body_timeout`` while we wait for it ``BodyTimeout``
+    (time the upload spends elsewhere, waiting for memory or nodes, does not count)."""
     content = request.content
     total = 0
-    wait = request.app[keys.CONFIG].body_timeout
-    while True:
-        try:
-            async with asyncio.timeout(wait):
-                piece = await content.readany()
-        except TimeoutError:
-            raise BodyTimeout(f"no byte of the body for {wait:g} s, after {total}") from None
-        except (
-            aiohttp.ClientError,
-            aiohttp.http_exceptions.HttpProcessingError,
-            ConnectionError,
-            asyncio.IncompleteReadError,
-        ) as exc:
-            raise ClientGone(f"client went away after {total} bytes: {exc}") from exc
-        if not piece:
-            break
-        total += len(piece)
-        request[keys.REQUEST_BYTES_IN] = total
-        yield piece
+    watch = _BodyWatch(request.app[keys.CONFIG].body_timeout)
+    try:
+        while True:
+            try:
+                piece = await watch.wait(content.readany())
+            except (
+                aiohttp.ClientError,
+                aiohttp.http_exceptions.HttpProcessingError,
+                ConnectionError,
+                asyncio.IncompleteReadError,
+            ) as exc:
+                raise ClientGone(f"client went away after {total} bytes: {exc}") from exc
+            if not piece:
+                break
+            total += len(piece)
+            request[keys.REQUEST_BYTES_IN] = total
+            yield piece
+    finally:
+        watch.close()
     if request.content_length is not None and total != request.content_length:
         raise ClientGone(f"body ended after {total} of {request.content_length} bytes")
+
+
+class _BodyWatch:
+    """One timer per upload, not one per read (an ``asyncio.timeout`` costs ~5 us, and a
+    large body is a thousand reads): it looks at the read in progress, if any, every
+    ``limit`` seconds, and cancels one that has waited that long."""
+
+    __slots__ = ("_handle", "_limit", "_loop", "_since", "_task", "_timed_out")
+
+    def __init__(self, limit: float) -> None:
+        self._limit = limit
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._since: float | None = None  # when the read in progress began
+        self._timed_out = False
+        self._handle = self._loop.call_later(limit, self._check)
+
+    def _check(self) -> None:
+        since = self._since
+        now = self._loop.time()
+        if since is not None and now - since >= self._limit and self._task is not None:
+            self._timed_out = True
+            self._task.cancel()
+            return
+        start = now if since is None else since
+        self._handle = self._loop.call_at(start + self._limit, self._check)
+
+    async def wait(self, read: Awaitable[bytes]) -> bytes:
+        self._since = self._loop.time()
+        try:
+            return await read
+        except asyncio.CancelledError:
+            if self._timed_out and self._task is not None and self._task.uncancel() == 0:
+                raise BodyTimeout(f"no byte of the body for {self._limit:g} s") from None
+            raise
+        finally:
+            self._since = None
+
+    def close(self) -> None:
+        self._handle.cancel()
 
 
 BULK_READ = 1 << 20
@@ -362,15 +405,18 @@ def _range_start(header: str | None) -> int:
 async def _serve(request: web.Request, version: FileVersion) -> web.StreamResponse:
     headers = _file_headers(version)
     conditions = Preconditions.from_headers(request.headers)
-    current = Validators(version.etag, version.created)
-    outcome = conditions.evaluate(request.method, current)
-    if outcome is Outcome.NOT_MODIFIED:
-        return web.Response(status=304, headers={k: headers[k] for k in ("ETag", "Last-Modified")})
-    if outcome is Outcome.PRECONDITION_FAILED:
-        raise PreconditionFailed(f"a precondition of this {request.method} failed")
+    range_header = request.headers.get("Range")
+    if conditions is not NO_CONDITIONS:
+        current = Validators(version.etag, version.created)
+        outcome = conditions.evaluate(request.method, current)
+        if outcome is Outcome.NOT_MODIFIED:
+            kept = {k: headers[k] for k in ("ETag", "Last-Modified")}
+            return web.Response(status=304, headers=kept)
+        if outcome is Outcome.PRECONDITION_FAILED:
+            raise PreconditionFailed(f"a precondition of this {request.method} failed")
+        if not conditions.range_applies(current):
+            range_header = None  # another version than the client holds: the whole file
     status, start, end = 200, 0, version.size
-    # a range of another version than the client holds would splice two into one
-    range_header = request.headers.get("Range") if conditions.range_applies(current) else None
     try:
         wanted = parse_range(range_header, version.size)
     except RangeNotSatisfiable:
