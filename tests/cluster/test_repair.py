@@ -348,3 +348,41 @@ async def test_a_move_makes_the_new_replica_list_durable_before_the_source_goes(
     for chunk_id, node_id in deletes:
         before = events[: events.index(("delete", chunk_id, node_id, False))]
         assert ("forget", chunk_id, node_id, True) in before
+
+
+async def test_a_gateway_stopped_between_forget_and_delete_keeps_the_new_copy(
+    make_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway goes (its repairer cancelled) after a move forgot the source and before
+    it deleted it: after a restart the metadata names the new copy only, the file reads
+    whole, and the old copy is surplus, never the other way round."""
+    cluster = await make_cluster(nodes=4, repair_delay=3600)
+    data = os.urandom(6 * CHUNK)
+    await cluster.put("f", data)
+    door = cluster.app[keys.REPAIRER].door
+    victim = cluster.nodes[0]
+    stuck = asyncio.Event()
+    delete = door.delete
+
+    async def never_deletes(chunk_id: str, node_id: str, **kw: Any) -> bool:
+        if node_id == victim.node_id:
+            stuck.set()
+            await asyncio.Event().wait()  # the gateway goes before this delete happens
+        return await delete(chunk_id, node_id, **kw)
+
+    monkeypatch.setattr(door, "delete", never_deletes)
+    assert cluster.session is not None
+    async with cluster.session.delete(f"{cluster.url}/v1/cluster/nodes/{victim.node_id}") as r:
+        assert r.status == 202
+    await asyncio.wait_for(stuck.wait(), 30)
+    held = len(chunk_files(victim.config.data_dir))
+    await cluster.restart_gateway()
+    version = await cluster.app[keys.META].lookup("f")
+    on_victim = [c.chunk_id for c in version.chunks if victim.node_id in c.nodes]
+    moved = {c.name for c in chunk_files(victim.config.data_dir)} - set(on_victim)
+    assert len(moved) >= 1 and held == len(chunk_files(victim.config.data_dir))
+    for chunk in version.chunks:  # every chunk still has its full count elsewhere
+        assert (
+            len([n for n in chunk.nodes if n != victim.node_id]) >= 2 or chunk.chunk_id in on_victim
+        )
+    assert (await cluster.get("f"))[1] == data
