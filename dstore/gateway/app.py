@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from dstore.auth import TokenTable
 from dstore.config import GatewayConfig
@@ -180,6 +182,39 @@ class _Refused(asyncio.Protocol):
         transport.close()
 
 
+class _QuietHandler(RequestHandler):
+    """aiohttp's connection handler, but a request it cannot parse gets a short JSON 400
+    that repeats nothing of it, and one warning line without it either: aiohttp's own
+    answer quotes the offending bytes (an over-long ``Authorization`` header, say) in the
+    body and logs them with a traceback."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status < 500:  # the client's bytes: named, never quoted
+            log.warning(
+                "http_unparsable",
+                status=status,
+                error=type(exc).__name__ if exc is not None else None,
+                peer=request.remote,
+            )
+        else:  # our own failure: with its traceback
+            log.error("http_handler_error", status=status, peer=request.remote, exc_info=exc)
+        if request.writer is not None and request.writer.output_size > 0:
+            raise ConnectionError("the response has begun: no error response can follow")
+        code = "bad_request" if status < 500 else "internal_error"
+        text = "the request could not be parsed" if status < 500 else "internal error"
+        response = web.json_response({"error": {"code": code, "message": text}}, status=status)
+        response.force_close()
+        return response
+
+
 class CappedSite(web.BaseSite):
     """A TCP site that serves at most ``max_connections`` client connections at once (no
     limit keyed on the client's address: behind a load balancer every client has one)."""
@@ -207,7 +242,9 @@ class CappedSite(web.BaseSite):
             if len(server.connections) >= self.max_connections:
                 self.refused += 1
                 return _Refused()
-            return server()
+            # (aiohttp's Server keeps its handler settings in ``_kwargs``; its __call__
+            # makes a plain RequestHandler with them)
+            return _QuietHandler(server, loop=server._loop, **server._kwargs)
 
         self._server = await asyncio.get_running_loop().create_server(
             connection, self._host, self._port, reuse_address=True, backlog=self._backlog

@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable
 
+import pytest
 import structlog
 
 from dstore.auth import parse_tokens
@@ -113,3 +114,21 @@ async def test_a_client_gone_mid_upload_is_a_499_in_the_log_and_the_token_is_nam
     assert line["status"] == 499 and line["token"] == "token-1"
     assert not [e for e in logs if e["event"] == "request_failed"]
     assert cluster.app is not None
+
+
+async def test_an_unparsable_header_is_never_echoed_or_logged(
+    cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's own 400 quoted the offending bytes (here a token) in its body and log."""
+    secret = "s3cr3t-" + "x" * 9000  # past aiohttp's 8190-byte field limit
+    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.port)
+    with structlog.testing.capture_logs() as logs:
+        head = f"GET /v1/files/f HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n\r\n"
+        writer.write(head.encode())
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert reply.startswith(b"HTTP/1.") and b" 400 " in reply[:16] and b"bad_request" in reply
+    assert b"s3cr3t" not in reply
+    assert "s3cr3t" not in caplog.text and "s3cr3t" not in repr(logs)
+    assert [e["event"] for e in logs] == ["http_unparsable"]
