@@ -54,6 +54,7 @@ from dstore.master.replicas import Splicer, splicer_for
 
 log = structlog.get_logger("dstore.http")
 
+CLIENT_GONE = 499  # nginx's status for a client that closed before the reply: logs and metrics
 STATUS: dict[type[DstoreError], int] = {
     BadName: 400,
     Unauthorized: 401,
@@ -63,13 +64,13 @@ STATUS: dict[type[DstoreError], int] = {
     PreconditionFailed: 412,
     TooLarge: 413,
     BodyTimeout: 408,
+    ClientGone: CLIENT_GONE,  # not an error of ours; nobody reads the reply
     RangeNotSatisfiable: 416,
     NotEnoughNodes: 503,
     NodeUnavailable: 503,
     Overloaded: 503,
     OutOfSpace: 507,
 }
-CLIENT_GONE = 499  # nginx's status for a client that closed before the reply: logs and metrics
 STATUS_BY_CODE = {"bad_header": 400, "bad_request": 400, "conflict": 409}
 SMALL_RESPONSE = 256 << 10  # bodies up to this size are sent in one piece with the headers
 # a GET's lookup brings this many chunks of the list (16 × 4 MiB: 64 MiB), the download
@@ -129,8 +130,6 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             status = CLIENT_GONE if request.get(keys.CLIENT_LEFT) else response.status
         except DstoreError as exc:
             status = status_of(exc)
-            if isinstance(exc, ClientGone):
-                status = CLIENT_GONE  # not an error of ours; nobody reads the reply
             if status >= 500:
                 log.warning("request_failed", code=exc.code, error=str(exc))
             response = error_response(status, exc.code, str(exc))

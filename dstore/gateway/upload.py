@@ -236,8 +236,8 @@ class Uploader:
         first = settings.chunk_size if length is None else min(settings.chunk_size, length)
         first = max(first, 1)
 
-        def share(chunk: Chunk) -> int:
-            return first if chunk.index == 0 else settings.chunk_size
+        def share(index: int) -> int:
+            return first if index == 0 else settings.chunk_size
 
         chunker = Chunker(settings.chunk_size)
         md5 = hashlib.md5() if expect.md5 is not None else None
@@ -261,12 +261,14 @@ class Uploader:
                         try:
                             await replicate
                         finally:
-                            self._give_slot(window, share(chunk), chunk)
+                            self._give_slot(window, share(chunk.index), chunk)
                             holding = 0
                         return
                     task = group.create_task(replicate)
                     # a done callback runs even if the task is cancelled before it starts
-                    task.add_done_callback(lambda _: self._give_slot(window, share(chunk), chunk))
+                    task.add_done_callback(
+                        lambda _: self._give_slot(window, share(chunk.index), chunk)
+                    )
                     holding = 0
 
                 # a chunk's slot is taken when its first byte has come, not before: a
@@ -285,11 +287,11 @@ class Uploader:
                         sha.update(piece)
                     for chunk in chunker.feed(piece):
                         if not holding:  # a chunk begun and completed by this piece
-                            await self._take_slot(window, share(chunk))
-                            holding = share(chunk)
+                            await self._take_slot(window, share(chunk.index))
+                            holding = share(chunk.index)
                         await hand_on(chunk)  # its slot goes with it
                     if chunker.pending and not holding:  # the next chunk has begun
-                        begun = share(Chunk(chunker.total // settings.chunk_size))
+                        begun = share(chunker.total // settings.chunk_size)
                         await self._take_slot(window, begun)
                         holding = begun
                 last = chunker.finish()

@@ -234,3 +234,14 @@ async def test_a_commit_given_up_while_the_engine_works_leaves_nothing_stale(
     await blocker
     assert (await lookup).version_id == old
     assert (await store.lookup("a")).version_id == upload  # the commit landed; no stale hit
+
+
+async def test_what_the_layer_remembers_of_writes_stays_bounded(store: CachedMetadataStore) -> None:
+    """Every name written is tracked while a lookup or commit that began before may still
+    compare against it, and not for ever: a store that saw millions of names must not
+    hold them all."""
+    for i in range(600):  # the store keeps 64 names: it tracks at most 256, then prunes
+        await store.commit_inline(f"n{i}", "", InlineBody(b"x", b"c" * 16), '"e"')
+        await store.lookup(f"n{i}")
+    assert store.tracked_names <= 512
+    assert (await store.lookup("n599")).name == "n599"

@@ -20,7 +20,7 @@ engine, their changes reach this cache through the name's generation (issue 28).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
@@ -138,6 +138,10 @@ class CachedMetadataStore(MetadataStore):
         self._writes: dict[str, list[_Write]] = {}  # names with writes in flight
         self._epoch = 0  # counts writes begun, of names and of replicas
         self._touched: dict[str, int] = {}  # name -> epoch of its last write's start
+        # start epochs of the lookups and commits in flight: a name touched before the
+        # oldest of them concerns none, so its entry can go (``_forget_old_touches``)
+        self._open: Counter[int] = Counter()
+        self._touched_bound = max(4 * self.cache.entries, 256)
         self._barrier = 0  # lookups begun before this epoch do not fill the cache
 
     def __repr__(self) -> str:
@@ -145,6 +149,11 @@ class CachedMetadataStore(MetadataStore):
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    @property
+    def tracked_names(self) -> int:
+        """Names whose last write the layer remembers (bounded, whatever is written)."""
+        return len(self._touched)
 
     async def open(self) -> None:
         await self.engine.open()
@@ -166,7 +175,27 @@ class CachedMetadataStore(MetadataStore):
         last = self._touched.get(name, 0)
         self._epoch += 1
         self._touched[name] = self._epoch
+        if len(self._touched) > self._touched_bound:
+            self._forget_old_touches()
         return last
+
+    def _open_at(self) -> int:
+        """A lookup or commit begins: the epoch it compares later changes against."""
+        epoch = self._epoch
+        self._open[epoch] += 1
+        return epoch
+
+    def _close_at(self, epoch: int) -> None:
+        self._open[epoch] -= 1
+        if not self._open[epoch]:
+            del self._open[epoch]
+
+    def _forget_old_touches(self) -> None:
+        """Keep ``_touched`` bounded: every name written would stay in it otherwise."""
+        floor = min(self._open, default=self._epoch + 1)
+        self._touched = {name: at for name, at in self._touched.items() if at >= floor}
+        base = max(4 * self.cache.entries, 256)
+        self._touched_bound = max(base, 2 * len(self._touched))  # (no prune per close)
 
     def _raise_barrier(self) -> None:
         self._epoch += 1
@@ -226,7 +255,7 @@ class CachedMetadataStore(MetadataStore):
     ) -> CommitResult:
         # which name this commits is known only once it has: it is settled then, and a
         # version goes in only if nothing else touched the name meanwhile
-        epoch = self._epoch
+        epoch = self._open_at()
         try:
             result = await self.engine.commit(
                 version_id,
@@ -238,6 +267,7 @@ class CachedMetadataStore(MetadataStore):
             )
         except BaseException:
             self._raise_barrier()
+            self._close_at(epoch)
             raise
         name = result.version.name
         last = self._mark(name)
@@ -245,6 +275,7 @@ class CachedMetadataStore(MetadataStore):
             self.cache.put(result.version)
         else:
             self.cache.drop(name)
+        self._close_at(epoch)
         return result
 
     async def commit_inline(
@@ -293,18 +324,21 @@ class CachedMetadataStore(MetadataStore):
         asked = limit
         if limit is not None and start == 0:  # enough to tell whether the whole list fits
             asked = max(limit, self.cache.max_chunks + 1)
-        epoch = self._epoch
-        version = await self.engine.lookup(name, start, asked)
-        whole = version.inline is not None or (
-            start == 0 and (asked is None or len(version.chunks) < asked)
-        )
-        if (
-            whole
-            and name not in self._writes
-            and self._touched.get(name, 0) <= epoch
-            and self._barrier <= epoch
-        ):
-            self.cache.put(version)
+        epoch = self._open_at()
+        try:
+            version = await self.engine.lookup(name, start, asked)
+            whole = version.inline is not None or (
+                start == 0 and (asked is None or len(version.chunks) < asked)
+            )
+            if (
+                whole
+                and name not in self._writes
+                and self._touched.get(name, 0) <= epoch
+                and self._barrier <= epoch
+            ):
+                self.cache.put(version)
+        finally:
+            self._close_at(epoch)
         return version
 
     # --- the rest, as the engine answers -------------------------------------------------
