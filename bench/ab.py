@@ -11,6 +11,7 @@ over the rounds.
 
     python -m bench ab
     DSTORE_AB_A=/path/to/tree DSTORE_AB_B=/other/tree:DSTORE_LOOKUP_CACHE=0 python -m bench ab
+    DSTORE_AB_B=:DSTORE_TLS=1 python -m bench ab      # what TLS costs per small request
 
 A side is a source tree (put first on ``PYTHONPATH`` of its cluster), optionally followed
 by ``:NAME=VALUE`` settings for its environment (as many as wanted). Both default to this
@@ -140,7 +141,9 @@ async def main() -> None:
             for side, up in ((a, up_a), (b, up_b)):
                 assert up.proc is not None
                 side.url, side.pids = up.url, [up.proc.pid, *children(up.proc.pid)]
-                side.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS))
+                side.session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=CLIENTS, ssl=False)
+                )
             try:
                 for side in (a, b):
                     await asyncio.gather(

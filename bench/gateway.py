@@ -59,10 +59,13 @@ class Up:
     def __init__(
         self, data_dir: Path, replicas: int, *, env: dict[str, str] | None = None, **settings: str
     ) -> None:
-        """``settings``: ``DSTORE_*`` variables by their short names; ``env``: any others."""
+        """``settings``: ``DSTORE_*`` variables by their short names; ``env``: any others.
+        ``DSTORE_TLS=1`` among them starts it with ``--tls`` (HTTPS, mutual TLS node links;
+        the benchmarks' clients encrypt but do not check the private CA)."""
         self.data_dir = data_dir
         self.replicas = replicas
         self.env = dict(env or {}, **{f"DSTORE_{k.upper()}": v for k, v in settings.items()})
+        self.tls = self.env.pop("DSTORE_TLS", "0") not in ("0", "")
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
@@ -79,6 +82,7 @@ class Up:
                 str(self.replicas),
                 "--data-dir",
                 str(self.data_dir.resolve()),
+                *(["--tls"] if self.tls else []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -91,7 +95,7 @@ class Up:
         assert self.proc.stdout is not None
         line = await asyncio.to_thread(self.proc.stdout.readline)
         self.url = line.split()[3]
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as session:
             for _ in range(100):
                 async with session.get(f"{self.url}/readyz") as r:
                     if r.status == 200:

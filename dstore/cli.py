@@ -58,11 +58,21 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--auth", action="store_true", help="require tokens: an admin token is made in DATA_DIR"
     )
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="HTTPS and mutual TLS on node links, with a private CA made in DATA_DIR/tls",
+    )
 
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--url", default=os.environ.get("DSTORE_URL", "http://127.0.0.1:8080"))
         p.add_argument("--token", default=os.environ.get("DSTORE_TOKEN"))
+        p.add_argument(
+            "--ca",
+            default=os.environ.get("DSTORE_CA"),
+            help="CA file an https gateway is checked against (dstore up --tls: data/tls/ca.pem)",
+        )
         return p
 
     put = client_command("put", "upload a file (FILE or - for stdin)")
@@ -124,7 +134,7 @@ def _serve(role: str, argv: Sequence[str]) -> int:
 async def _client_main(args: argparse.Namespace) -> int:
     from dstore.client import Client, Progress
 
-    async with Client(args.url, args.token) as client:
+    async with Client(args.url, args.token, ca=Path(args.ca) if args.ca else None) as client:
         if args.command == "put":
             name = args.name or (None if args.source == "-" else os.path.basename(args.source))
             if not name:
@@ -192,7 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep_private(args.data_dir)
             return asyncio.run(
                 run_local_cluster(
-                    args.nodes, args.replicas, args.port, args.data_dir, auth=args.auth
+                    args.nodes,
+                    args.replicas,
+                    args.port,
+                    args.data_dir,
+                    auth=args.auth,
+                    tls=args.tls,
                 )
             )
         except KeyboardInterrupt:
@@ -228,7 +243,9 @@ def _joiner(config: StorageConfig) -> Callable[[str], Awaitable[dict[str, Any]]]
     async def join(addr: str) -> dict[str, Any]:
         from dstore.client import join_cluster
 
-        joined: dict[str, Any] = await join_cluster(url, addr, config.cluster_secret.encode())
+        joined: dict[str, Any] = await join_cluster(
+            url, addr, config.cluster_secret.encode(), tls=config.tls
+        )
         return joined
 
     return join

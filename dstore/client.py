@@ -6,6 +6,7 @@ import asyncio
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 from urllib.parse import quote
@@ -14,6 +15,7 @@ import aiohttp
 from yarl import URL
 
 from dstore.errors import ApiError, DstoreError
+from dstore.tls import TlsFiles, client_context
 
 PIECE = 1 << 20
 
@@ -63,11 +65,17 @@ class Progress:
 
 
 class Client:
-    def __init__(self, url: str, token: str | None = None) -> None:
+    """``ca``: the CA an HTTPS gateway's certificate is checked against (a private cluster
+    CA, as ``dstore up --tls`` makes); none: the system's trusted roots."""
+
+    def __init__(self, url: str, token: str | None = None, *, ca: Path | None = None) -> None:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        context = client_context(ca)
         self._session = aiohttp.ClientSession(
-            headers=headers, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            connector=aiohttp.TCPConnector(ssl=True if context is None else context),
         )
 
     async def __aenter__(self) -> Client:
@@ -96,7 +104,17 @@ class Client:
                     return response.headers.copy()  # case-insensitive
                 return await response.json()
         except aiohttp.ClientError as exc:
-            raise DstoreError(f"cannot reach {self.url}: {exc}", code="unreachable") from exc
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: aiohttp.ClientError) -> DstoreError:
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            why = getattr(exc.certificate_error, "verify_message", "not trusted")
+            return DstoreError(
+                f"{self.url} showed a certificate we do not trust ({why}): give its CA with"
+                " --ca or DSTORE_CA",
+                code="untrusted",
+            )
+        return DstoreError(f"cannot reach {self.url}: {exc}", code="unreachable")
 
     async def put(
         self,
@@ -133,6 +151,8 @@ class Client:
                 if response.content_length is not None and received != response.content_length:
                     raise DstoreError(f"download cut short at {received} bytes", code="short_read")
                 return received
+        except aiohttp.ClientConnectorError as exc:
+            raise self._unreachable(exc) from exc
         except aiohttp.ClientError as exc:
             raise DstoreError(f"download failed: {exc}", code="unreachable") from exc
 
@@ -151,12 +171,20 @@ class Client:
         return await self._request("GET", f"{self.url}/v1/cluster")
 
 
-async def join_cluster(url: str, addr: str, secret: bytes, *, attempts: int = 10) -> Any:
-    """Register a storage node at ``addr`` with the gateway at ``url`` (``--join``)."""
+async def join_cluster(
+    url: str, addr: str, secret: bytes, *, tls: TlsFiles | None = None, attempts: int = 10
+) -> Any:
+    """Register a storage node at ``addr`` with the gateway at ``url`` (``--join``); with
+    ``tls``, an HTTPS gateway must show a certificate from the cluster CA, and the node
+    shows its own."""
     from dstore.protocol.handshake import join_proof
 
     last: Exception | None = None
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+    context = tls.client() if tls is not None else None
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=30),
+        connector=aiohttp.TCPConnector(ssl=True if context is None else context),
+    ) as session:
         for attempt in range(attempts):
             stamp = int(time.time())
             body = {"addr": addr, "time": stamp, "proof": join_proof(secret, addr, stamp)}

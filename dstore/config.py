@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from dstore.auth import AuthToken, parse_tokens
 from dstore.errors import ConfigError
+from dstore.tls import TlsFiles
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*", re.IGNORECASE)
 _UNITS = {
@@ -136,6 +137,21 @@ def _secret(value: str, path: Path | None) -> str:
     return value
 
 
+def _tls(cert: Path | None, key: Path | None, ca: Path | None) -> TlsFiles | None:
+    """The TLS files given, checked to come as a set: a certificate with its key, and a
+    CA only beside them (it is what the cluster's certificates are checked against)."""
+    if cert is None and key is None:
+        if ca is not None:
+            raise ConfigError("--tls-ca needs --tls-cert and --tls-key as well")
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--tls-cert and --tls-key come together")
+    for path in (cert, key, ca):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"TLS file not found: {path}")
+    return TlsFiles(cert, key, ca)
+
+
 def _opt(default: Any, parse: Callable[[Any], Any], help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"parse": parse, "help": help, **kw})
 
@@ -163,12 +179,32 @@ class StorageConfig:
         256 << 10, parse_size, "chunks up to this size go to volume files (0: none)"
     )
     volume_size: int = _opt(64 << 20, parse_size, "size at which a new volume file is started")
+    tls_cert: Path | None = _opt(None, Path, "TLS certificate (PEM) for node links")
+    tls_key: Path | None = _opt(None, Path, "private key of --tls-cert (PEM)")
+    tls_ca: Path | None = _opt(
+        None, Path, "CA that signs the cluster's certificates (links are mutual TLS)"
+    )
+    insecure_network: bool = _opt(
+        False, parse_bool, "allow a non-loopback --host without TLS (trusted networks only)"
+    )
     log_format: str = _opt("auto", str, "auto, json or console")
     log_level: str = _opt("info", str, "debug, info, warning, error")
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        return _tls(self.tls_cert, self.tls_key, self.tls_ca)
 
     def validate(self) -> None:
         self.cluster_secret = _secret(self.cluster_secret, self.cluster_secret_file)
         self.cluster_secret_file = None  # read: validating again finds the value alone
+        tls = self.tls
+        if tls is not None and tls.ca is None:
+            raise ConfigError("node links are mutual TLS: --tls-ca is needed with --tls-cert")
+        if tls is None and not is_loopback(self.host) and not self.insecure_network:
+            raise ConfigError(
+                f"refusing to listen on non-loopback {self.host} without TLS"
+                " (give --tls-cert, --tls-key and --tls-ca, or --insecure-network)"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} out of range")
         if self.capacity is not None and self.capacity <= 0:
@@ -249,8 +285,21 @@ class GatewayConfig:
         600.0, parse_duration, "how often node inventories are checked for orphaned chunks"
     )
     grace: float = _opt(10.0, parse_duration, "time to finish in-flight requests on SIGTERM")
+    tls_cert: Path | None = _opt(None, Path, "TLS certificate (PEM): the HTTP port is HTTPS only")
+    tls_key: Path | None = _opt(None, Path, "private key of --tls-cert (PEM)")
+    tls_ca: Path | None = _opt(
+        None, Path, "CA that signs the cluster's certificates (node links are mutual TLS)"
+    )
     log_format: str = _opt("auto", str, "auto, json or console")
     log_level: str = _opt("info", str, "debug, info, warning, error")
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        return _tls(self.tls_cert, self.tls_key, self.tls_ca)
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.tls_cert is None else "https"
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -267,6 +316,7 @@ class GatewayConfig:
             raise ConfigError(str(exc)) from exc
         self.cluster_secret = _secret(self.cluster_secret, self.cluster_secret_file)
         self.cluster_secret_file = None  # read: validating again finds the value alone
+        self.tls  # noqa: B018  (checked: the set is whole and the files are there)
         if self.auth_tokens_file is not None:
             if self.auth_tokens:
                 raise ConfigError("auth tokens given twice: both a file and a value")

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -184,6 +185,29 @@ async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: flo
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def socket_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a TCP connection on 127.0.0.1, non-blocking (as asyncio's are)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(server.getsockname())
+    b, _ = server.accept()
+    server.close()
+    for s in (a, b):
+        s.setblocking(False)
+    return a, b
+
+
+async def read_all(sock: socket.socket, count: int, timeout: float = 10.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    async with asyncio.timeout(timeout):
+        while len(out) < count:
+            data = await loop.sock_recv(sock, 1 << 20)
+            if not data:
+                break
+            out += data
+    return bytes(out)
 
 
 # --- whole clusters ----------------------------------------------------------------------

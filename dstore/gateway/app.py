@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 from collections.abc import AsyncIterator
 
 import structlog
@@ -13,7 +14,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from dstore.auth import TokenTable
-from dstore.config import GatewayConfig
+from dstore.config import GatewayConfig, is_loopback
 from dstore.gateway import handlers, keys
 from dstore.gateway.budget import MemoryBudget
 from dstore.gateway.cache import ChunkCache, inline_key
@@ -21,7 +22,7 @@ from dstore.gateway.counters import HttpCounters
 from dstore.gateway.download import Downloader
 from dstore.gateway.metrics import metrics
 from dstore.gateway.upload import Uploader, UploadSettings
-from dstore.master.cluster import Cluster, Connector, open_tcp
+from dstore.master.cluster import Cluster, Connector, open_tcp, open_tls
 from dstore.master.inline_scrub import InlineScrubber
 from dstore.master.metadata import (
     CachedMetadataStore,
@@ -37,7 +38,17 @@ from dstore.master.replicas import Replicas
 log = structlog.get_logger("dstore.gateway")
 
 
-def create_app(config: GatewayConfig, *, connector: Connector = open_tcp) -> web.Application:
+def node_connector(config: GatewayConfig) -> Connector:
+    """How this gateway dials its nodes: mutual TLS against the cluster CA when one is
+    configured, else plain TCP."""
+    tls = config.tls
+    if tls is None or tls.ca is None:
+        return open_tcp
+    return open_tls(tls.client(), handshake_timeout=config.io_timeout)
+
+
+def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> web.Application:
+    connector = node_connector(config) if connector is None else connector
     tokens = TokenTable(config.auth_tokens or [])
     # auth off (no tokens configured, loopback only): no request to check, no middleware
     middlewares = [handlers.observe] + ([handlers.authenticate] if tokens.enabled else [])
@@ -219,19 +230,28 @@ class CappedSite(web.BaseSite):
     """A TCP site that serves at most ``max_connections`` client connections at once (no
     limit keyed on the client's address: behind a load balancer every client has one)."""
 
-    __slots__ = ("_host", "_port", "max_connections", "refused")
+    __slots__ = ("_host", "_port", "handshake_timeout", "max_connections", "refused")
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
-        super().__init__(runner)
+        super().__init__(runner, ssl_context=tls)
         self._host, self._port = host, port
         self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self.refused = 0
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        scheme = "http" if self._ssl_context is None else "https"
+        return f"{scheme}://{self._host}:{self._port}"
 
     async def start(self) -> None:
         await super().start()
@@ -246,13 +266,20 @@ class CappedSite(web.BaseSite):
             # makes a plain RequestHandler with them)
             return _QuietHandler(server, loop=server._loop, **server._kwargs)
 
+        tls = self._ssl_context
         self._server = await asyncio.get_running_loop().create_server(
-            connection, self._host, self._port, reuse_address=True, backlog=self._backlog
+            connection,
+            self._host,
+            self._port,
+            reuse_address=True,
+            backlog=self._backlog,
+            ssl=tls,
+            ssl_handshake_timeout=self.handshake_timeout if tls is not None else None,
         )
 
 
 async def start_gateway(
-    config: GatewayConfig, *, connector: Connector = open_tcp
+    config: GatewayConfig, *, connector: Connector | None = None
 ) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner and the bound port (``listen`` may use port 0)."""
     runner = web.AppRunner(
@@ -266,7 +293,18 @@ async def start_gateway(
     )
     await runner.setup()
     host, port = config.host_port
-    site = CappedSite(runner, host, port, max_connections=config.max_connections)
+    tls = config.tls
+    if tls is None and not is_loopback(host):
+        log.warning("listening_without_tls", host=host, hint="give --tls-cert and --tls-key")
+    site = CappedSite(
+        runner,
+        host,
+        port,
+        max_connections=config.max_connections,
+        # a node joining shows its cluster certificate; other clients show none
+        tls=None if tls is None else tls.server(clients="optional" if tls.ca else "none"),
+        handshake_timeout=config.header_timeout,
+    )
     try:
         await site.start()
     except BaseException:
@@ -284,6 +322,6 @@ async def run_gateway(config: GatewayConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, _ = config.host_port
-    print(f"dstore gateway listening on http://{host}:{port}", flush=True)
+    print(f"dstore gateway listening on {config.scheme}://{host}:{port}", flush=True)
     await stop.wait()
     await runner.cleanup()

@@ -24,6 +24,7 @@ from dstore.protocol import handshake
 from dstore.rpc.client import NodeClient
 from dstore.rpc.transport import Connector as Connector
 from dstore.rpc.transport import open_tcp as open_tcp
+from dstore.rpc.transport import open_tls as open_tls
 
 log = structlog.get_logger("dstore.cluster")
 

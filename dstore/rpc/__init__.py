@@ -2,7 +2,7 @@
 
 from dstore.rpc.client import ChunkStream, NodeClient
 from dstore.rpc.server import BodyReader, RpcServer
-from dstore.rpc.transport import Channel, Connector, FramedStream, open_tcp
+from dstore.rpc.transport import Channel, Connector, FramedStream, open_tcp, open_tls
 
 __all__ = [
     "BodyReader",
@@ -13,4 +13,5 @@ __all__ = [
     "NodeClient",
     "RpcServer",
     "open_tcp",
+    "open_tls",
 ]

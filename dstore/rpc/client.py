@@ -21,7 +21,9 @@ from dstore.errors import (
     ChunkCorrupt,
     DstoreError,
     NodeUnavailable,
+    PeerGone,
     ProtocolError,
+    RelayCut,
     RemoteProtocolError,
     from_remote,
 )
@@ -526,13 +528,22 @@ class ChunkStream:
             for piece in pieces:
                 await splicer.write(piece, progress)
             left = stream.conn.body_pending
-            if left:
+            if left and not stream.tls:
                 await splicer.relay(
                     stream.fileno(), left, timeout=stream.io_timeout, on_progress=progress
                 )
                 stream.conn.body_received(left)
         finally:
             stream.release()
+        if stream.tls:  # the socket carries ciphertext: the rest is copied on in user space
+            try:
+                async for piece in self._pieces():
+                    await splicer.write(piece, progress)
+            except (RelayCut, PeerGone):
+                raise
+            except NodeUnavailable as exc:
+                raise RelayCut(str(exc)) from exc
+            return
         async for _ in self._pieces():
             raise RemoteProtocolError("body bytes after a relayed body")
 

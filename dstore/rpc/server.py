@@ -6,6 +6,7 @@ flight finish within a grace period, and closes idle connections at once.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -80,6 +81,7 @@ class RpcServer:
         handshake_timeout: float = 10.0,
         max_body: int = 256 << 20,
         max_handshaking: int = 64,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -89,6 +91,7 @@ class RpcServer:
         self.handshake_timeout = handshake_timeout
         self.max_body = max_body
         self.max_handshaking = max_handshaking  # connections not yet authenticated, at most
+        self.tls = tls  # with a context: TLS only (mutual, if it asks for certificates)
         self.refused = 0  # connections closed at once: too many were handshaking
         self._handshaking = 0
         self._secret = secret
@@ -110,7 +113,13 @@ class RpcServer:
 
     async def start(self) -> None:
         """Bind and listen; ``port`` 0 picks a free port, reported back in ``self.port``."""
-        self._server = await serve_tcp(self.accept, self.host, self.port)
+        self._server = await serve_tcp(
+            self.accept,
+            self.host,
+            self.port,
+            tls=self.tls,
+            handshake_timeout=self.handshake_timeout,
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     def accept(self, channel: Channel) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import cast
@@ -99,7 +100,9 @@ class Channel(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake(self._data_waiter)
-        return True  # we close the transport ourselves
+        # we close the transport ourselves (a TLS transport closes itself at EOF: asyncio
+        # warns if asked otherwise)
+        return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
@@ -219,12 +222,44 @@ async def open_tcp(host: str, port: int) -> Channel:
     return channel
 
 
+def open_tls(context: ssl.SSLContext, *, handshake_timeout: float = 10.0) -> Connector:
+    """A network backend that dials over TLS with ``context`` (which checks the peer's
+    certificate against the address dialled). A failed handshake is ``NodeUnavailable``."""
+
+    async def connect(host: str, port: int) -> Channel:
+        try:
+            _, channel = await asyncio.get_running_loop().create_connection(
+                Channel,
+                host,
+                port,
+                ssl=context,
+                server_hostname=host,
+                ssl_handshake_timeout=handshake_timeout,
+            )
+        except ssl.SSLError as exc:
+            raise NodeUnavailable(f"TLS to {host}:{port} failed: {exc.reason or exc}") from exc
+        return channel
+
+    return connect
+
+
 async def serve_tcp(
-    on_connect: Callable[[Channel], object], host: str, port: int
+    on_connect: Callable[[Channel], object],
+    host: str,
+    port: int,
+    *,
+    tls: ssl.SSLContext | None = None,
+    handshake_timeout: float = 10.0,
 ) -> asyncio.Server:
-    """Listen on ``host:port``; ``on_connect`` is called with each new ``Channel``."""
+    """Listen on ``host:port``; ``on_connect`` is called with each new ``Channel`` (with
+    ``tls``, once its TLS handshake is done, within ``handshake_timeout``)."""
     return await asyncio.get_running_loop().create_server(
-        lambda: Channel(on_connect), host, port, reuse_address=True
+        lambda: Channel(on_connect),
+        host,
+        port,
+        reuse_address=True,
+        ssl=tls,
+        ssl_handshake_timeout=handshake_timeout if tls is not None else None,
     )
 
 
@@ -239,6 +274,8 @@ class FramedStream:
         self._transport = channel.transport
         self._closed = False
         self._corked: list[bytes | bytearray | memoryview] | None = None
+        # over TLS the socket carries ciphertext: no sendfile or splice from it
+        self.tls = self._transport.get_extra_info("sslcontext") is not None
         peer = self._transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
@@ -259,8 +296,8 @@ class FramedStream:
     @property
     def can_sendfile(self) -> bool:
         """Whether ``send_file_body`` works here: asyncio's own loops send files from the
-        kernel; uvloop has no ``sendfile``."""
-        return isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop)
+        kernel; uvloop has no ``sendfile``; TLS must encrypt in user space."""
+        return not self.tls and isinstance(asyncio.get_running_loop(), asyncio.BaseEventLoop)
 
     async def next_event(self, timeout: float | None = None) -> Event:
         """The next protocol event; reads from the socket only when the connection needs
@@ -311,8 +348,8 @@ class FramedStream:
         self._channel.release()
 
     def fileno(self) -> int:
-        """The socket's file descriptor (-1 if it has none)."""
-        sock = self._transport.get_extra_info("socket")
+        """The socket's file descriptor (-1 if it has none, or carries TLS)."""
+        sock = None if self.tls else self._transport.get_extra_info("socket")
         return -1 if sock is None else int(sock.fileno())
 
     def cork(self) -> None:

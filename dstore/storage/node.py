@@ -108,6 +108,7 @@ class StorageNode:
         then handed to ``server.accept`` by another backend, as tests do in memory)."""
         await self.store.open()
         self.node_id = await asyncio.to_thread(load_node_id, self.config.data_dir)
+        tls = self.config.tls
         self.server = RpcServer(
             self.config.cluster_secret.encode(),
             self.handle,
@@ -116,6 +117,7 @@ class StorageNode:
             node_id=self.node_id,
             io_timeout=self.config.io_timeout,
             max_body=self.config.max_chunk_size,
+            tls=None if tls is None else tls.server(clients="required"),
         )
         if listen:
             await self.server.start()

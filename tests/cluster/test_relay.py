@@ -16,39 +16,16 @@ from dstore.gateway import keys
 from dstore.gateway.download import Span, SpanFeed
 from dstore.rpc import splice
 from dstore.rpc.splice import Splicer
-from tests.conftest import LocalCluster, chunk_files, wait_for
+from tests.conftest import LocalCluster, chunk_files, read_all, socket_pair, wait_for
 
 CHUNK = 64 * 1024
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="splice is Linux's")
 
 
-async def _pair() -> tuple[socket.socket, socket.socket]:
-    """Two ends of a TCP connection on 127.0.0.1, non-blocking (as asyncio's are)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    a = socket.create_connection(server.getsockname())
-    b, _ = server.accept()
-    server.close()
-    for s in (a, b):
-        s.setblocking(False)
-    return a, b
-
-
-async def _read_all(sock: socket.socket, count: int, timeout: float = 10.0) -> bytes:
-    loop = asyncio.get_running_loop()
-    out = bytearray()
-    async with asyncio.timeout(timeout):
-        while len(out) < count:
-            data = await loop.sock_recv(sock, 1 << 20)
-            if not data:
-                break
-            out += data
-    return bytes(out)
-
-
 async def test_a_relay_moves_every_byte_in_order_after_the_owners_output() -> None:
-    src_far, src = await _pair()
-    dst, dst_far = await _pair()
+    src_far, src = await socket_pair()
+    dst, dst_far = await socket_pair()
     held = [3]  # the owner still holds output: nothing may overtake it
     splicer = Splicer(dst, lambda: held[0])
     assert splice.available(dst)
@@ -60,7 +37,7 @@ async def test_a_relay_moves_every_byte_in_order_after_the_owners_output() -> No
         await asyncio.sleep(0.05)
         assert not relay.done() and splicer.sent == 0
         held[0] = 0
-        received = asyncio.create_task(_read_all(dst_far, len(data) + 2))
+        received = asyncio.create_task(read_all(dst_far, len(data) + 2))
         await relay
         await splicer.write(b"!!")
         await sender
@@ -75,8 +52,8 @@ async def test_a_relay_moves_every_byte_in_order_after_the_owners_output() -> No
 
 
 async def test_a_source_closing_early_is_a_cut_after_its_bytes_went_on() -> None:
-    src_far, src = await _pair()
-    dst, dst_far = await _pair()
+    src_far, src = await socket_pair()
+    dst, dst_far = await socket_pair()
     splicer = Splicer(dst, lambda: 0)
     try:
         src_far.sendall(b"x" * 100_000)
@@ -85,9 +62,9 @@ async def test_a_source_closing_early_is_a_cut_after_its_bytes_went_on() -> None
             await splicer.relay(src.fileno(), 200_000, timeout=5)
         assert splicer.sent == 100_000
         dst.shutdown(socket.SHUT_WR)
-        assert await _read_all(dst_far, 200_000) == b"x" * 100_000
+        assert await read_all(dst_far, 200_000) == b"x" * 100_000
         # a silent source times out, blamed on the source
-        src_far, src = await _pair()
+        src_far, src = await socket_pair()
         with pytest.raises(RelayCut):
             await splicer.relay(src.fileno(), 10, timeout=0.2)
     finally:
@@ -97,8 +74,8 @@ async def test_a_source_closing_early_is_a_cut_after_its_bytes_went_on() -> None
 
 
 async def test_a_destination_gone_or_stalled_is_peer_gone() -> None:
-    src_far, src = await _pair()
-    dst, dst_far = await _pair()
+    src_far, src = await socket_pair()
+    dst, dst_far = await socket_pair()
     splicer = Splicer(dst, lambda: 0, timeout=0.3)
     loop = asyncio.get_running_loop()
     try:
@@ -113,8 +90,8 @@ async def test_a_destination_gone_or_stalled_is_peer_gone() -> None:
         splicer.close()
         for s in (src_far, src, dst, dst_far):
             s.close()
-    src_far, src = await _pair()
-    dst, dst_far = await _pair()
+    src_far, src = await socket_pair()
+    dst, dst_far = await socket_pair()
     splicer = Splicer(dst, lambda: 0)
     try:
         dst_far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")

@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dstore.local import storage_argv
 from tests.conftest import ROOT
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -152,3 +154,63 @@ def test_dstore_up_logs_json_lines_at_the_level_the_environment_sets(tmp_path: P
     quiet, quiet_nodes = _up_logs(tmp_path, "warning")
     assert not [e for e in quiet if e.get("event") == "http_request"]
     assert '"event":"request"' not in quiet_nodes
+
+
+def test_dstore_up_tls_makes_a_private_ca_and_serves_https_only(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dstore", "up", "--tls", "--port", "0", "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()
+        assert "dstore is up: https://" in line, line
+        url = line.split()[3]
+        assert f"DSTORE_CA={data / 'tls' / 'ca.pem'}" in proc.stdout.readline()
+        tls = data / "tls"
+        assert {p.name for p in tls.iterdir()} == {
+            "ca.pem", "ca.key", "gateway.pem", "gateway.key", "storage.pem", "storage.key"
+        }  # fmt: skip
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in tls.iterdir())
+        ca = ["--ca", str(tls / "ca.pem")]
+        source = tmp_path / "source.bin"
+        source.write_bytes(os.urandom(5 << 20))
+        assert dstore("put", *ca, str(source), "f", url=url).returncode == 0
+        got = dstore("get", *ca, "f", "-o", "-", url=url)
+        assert got.returncode == 0 and got.stdout == source.read_bytes()
+        # without the CA the certificate is not trusted: one line, no bytes
+        untrusted = dstore("ls", url=url)
+        assert untrusted.returncode != 0 and len(untrusted.stderr.splitlines()) == 1
+        assert b"certificate" in untrusted.stderr, untrusted.stderr
+        plain = dstore("ls", url=url.replace("https://", "http://"))
+        assert plain.returncode != 0
+        # a further node joins over HTTPS, showing its cluster certificate, and is used
+        node = subprocess.Popen(
+            [
+                *storage_argv(tmp_path / "joiner"),
+                *("--join", url),
+                *("--tls-cert", str(tls / "storage.pem"), "--tls-key", str(tls / "storage.key")),
+                *("--tls-ca", str(tls / "ca.pem")),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=ENV | {"DSTORE_CLUSTER_SECRET": (data / "cluster-secret").read_text().strip()},
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                cluster = json.loads(dstore("cluster", *ca, url=url).stdout)
+                if [n["state"] for n in cluster["nodes"]] == ["up"] * 4:
+                    break
+                assert time.monotonic() < deadline, cluster
+                time.sleep(0.2)
+        finally:
+            node.send_signal(signal.SIGTERM)
+            assert node.wait(30) == 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0

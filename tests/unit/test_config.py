@@ -142,3 +142,30 @@ def test_auth_tokens_come_from_a_file(tmp_path: Path) -> None:
         ["read"],
         ["read", "write"],
     ]
+
+
+def test_tls_files_come_as_a_set_and_a_node_off_loopback_needs_them(tmp_path: Path) -> None:
+    cert, key, ca = (tmp_path / n for n in ("cert.pem", "key.pem", "ca.pem"))
+    for path in (cert, key, ca):
+        path.write_text("-----BEGIN nothing-----\n")
+    tls = {"tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(ca)}
+    node = {"cluster_secret": S}
+    with pytest.raises(ConfigError, match="refusing to listen on non-loopback"):
+        load(StorageConfig, node | {"host": "0.0.0.0"}, env={})
+    insecure = load(StorageConfig, node | {"host": "0.0.0.0", "insecure_network": "true"}, env={})
+    assert insecure.tls is None
+    secured = load(StorageConfig, node | {"host": "10.0.0.7"} | tls, env={})
+    assert secured.tls is not None and secured.tls.ca == ca
+    with pytest.raises(ConfigError, match="mutual TLS"):  # a node must check its clients
+        load(StorageConfig, node | {"tls_cert": str(cert), "tls_key": str(key)}, env={})
+    with pytest.raises(ConfigError, match="come together"):
+        load(GatewayConfig, node | {"tls_cert": str(cert)}, env={})
+    with pytest.raises(ConfigError, match="needs --tls-cert"):
+        load(GatewayConfig, node | {"tls_ca": str(ca)}, env={})
+    with pytest.raises(ConfigError, match="not found"):
+        load(GatewayConfig, node | tls | {"tls_key": str(tmp_path / "gone")}, env={})
+    https = load(GatewayConfig, node | {"tls_cert": str(cert), "tls_key": str(key)}, env={})
+    assert https.scheme == "https" and load(GatewayConfig, node, env={}).scheme == "http"
+    # the files are read when serving starts: a bad one is a one-line error then
+    with pytest.raises(ConfigError, match="cannot load TLS certificate"):
+        secured.tls.server()
