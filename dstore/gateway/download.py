@@ -48,16 +48,21 @@ Write = Callable[[memoryview], Awaitable[None]]
 
 # chunks a node checks whole before sending (its READ_SIZE) may be relayed
 RELAY_MAX = 4 << 20
+# relays of one download waiting for their turn, at most: each holds a connection of its
+# node's relay pool (and a chunk buffer there) for as long as the client takes to catch up
+RELAY_AHEAD = 3
 
 
 class _Pending(NamedTuple):
     """A chunk being fetched for a stream: ``ready`` is set once its bytes are known good
-    (it is being relayed, or the fetch ended)."""
+    (it is being relayed, or the fetch ended); ``charge`` holds what of the memory budget
+    it has (a relay waiting in the kernel gives back all but what the gateway holds)."""
 
     span: Span
     task: asyncio.Task[list[memoryview]]
     ready: asyncio.Future[None]
     relay: Relay | None
+    charge: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,21 +243,42 @@ class Downloader:
                 if not ready.done():
                     ready.set_result(None)
 
+            charge = [span.length]
+
+            def parked(holding: int) -> None:
+                # waiting in the kernel: the gateway holds only what it had received
+                nonlocal held
+                give = charge[0] - min(holding, charge[0])
+                if give and not closing:
+                    charge[0] -= give
+                    held -= give
+                    self.budget.release(give)
+
             relay = None
             if splicer is not None and self._relayable(span):
-                relay = Relay(splicer, asyncio.get_running_loop().create_future(), start_ahead)
+                turn = asyncio.get_running_loop().create_future()
+                relay = Relay(splicer, turn, start_ahead, parked)
             task = asyncio.create_task(self.fetch(span, trace, first_byte, relay, ready))
             task.add_done_callback(done)
-            pending.append(_Pending(span, task, ready, relay))
+            pending.append(_Pending(span, task, ready, relay, charge))
 
         def read_ahead() -> None:
             nonlocal ahead
             ahead = True
             while reading < self.read_ahead and len(pending) < self.hold and feed:
+                if splicer is not None and self._relayable(feed.peek()) and parked() >= RELAY_AHEAD:
+                    return  # (a stalled client holds no more of the nodes' relay pools)
                 spare = self.budget.limit // 2 if len(pending) >= self.read_ahead else 0
                 if not self.budget.try_acquire(feed.peek().length, keep_free=spare):
                     return
                 launch(feed.pop())
+
+        front: _Pending | None = None  # the entry taken from ``pending``, until it is sent
+
+        def parked() -> int:
+            """Relays holding a node connection while they wait for their turn."""
+            waiting = (*pending, front) if front is not None else pending
+            return sum(1 for p in waiting if p.relay is not None and not p.relay.turn.done())
 
         closing = False
 
@@ -273,7 +299,8 @@ class Downloader:
                     read_ahead()  # not before the first chunk: it alone sets time to first byte
                     if len(feed) < self.hold and not feed.complete:
                         await feed.refill()  # the next page, while the read-ahead reads
-                span, task, ready, relay = pending.popleft()
+                front = pending.popleft()
+                _, task, ready, relay, charge = front
                 await ready  # its bytes are known good (or the fetch is over)
                 if task.done():
                     task.result()  # a failure: raised before anything is sent for it
@@ -282,14 +309,16 @@ class Downloader:
                     before_first_write = None
                 if relay is not None:
                     relay.turn.set_result(None)
+                    if ahead:
+                        read_ahead()  # one fewer waiting: the next may start
                 pieces = await task
                 for piece in pieces:
                     await write(piece)
                     start_ahead()
                 start_ahead()
                 del pieces
-                held -= span.length
-                self.budget.release(span.length)
+                held -= charge[0]
+                self.budget.release(charge[0])
         finally:
             ahead, closing = False, True  # the fetches ending below launch no more
             for entry in pending:

@@ -1,9 +1,11 @@
 """The upload pipeline: body pieces in, chunks out to the nodes, one atomic commit.
 
 1. A pending version with a lease (renewed while the upload runs).
-2. The body is cut into chunks as it arrives. Before a chunk's bytes are read, the upload
-   takes a window slot and the chunk's share of the global memory budget, so the body is
-   read no faster than chunks are stored (backpressure) and memory stays bounded.
+2. The body is cut into chunks as it arrives. As a chunk's first byte arrives the upload
+   takes a window slot and a grain (64 KiB) of the global memory budget, and the chunk's
+   whole share once it holds more than that; so the body is read no faster than chunks
+   are stored (backpressure), memory stays bounded, and what a client is charged is
+   what it sent, not what it promised.
 3. Each chunk: placement reserves space on ``replicas`` nodes, the intent (chunk id →
    nodes) is recorded, then the chunk goes to the nodes in parallel. A node that fails is
    replaced by another while any can take the chunk.
@@ -38,6 +40,9 @@ from dstore.master.jobs import PeriodicJob
 from dstore.master.metadata import ChunkIntent, CommitResult, InlineBody, MetadataStore
 from dstore.master.reaper import Reaper
 from dstore.master.replicas import Replicas
+
+# the budget a chunk is charged from its first byte until it holds more than this
+GRAIN = 64 << 10
 
 log = structlog.get_logger("dstore.upload")
 
@@ -251,6 +256,7 @@ class Uploader:
 
                 async def hand_on(chunk: Chunk, *, here: bool = False) -> None:
                     nonlocal holding
+                    slot = holding  # the chunk's share goes with it
                     intent = None
                     if upload.version_id is None:
                         intent = await self._begin(upload, chunk, held)
@@ -258,22 +264,33 @@ class Uploader:
                     checksums[chunk.index] = chunk.checksum
                     replicate = self._replicate(upload.version_id, chunk, trace, held, intent)
                     if here:
+                        holding = 0
                         try:
                             await replicate
                         finally:
-                            self._give_slot(window, share(chunk.index), chunk)
-                            holding = 0
+                            self._give_slot(window, slot, chunk)
                         return
                     task = group.create_task(replicate)
                     # a done callback runs even if the task is cancelled before it starts
-                    task.add_done_callback(
-                        lambda _: self._give_slot(window, share(chunk.index), chunk)
-                    )
+                    task.add_done_callback(lambda _: self._give_slot(window, slot, chunk))
                     holding = 0
 
-                # a chunk's slot is taken when its first byte has come, not before: a
-                # body that never sends one holds nothing (one that stalls after it is
-                # ended by the body timeout)
+                async def hold(index: int, buffered: int) -> None:
+                    """Charge the chunk being filled for what it holds: a chunk's slot is
+                    taken when its first byte has come, not before (a body that never
+                    sends one holds nothing), as a ``GRAIN`` of the budget; past a grain
+                    its whole share, at once. So a client that sends a byte and stalls
+                    holds a grain until the body timeout, and a chunk once charged whole
+                    never waits for memory again (grains cannot starve each other)."""
+                    nonlocal holding
+                    need = share(index) if buffered > GRAIN else min(GRAIN, share(index))
+                    if not holding:
+                        await self._take_slot(window, need)
+                        holding = need
+                    elif holding < need:
+                        await self.budget.acquire(need - holding)
+                        holding = need
+
                 async for piece in body:
                     if not piece:
                         continue
@@ -286,14 +303,10 @@ class Uploader:
                     if sha is not None:
                         sha.update(piece)
                     for chunk in chunker.feed(piece):
-                        if not holding:  # a chunk begun and completed by this piece
-                            await self._take_slot(window, share(chunk.index))
-                            holding = share(chunk.index)
+                        await hold(chunk.index, chunk.size)
                         await hand_on(chunk)  # its slot goes with it
-                    if chunker.pending and not holding:  # the next chunk has begun
-                        begun = share(chunker.total // settings.chunk_size)
-                        await self._take_slot(window, begun)
-                        holding = begun
+                    if chunker.pending:  # the next chunk has begun
+                        await hold(chunker.total // settings.chunk_size, chunker.pending)
                 last = chunker.finish()
                 if upload.version_id is None and chunker.total <= settings.inline_max:
                     # the whole file, and small: kept inline, with its version
@@ -303,6 +316,7 @@ class Uploader:
                         upload.inline = InlineBody(b"".join(last.pieces), last.checksum)
                         checksums[0] = last.checksum
                 elif last is not None:
+                    await hold(last.index, last.size)
                     # the only chunk (most small files) is stored right here, no task
                     await hand_on(last, here=upload.version_id is None)
         except BaseExceptionGroup as group_error:

@@ -30,6 +30,14 @@ log = structlog.get_logger("dstore.cluster")
 
 T = TypeVar("T")
 
+# connections per node: chunk traffic (puts, reads copied through the gateway, deletes,
+# lists), and relays (see ``StorageMember.relays``; each waiting relay also holds a
+# chunk-sized buffer on its node)
+DATA_CONNECTIONS = 8
+RELAY_CONNECTIONS = 32
+# what a waiting relay may hold in the gateway: the rest of its chunk stays in the kernel
+RELAY_READ_LIMIT = 64 << 10
+
 
 class NodeState(enum.Enum):
     UP = "up"
@@ -132,6 +140,10 @@ class StorageMember:
     # connections are all held (slow clients, big reads) still answers its heartbeat,
     # and node-state decisions never wait behind data traffic
     control: NodeClient
+    # chunks relayed node to client (a download's whole chunks, waiting for their turn
+    # and then spliced): their own connections, so that downloads whose clients stall
+    # hold these, never the data pool's; taken only when free (else the chunk is copied)
+    relays: NodeClient
     node_id: str = ""
     zone: str = "default"
     state: NodeState = NodeState.DOWN
@@ -153,6 +165,10 @@ class StorageMember:
     # set when the node stops being up: requests in flight to it are abandoned at once
     # instead of waiting for their I/O timeout
     lost: LostSignal = field(default_factory=LostSignal)
+
+    @property
+    def clients(self) -> tuple[NodeClient, ...]:
+        return (self.client, self.control, self.relays)
 
     def __repr__(self) -> str:
         return (
@@ -223,7 +239,7 @@ class Cluster:
         if addr in self.members:
             return self.members[addr]
         host, _, port = addr.rpartition(":")
-        clients = [
+        data, control, relays = (
             NodeClient(
                 host,
                 int(port),
@@ -231,19 +247,20 @@ class Cluster:
                 connect_timeout=min(2.0, self._io_timeout),
                 io_timeout=self._io_timeout,
                 connector=self._connector,
-                **({"max_connections": 1} if control else {}),
+                max_connections=size,
+                read_limit=RELAY_READ_LIMIT if size == RELAY_CONNECTIONS else None,
             )
-            for control in (False, True)
-        ]
-        member = StorageMember(addr, clients[0], clients[1])
+            for size in (DATA_CONNECTIONS, 1, RELAY_CONNECTIONS)
+        )
+        member = StorageMember(addr, data, control, relays)
         self.members[addr] = member
         return member
 
     async def remove(self, addr: str) -> None:
         member = self.members.pop(addr, None)
         if member is not None:
-            await member.client.aclose()
-            await member.control.aclose()
+            for client in member.clients:
+                await client.aclose()
 
     def drain(self, member: StorageMember) -> None:
         log.info("node_draining", node_id=member.node_id, addr=member.addr)
@@ -261,8 +278,8 @@ class Cluster:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         for member in self.members.values():
-            await member.client.aclose()
-            await member.control.aclose()
+            for client in member.clients:
+                await client.aclose()
 
     async def _heartbeats(self) -> None:
         while True:

@@ -75,11 +75,14 @@ REPAIR_READ = ReadStrategy(try_draining=True)
 @dataclass(slots=True)
 class Relay:
     """One chunk's relay to a client's socket: ``turn`` is set when every byte before it
-    went out; ``on_sent`` is called once its first bytes are out."""
+    went out; ``on_sent`` is called once its first bytes are out; ``on_parked`` when the
+    chunk waits for its turn in the kernel, with the bytes of it the gateway holds
+    meanwhile (those received before reading stopped)."""
 
     splicer: Splicer
     turn: asyncio.Future[None]
     on_sent: Callable[[], None] | None = None
+    on_parked: Callable[[int], None] | None = None
     start: int = -1  # the splicer's byte count when the relay began
 
     @property
@@ -287,9 +290,13 @@ class Replicas:
 
     @staticmethod
     async def _read_from(member: StorageMember, span: _Read) -> list[memoryview]:
-        target, relay = span.target, span.relay
-        whole = span.whole
-        async with member.client.open_chunk(
+        target, whole = span.target, span.whole
+        # a relay waits on a connection of the relay pool, if one is free now; else the
+        # chunk is read into memory on the data pool like any other (never a wait behind
+        # relays whose clients stall)
+        relay = span.relay if span.relay is not None and member.relays.free else None
+        client = member.client if relay is None else member.relays
+        async with client.open_chunk(
             target.chunk_id,
             offset=span.offset,
             length=None if whole else span.length,
@@ -301,6 +308,8 @@ class Replicas:
                 raise ChunkCorrupt(f"chunk {target.chunk_id} differs from its metadata")
             if relay is not None and body.checked and body.length == span.length:
                 body.hold()  # the rest stays in the kernel until it is relayed
+                if relay.on_parked is not None:
+                    relay.on_parked(body.held_bytes)
                 if span.first_byte is not None:
                     span.first_byte()
                 if span.ready is not None and not span.ready.done():

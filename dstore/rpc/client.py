@@ -87,6 +87,7 @@ class NodeClient:
         io_timeout: float = 30.0,
         request_timeout: float = 120.0,
         connector: Connector = open_tcp,
+        read_limit: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -97,6 +98,9 @@ class NodeClient:
         self.request_timeout = request_timeout
         self._secret = secret
         self._connector = connector
+        # received bytes buffered per connection before reading pauses (None: the
+        # transport's default); a pool for relays keeps bodies in the kernel with a low one
+        self.read_limit = read_limit
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: deque[FramedStream] = deque()
         self._spares: set[asyncio.Task[None]] = set()  # connections opening in the background
@@ -118,6 +122,11 @@ class NodeClient:
     def busy(self) -> int:
         """Requests in flight on this client's connections."""
         return self._busy
+
+    @property
+    def free(self) -> bool:
+        """Whether a request would get a connection now, without waiting."""
+        return not self._closed and not self._slots.locked()
 
     @property
     def idle(self) -> int:
@@ -158,6 +167,8 @@ class NodeClient:
             raise NodeUnavailable(f"connect to {self.addr} timed out") from exc
         except OSError as exc:
             raise NodeUnavailable(f"connect to {self.addr} failed: {exc}") from exc
+        if self.read_limit is not None:
+            channel.read_limit = self.read_limit
         stream = FramedStream(
             channel, Connection(Role.CLIENT, self._secret), io_timeout=self.io_timeout
         )
@@ -497,6 +508,11 @@ class ChunkStream:
         relayed from there); ``relay`` sends what was received before. Once relaying, do
         it early: what is read meanwhile is copied through user space."""
         self._held += self._stream.hold()
+
+    @property
+    def held_bytes(self) -> int:
+        """Body bytes received and held for ``relay`` (the rest is in the kernel)."""
+        return sum(map(len, self._held))
 
     def touch(self) -> None:
         """Keep the request alive past its deadline (it waits for its turn to be sent)."""

@@ -39,6 +39,9 @@ class Channel(asyncio.BufferedProtocol):
 
     def __init__(self, on_connect: Callable[[Channel], object] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
+        # bytes received and not yet taken before reading pauses (and at most this per
+        # read): lowered on connections whose bodies mostly stay in the kernel (relays)
+        self.read_limit = STREAM_LIMIT
         self._on_connect = on_connect
         self._arena = memoryview(bytearray(0))
         self._pos = 0
@@ -84,7 +87,7 @@ class Channel(asyncio.BufferedProtocol):
             bulk = self._last_read >= ARENA_MIN_FREE
             self._arena = memoryview(bytearray(ARENA_SIZE if bulk else SMALL_ARENA))
             self._pos = 0
-        return self._arena[self._pos :]
+        return self._arena[self._pos : self._pos + self.read_limit]
 
     def buffer_updated(self, nbytes: int) -> None:
         start = self._pos
@@ -92,7 +95,7 @@ class Channel(asyncio.BufferedProtocol):
         self._last_read = nbytes
         self._pieces.append(self._arena[start : self._pos])
         self._buffered += nbytes
-        if self._buffered > STREAM_LIMIT and not self._reading_paused and self.transport:
+        if self._buffered > self.read_limit and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
         self._wake(self._data_waiter)
