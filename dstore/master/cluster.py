@@ -328,6 +328,7 @@ class Cluster:
             "bytes": stat.volume_bytes,
             "garbage": stat.volume_garbage,
             "compactions": stat.compactions,
+            "punched": stat.punched,
         }
         member.last_seen = time.time()
         if stat.corrupt_pending:

@@ -207,6 +207,7 @@ class StatReply(Reply):
     volume_bytes: int = 0  # their size on disk
     volume_garbage: int = 0  # bytes of deleted records in them, awaiting compaction
     compactions: int = 0  # volumes compacted since start
+    punched: int = 0  # bytes of deleted small chunks given back to the file system since start
     # increases with every report of ``used`` (here and in ``stored``), across restarts
     # too: the gateway keeps the newest and never lets an older one undo it
     usage_seq: int = 0

@@ -39,6 +39,30 @@ def write_all(fd: int, pieces: list[bytes | memoryview], offset: int | None = No
                 written = 0
 
 
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> int:
+    """Give the file system back the whole blocks inside ``[offset, offset + length)``
+    (``fallocate`` with ``FALLOC_FL_PUNCH_HOLE``: they read as zeros after, the file keeps
+    its size). Returns the bytes punched: 0 for a span within one block, or where the
+    file system or the platform cannot do it."""
+    start = -(-offset // ALIGN) * ALIGN
+    end = (offset + length) // ALIGN * ALIGN
+    if end <= start or _libc is None:
+        return 0
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    fallocate = _libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if fallocate(fd, mode, start, end - start) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return 0
+        raise OSError(err, os.strerror(err))
+    return end - start
+
+
 def fsync_dir(path: Path) -> None:
     """Make a folder's entries (creations, renames, removals) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

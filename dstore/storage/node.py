@@ -236,6 +236,7 @@ class StorageNode:
                     volume_bytes=volume_bytes,
                     volume_garbage=garbage,
                     compactions=store.volumes.compactions,
+                    punched=store.volumes.punched,
                     usage_seq=self._usage_seq(),
                 )
             )

@@ -30,7 +30,13 @@ the first bad one. Elsewhere a record's data is checked on every read and by the
 
 Deleted records are garbage until their volume is compacted: once a sealed volume is at
 least ``COMPACT_RATIO`` garbage, its live records are copied to the active volume (under
-their id locks, so a racing delete or put is never undone) and the file is removed.
+their id locks, so a racing delete or put is never undone) and the file is removed. Before
+that, the whole blocks of a dead record's data in a sealed volume are given back to the
+file system at once (``fallocate`` punching a hole; headers stay, so replay is unchanged):
+on a full disk a delete frees room right away, and compaction then has room to copy into.
+The active volume is sealed early (an empty new one takes the appends) once half of it
+and at least ``SEAL_GARBAGE`` is garbage: a disk full of small files, most of them deleted,
+is not left waiting for the volume to fill up.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ BATCH_PIECES = disk.IOV_MAX  # and at most this many buffers
 TAIL_CHECK = 2 * BATCH_BYTES  # bytes at the end of the newest volume verified at start
 COMPACT_RATIO = 0.5  # a sealed volume this much garbage is compacted
 COMPACT_GROUP = 256  # records moved per group commit while compacting
+SEAL_GARBAGE = 1 << 20  # the active volume is sealed early once this much and half is garbage
 NO_CHECKSUM = bytes(CHECKSUM_SIZE)  # (tombstones)
 INDEX_HEAD = struct.Struct(">4sHHQQQ")  # magic, version, flags, volume number, size, records
 INDEX_ENTRY = struct.Struct(">BBQQ16sQQ")  # kind, id length, offset, length, checksum, µs, size
@@ -107,6 +114,8 @@ class _Volume:
     path: Path
     size: int = 0  # bytes written (and durable, once the batch writing them returns)
     garbage: int = 0  # bytes of dead records
+    # data spans of dead records whose blocks are still taken: punched once sealed
+    holes: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -246,6 +255,23 @@ def live_needles(folder: Path) -> dict[str, tuple[Path, int, int]]:
     return live
 
 
+def _punch_holes(path: Path, spans: list[tuple[int, int]]) -> int:
+    """Punch the whole blocks of each data span out of a volume file; the bytes freed."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        return sum(disk.punch_hole(fd, at, length) for at, length in spans)
+    finally:
+        os.close(fd)
+
+
+def _create_volume(folder: Path, path: Path, number: int) -> None:
+    """An empty volume file, durable in its folder (no index file may describe it yet)."""
+    with suppress(FileNotFoundError):
+        os.unlink(index_path(folder, number))
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    disk.fsync_dir(folder)
+
+
 class Volumes:
     """The small chunks of one store. Index changes happen on the event loop only, once
     the records behind them are durable."""
@@ -274,6 +300,9 @@ class Volumes:
         self._writing: dict[str, asyncio.Future[Needle | None]] = {}
         self._compactor: asyncio.Task[int] | None = None
         self._compacting = asyncio.Lock()
+        self._puncher: asyncio.Task[None] | None = None
+        self._started = False
+        self.punched = 0  # bytes of dead records given back to the file system
 
     def __repr__(self) -> str:
         return f"<Volumes {self.folder} {len(self._volumes)} volumes, {len(self.index)} chunks>"
@@ -351,8 +380,10 @@ class Volumes:
                     os.unlink(entry.path)
 
     def start(self) -> None:
-        """On the event loop, after ``open_sync``: compact what start-up found to be mostly
-        garbage."""
+        """On the event loop, after ``open_sync``: give back the blocks of the dead records
+        start-up found, and compact what is mostly garbage."""
+        self._started = True
+        self._punch_soon()
         self._maybe_compact()
 
     def _index_put(self, chunk_id: str, needle: Needle) -> None:
@@ -375,6 +406,52 @@ class Volumes:
         volume = self._volumes.get(needle.volume)
         if volume is not None:
             volume.garbage += needle.record
+            volume.holes.append((needle.offset, needle.length))
+            if volume is not self._active:
+                self._punch_soon()
+
+    # --- giving dead records' blocks back -------------------------------------------------
+
+    def _punch_soon(self) -> None:
+        """Punch the dead records' data out of the sealed volumes, in the background: on a
+        full disk, deleting files must free room at once, before any compaction (which
+        needs room to copy into). Only sealed volumes: the newest one's tail is checked
+        record by record at start, and a punched record there would read as torn. A dead
+        record's data is read by no one (a read racing its delete fails its checksum)."""
+        if self._started and (self._puncher is None or self._puncher.done()):
+            self._puncher = asyncio.create_task(self._punch(), name="dstore-volume-punch")
+
+    async def _punch(self) -> None:
+        while True:
+            work = [v for v in self._volumes.values() if v.holes and v is not self._active]
+            if not work:
+                return
+            for volume in work:
+                holes, volume.holes = volume.holes, []
+                try:
+                    self.punched += await self._disk.run(_punch_holes, volume.path, holes)
+                except FileNotFoundError:
+                    pass  # compacted away meanwhile
+                except OSError as exc:  # only room that stays taken until compaction
+                    log.warning("volume_punch_failed", volume=volume.number, error=str(exc))
+
+    async def _maybe_seal(self) -> None:
+        """Seal the active volume early once it is mostly garbage (a disk full of small
+        files, most of them deleted): a new, empty volume takes the appends, and the old
+        one is then punched and compacted like any sealed one."""
+        volume = self._active
+        if volume is None or volume.garbage < max(SEAL_GARBAGE, COMPACT_RATIO * volume.size):
+            return
+        number = max(self._volumes) + 1
+        path = self.path(number)
+        try:
+            await self._disk.run(_create_volume, self.folder, path, number)
+        except OSError as exc:
+            log.warning("volume_seal_failed", volume=volume.number, error=str(exc))
+            return
+        self._volumes[number] = self._active = _Volume(number, path)
+        self._index_sealed(volume)
+        self._punch_soon()
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -489,6 +566,7 @@ class Volumes:
                 else:
                     volume.garbage += item.size
                     self._settle(item, self._index_delete(item.chunk_id))
+            await self._maybe_seal()
             self._maybe_compact()
 
     def _settle(self, item: _Append, outcome: Needle | BaseException | None) -> None:
@@ -653,10 +731,11 @@ class Volumes:
         log.info("volume_compacted", volume=volume.number, moved=moved)
 
     async def close(self) -> None:
-        if self._compactor is not None:
-            self._compactor.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._compactor
+        for task in (self._compactor, self._puncher):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         if self._writer is not None:
             with suppress(Exception):
                 await self._writer
