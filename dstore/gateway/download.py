@@ -2,11 +2,12 @@
 
 The chunks a byte range overlaps are fetched ahead of the one being sent: up to
 ``read_ahead`` of them reading on the nodes at once, up to ``hold`` fetched or being
-fetched. The next read starts when one that is reading delivers its first byte (its node
-has read the chunk), not when the oldest has been sent: reads launched together finish
-together (they share the disk), so a window that refills only as chunks leave in order
-lets the disk idle while they cross the network, and one chunk late on its node holds
-back every read behind it.
+fetched, fewer until the client has taken some (``AHEAD_START`` plus one per chunk it
+took: a client that reads nothing holds little). The next read starts when one that is
+reading delivers its first byte (its node has read the chunk), not when the oldest has
+been sent: reads launched together finish together (they share the disk), so a window
+that refills only as chunks leave in order lets the disk idle while they cross the
+network, and one chunk late on its node holds back every read behind it.
 
 Each chunk is verified against the checksum in the metadata before a byte of it is
 handed on (a full chunk is hashed here; a partial read is vouched for by the node, which
@@ -48,9 +49,11 @@ Write = Callable[[memoryview], Awaitable[None]]
 
 # chunks a node checks whole before sending (its READ_SIZE) may be relayed
 RELAY_MAX = 4 << 20
-# relays of one download waiting for their turn, at most: each holds a connection of its
-# node's relay pool (and a chunk buffer there) for as long as the client takes to catch up
-RELAY_AHEAD = 3
+# chunks a download may hold ahead of the one being sent before its client has taken a
+# whole chunk; one more for each chunk it takes, up to ``hold``. A client that stalls from
+# the start so holds a few chunks (in memory, or waiting relays with their connections),
+# one that keeps up soon has the whole read-ahead
+AHEAD_START = 2
 
 
 class _Pending(NamedTuple):
@@ -210,6 +213,7 @@ class Downloader:
         trace: str = "",
         before_first_write: Callable[[], Awaitable[None]] | None = None,
         splicer: Splicer | None = None,
+        taken: Callable[[], int] | None = None,
     ) -> None:
         """Write the spans in order. ``before_first_write`` runs once the first chunk is
         in hand and verified (the HTTP layer sends its status line then); the read-ahead
@@ -217,10 +221,13 @@ class Downloader:
         ``splicer`` on the destination, whole chunks go to it instead, node to client in
         the kernel, and ``write`` gets the rest. Raises ``NoReplica`` when a chunk cannot
         be read from any replica, ``Overloaded`` when no memory frees up for the next
-        chunk in time, ``PeerGone`` when the splicer's destination fails."""
+        chunk in time, ``PeerGone`` when the splicer's destination fails. ``taken``: the
+        bytes the client has received so far (the read-ahead deepens with them; without
+        it, with the chunks written)."""
         pending: deque[_Pending] = deque()
         held = 0
         reading = 0  # fetches in ``pending`` whose first byte has not come yet
+        finished = 0  # chunks written whole
         ahead = False  # read-ahead may start: set once the first chunk is in hand
 
         def launch(span: Span) -> None:
@@ -265,20 +272,16 @@ class Downloader:
         def read_ahead() -> None:
             nonlocal ahead
             ahead = True
-            while reading < self.read_ahead and len(pending) < self.hold and feed:
-                if splicer is not None and self._relayable(feed.peek()) and parked() >= RELAY_AHEAD:
-                    return  # (a stalled client holds no more of the nodes' relay pools)
+            if taken is None or not feed:
+                took = finished
+            else:
+                took = taken() // max(feed.peek().length, 1)
+            depth = min(self.hold, AHEAD_START + took)
+            while reading < self.read_ahead and len(pending) < depth and feed:
                 spare = self.budget.limit // 2 if len(pending) >= self.read_ahead else 0
                 if not self.budget.try_acquire(feed.peek().length, keep_free=spare):
                     return
                 launch(feed.pop())
-
-        front: _Pending | None = None  # the entry taken from ``pending``, until it is sent
-
-        def parked() -> int:
-            """Relays holding a node connection while they wait for their turn."""
-            waiting = (*pending, front) if front is not None else pending
-            return sum(1 for p in waiting if p.relay is not None and not p.relay.turn.done())
 
         closing = False
 
@@ -299,8 +302,7 @@ class Downloader:
                     read_ahead()  # not before the first chunk: it alone sets time to first byte
                     if len(feed) < self.hold and not feed.complete:
                         await feed.refill()  # the next page, while the read-ahead reads
-                front = pending.popleft()
-                _, task, ready, relay, charge = front
+                _, task, ready, relay, charge = pending.popleft()
                 await ready  # its bytes are known good (or the fetch is over)
                 if task.done():
                     task.result()  # a failure: raised before anything is sent for it
@@ -309,8 +311,6 @@ class Downloader:
                     before_first_write = None
                 if relay is not None:
                     relay.turn.set_result(None)
-                    if ahead:
-                        read_ahead()  # one fewer waiting: the next may start
                 pieces = await task
                 for piece in pieces:
                     await write(piece)
@@ -319,6 +319,7 @@ class Downloader:
                 del pieces
                 held -= charge[0]
                 self.budget.release(charge[0])
+                finished += 1
         finally:
             ahead, closing = False, True  # the fetches ending below launch no more
             for entry in pending:

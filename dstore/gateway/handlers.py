@@ -50,7 +50,7 @@ from dstore.gateway.upload import Expectations
 from dstore.log import log_context
 from dstore.master.cluster import NodeState
 from dstore.master.metadata import FileVersion, MemberState
-from dstore.master.replicas import Splicer, splicer_for
+from dstore.master.replicas import Splicer, splicer_for, unsent
 
 log = structlog.get_logger("dstore.http")
 
@@ -477,9 +477,21 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
     def sent() -> int:  # written through aiohttp, and relayed past it
         return written + (splicer.sent if splicer is not None else 0)
 
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+
+    def taken() -> int:  # what the client has acknowledged: the read-ahead grows with it
+        held = transport.get_write_buffer_size() if transport is not None else 0
+        return max(0, sent() - held - unsent(sock))
+
     try:
         await downloader.stream(
-            feed, write, trace=trace, before_first_write=send_status, splicer=splicer
+            feed,
+            write,
+            trace=trace,
+            before_first_write=send_status,
+            splicer=splicer,
+            taken=taken,
         )
     except (DstoreError, PeerGone) as exc:
         gone = isinstance(exc, (ClientGone, PeerGone))

@@ -38,6 +38,7 @@ __all__ = [
     "Splicer",
     "Target",
     "splicer_for",
+    "unsent",
 ]
 
 log = structlog.get_logger("dstore.replicas")
@@ -89,6 +90,11 @@ class Relay:
     def relayed(self) -> int:
         """Bytes of this chunk that went out (0 until it began)."""
         return 0 if self.start < 0 else self.splicer.sent - self.start
+
+
+def unsent(sock: socket.socket | None) -> int:
+    """Bytes written to a client's socket it has not acknowledged (0 where unknown)."""
+    return splice.unsent(sock)
 
 
 def splicer_for(

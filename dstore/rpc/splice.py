@@ -19,6 +19,8 @@ import contextlib
 import fcntl
 import os
 import socket
+import sys
+import termios
 from collections.abc import Callable
 
 from dstore.errors import PeerGone, RelayCut
@@ -40,6 +42,18 @@ def available(sock: socket.socket | None) -> bool:
         and sock.family in (socket.AF_INET, socket.AF_INET6)
         and sock.type == socket.SOCK_STREAM
     )
+
+
+def unsent(sock: socket.socket | None) -> int:
+    """Bytes written to a TCP socket that its peer has not acknowledged yet (Linux's
+    ``SIOCOUTQ``; 0 where it cannot be asked)."""
+    if sock is None or not hasattr(termios, "TIOCOUTQ"):
+        return 0
+    try:
+        packed = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(packed, sys.byteorder, signed=True)
 
 
 class Splicer:

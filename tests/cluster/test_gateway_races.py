@@ -14,7 +14,7 @@ import structlog
 from dstore.chunk import checksum
 from dstore.errors import ChunkRetired
 from dstore.gateway import handlers, keys
-from dstore.gateway.download import RELAY_AHEAD
+from dstore.gateway.download import AHEAD_START
 from dstore.log import configure
 from dstore.master.cluster import RELAY_READ_LIMIT
 from dstore.rpc.client import NodeClient
@@ -311,10 +311,10 @@ async def test_uploads_cancelled_at_any_point_give_back_every_reservation(make_c
 @pytest.mark.parametrize(
     ("late", "budget_chunks", "expect_requested", "splice"),
     [
-        ("one", 64, 8, False),
+        ("one", 64, 3 + AHEAD_START, False),
         ("all", 64, 3, False),
         ("one", 8, 5, False),
-        ("one", 64, 1 + RELAY_AHEAD, True),
+        ("one", 64, 3 + AHEAD_START, True),
     ],
     ids=["one-late-chunk", "every-disk-slow", "half-the-budget-for-the-rest", "relays"],
 )
@@ -327,12 +327,12 @@ async def test_reads_go_on_past_a_chunk_late_on_its_node(
     splice: bool,
 ) -> None:
     """Read-ahead 2, hold 6: while chunk 1 is stuck on its node, the chunks behind it are
-    read (up to 6 ahead of the one being sent: 8 requested in all) as the ones reading
-    deliver their first bytes; with every read stuck, no more than 2 read at once (3 in
-    all, with chunk 0); past the read-ahead, chunks are held only while half the budget
-    stays free (a budget of 8 chunks: 4 held, 5 requested). Relayed chunks wait on
-    their nodes, ``RELAY_AHEAD`` of them at most, the late one included, and hold only
-    what the gateway received of them. Then every byte arrives."""
+    read as the ones reading deliver their first bytes, up to ``AHEAD_START`` + 1 ahead of
+    the one being sent (the client took one chunk); with every read stuck, no more than 2
+    read at once (3 in all, with chunk 0); past the read-ahead, chunks are held only while
+    half the budget stays free (a budget of 8 chunks: 4 held, 5 requested). Relayed
+    chunks wait on their nodes holding only what the gateway received of them. Then
+    every byte arrives."""
     cluster = await make_cluster(memory_budget=budget_chunks * CHUNK, splice=splice)
     downloader = cluster.app[keys.DOWNLOADER]
     downloader.read_ahead, downloader.hold = 2, 6
@@ -362,7 +362,7 @@ async def test_reads_go_on_past_a_chunk_late_on_its_node(
     await asyncio.sleep(0.3)  # time to over-reach, if it would
     assert requested == ids[:expect_requested], [ids.index(r) for r in requested]
     if splice:  # the late one is charged whole; the waiting relays, what they hold
-        assert CHUNK < budget.in_use <= CHUNK + (RELAY_AHEAD - 1) * RELAY_READ_LIMIT
+        assert CHUNK < budget.in_use <= CHUNK + (expect_requested - 2) * RELAY_READ_LIMIT
     else:
         assert budget.in_use == (expect_requested - 1) * CHUNK  # chunk 0 sent and let go
     if budget_chunks == 8:

@@ -71,3 +71,35 @@ def test_a_node_under_python_O_refuses_an_error_frame_in_place_of_auth() -> None
     )
     assert done.returncode == 0, done.stderr[-2000:] + done.stdout
     assert "challenge" in done.stdout  # the handshake went as far as the node's proof
+
+
+# every test of the handshake, its phases and what a node does before a peer is verified
+HANDSHAKE_SUITE = [
+    "tests/unit/test_protocol.py",
+    "tests/cluster/test_storage_node.py::test_wrong_secret_gets_nothing_done",
+    "tests/cluster/test_storage_node.py::test_unauthenticated_connection_can_do_nothing",
+    "tests/cluster/test_storage_node.py::test_garbage_closes_that_connection_only",
+    "tests/cluster/test_storage_node.py::test_an_unauthenticated_peer_gets_no_big_frame_buffered",
+    "tests/cluster/test_storage_node.py::test_peers_that_never_authenticate_are_capped",
+    "tests/cluster/test_tls.py::test_a_node_talks_only_to_holders_of_a_cluster_certificate",
+]
+RUN_OPTIMIZED = (
+    "import sys, pytest\n"
+    "if not sys.flags.optimize:\n"
+    "    sys.exit('not optimized')\n"
+    "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', *sys.argv[1:]]))\n"
+)
+
+
+def test_the_handshake_suite_passes_under_python_O() -> None:
+    """The same tests, with every ``assert`` in dstore removed (pytest keeps its own)."""
+    done = subprocess.run(
+        [sys.executable, "-O", "-c", RUN_OPTIMIZED, *HANDSHAKE_SUITE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "deselected" not in summary
