@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,tls]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,lint,tls,postgres]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -219,6 +219,12 @@ class StorageConfig:
 class GatewayConfig:
     listen: str = _opt("127.0.0.1:8080", str, "HTTP address to listen on (host:port)")
     data_dir: Path = _opt(Path("./data/gateway"), Path, "where the metadata database lives")
+    metadata: str | None = _opt(
+        None,
+        str,
+        "metadata engine: a postgresql:// URL (several gateways share it); default SQLite"
+        " in the data dir",
+    )
     storage: list[str] = _opt(None, str, "storage node host:port", many=True)
     replicas: int = _opt(2, int, "copies of every chunk")
     chunk_size: int = _opt(4 << 20, parse_size, "size of the chunks files are cut into")
@@ -316,6 +322,10 @@ class GatewayConfig:
             raise ConfigError(str(exc)) from exc
         self.cluster_secret = _secret(self.cluster_secret, self.cluster_secret_file)
         self.cluster_secret_file = None  # read: validating again finds the value alone
+        if self.metadata is not None and not self.metadata.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ConfigError("--metadata takes a postgresql:// URL (none: SQLite)")
         self.tls  # noqa: B018  (checked: the set is whole and the files are there)
         if self.auth_tokens_file is not None:
             if self.auth_tokens:

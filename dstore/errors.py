@@ -169,6 +169,12 @@ class Overloaded(DstoreError):
     code = "overloaded"
 
 
+class MetadataUnavailable(DstoreError):
+    """The metadata database cannot be reached, or did not answer in time (503)."""
+
+    code = "metadata_unavailable"
+
+
 class Unauthorized(DstoreError):
     """No token, or one that is not configured (401)."""
 

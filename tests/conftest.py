@@ -356,3 +356,22 @@ async def make_cluster(
 @pytest.fixture
 async def cluster(make_cluster: Callable[..., Awaitable[LocalCluster]]) -> LocalCluster:
     return await make_cluster()
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+
+from tests.pg import PostgresServer, require_postgres  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throw-away PostgreSQL for the whole run (tests/pg.py); each test that asks
+    for ``pg_url`` gets a database of its own in it."""
+    server = PostgresServer(require_postgres()).start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+async def pg_url(postgres_server: PostgresServer) -> str:
+    return await postgres_server.new_database()

@@ -28,6 +28,7 @@ from dstore.master.metadata import (
     CachedMetadataStore,
     LookupCache,
     MemberState,
+    MetadataStore,
     SQLiteMetadataStore,
 )
 from dstore.master.reaper import ReadPins, Reaper
@@ -47,6 +48,18 @@ def node_connector(config: GatewayConfig) -> Connector:
     return open_tls(tls.client(), handshake_timeout=config.io_timeout)
 
 
+def metadata_engine(config: GatewayConfig) -> tuple[MetadataStore, LookupCache]:
+    """The configured engine, and the lookup cache in front of it: SQLite in the data dir
+    by default; PostgreSQL for a ``postgresql://`` URL, without a lookup cache for now
+    (its hits are validated against writes in this process only, and on a shared
+    database other gateways write too)."""
+    if config.metadata is None:
+        return SQLiteMetadataStore(config.data_dir / "meta.db"), LookupCache(config.lookup_cache)
+    from dstore.master.metadata.postgres import PostgresMetadataStore
+
+    return PostgresMetadataStore(config.metadata), LookupCache(0)
+
+
 def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> web.Application:
     connector = node_connector(config) if connector is None else connector
     tokens = TokenTable(config.auth_tokens or [])
@@ -59,8 +72,8 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
     app.on_response_prepare.append(handlers.add_response_headers)
 
     async def services(app: web.Application) -> AsyncIterator[None]:
-        lookups = LookupCache(config.lookup_cache)
-        meta = CachedMetadataStore(SQLiteMetadataStore(config.data_dir / "meta.db"), lookups)
+        engine, lookups = metadata_engine(config)
+        meta = CachedMetadataStore(engine, lookups)
         await meta.open()
         records = {r.addr: r.state for r in await meta.members()}
         gone = MemberState.REMOVED

@@ -29,6 +29,7 @@ from dstore.errors import (
     FileNotFound,
     Forbidden,
     InlineReclaimed,
+    MetadataUnavailable,
     NodeUnavailable,
     NotEnoughNodes,
     OutOfSpace,
@@ -69,6 +70,7 @@ STATUS: dict[type[DstoreError], int] = {
     NotEnoughNodes: 503,
     NodeUnavailable: 503,
     Overloaded: 503,
+    MetadataUnavailable: 503,
     OutOfSpace: 507,
 }
 STATUS_BY_CODE = {"bad_header": 400, "bad_request": 400, "conflict": 409}

@@ -1,0 +1,818 @@
+"""The PostgreSQL engine, for several gateways on one database: asyncpg with a pool of
+connections, one transaction per operation (READ COMMITTED), every change guarded by the
+state it expects (``UPDATE … WHERE state = … RETURNING``, compare-and-swap on the name's
+``generation``), so two gateways racing on one name or one version cannot both win.
+Times are the database's clock. Names sort by bytes (``COLLATE "C"``): the same order as
+SQLite's and Python's.
+
+Writes that must survive a crash of the database's machine (commits, deletes, members)
+commit with ``synchronous_commit`` on; the rest (intents, leases, replica bookkeeping,
+which the reconciler and the lease expiry repair) commit without waiting for the WAL
+flush, as the SQLite engine's ``synchronous = NORMAL``.
+
+asyncpg is imported only when a PostgreSQL URL is given (``pip install 'dstore[postgres]'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from dstore.errors import (
+    ConfigError,
+    Conflict,
+    DstoreError,
+    FileNotFound,
+    MetadataUnavailable,
+    OutOfSpace,
+    PreconditionFailed,
+)
+from dstore.master.metadata.interface import MetadataStore
+from dstore.master.metadata.model import (
+    ChunkIntent,
+    ChunkRef,
+    ChunkReplicas,
+    CommitResult,
+    DeadChunk,
+    EngineStats,
+    FileInfo,
+    FileVersion,
+    InlineBody,
+    MemberRecord,
+    MemberState,
+    Purged,
+    VersionState,
+)
+
+T = TypeVar("T")
+Tx = Any  # an asyncpg connection inside a transaction
+
+_NOW = "extract(epoch from clock_timestamp())"
+PENDING, LIVE, DEAD = (s.value for s in VersionState)
+SCHEMA_LOCK = 0x64_73_74_6F_72_65  # advisory lock key: "dstore"
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the SQLite engine's tables after its migration 2, in PostgreSQL's types
+    """
+    CREATE TABLE versions (
+        id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        name          TEXT COLLATE "C" NOT NULL,
+        state         TEXT NOT NULL CHECK (state IN ('pending', 'live', 'dead')),
+        size          BIGINT NOT NULL DEFAULT 0,
+        etag          TEXT NOT NULL DEFAULT '',
+        content_type  TEXT NOT NULL DEFAULT '',
+        created       DOUBLE PRECISION NOT NULL,
+        lease_expires DOUBLE PRECISION,
+        dead_since    DOUBLE PRECISION
+    );
+    CREATE INDEX versions_pending ON versions (lease_expires) WHERE state = 'pending';
+    CREATE INDEX versions_dead ON versions (dead_since) WHERE state = 'dead';
+    CREATE INDEX versions_name ON versions (name);
+    CREATE TABLE files (
+        name        TEXT COLLATE "C" PRIMARY KEY,
+        version_id  BIGINT NOT NULL REFERENCES versions (id),
+        generation  BIGINT NOT NULL
+    );
+    CREATE TABLE chunks (
+        version_id  BIGINT NOT NULL REFERENCES versions (id),
+        idx         INTEGER NOT NULL,
+        chunk_id    TEXT NOT NULL UNIQUE,
+        first_byte  BIGINT NOT NULL,
+        size        BIGINT NOT NULL,
+        checksum    BYTEA NOT NULL,
+        PRIMARY KEY (version_id, idx)
+    );
+    CREATE TABLE bodies (
+        version_id  BIGINT PRIMARY KEY REFERENCES versions (id),
+        checksum    BYTEA NOT NULL,
+        data        BYTEA NOT NULL
+    );
+    CREATE TABLE replicas (
+        chunk_id    TEXT NOT NULL,
+        node_id     TEXT NOT NULL,
+        pos         INTEGER NOT NULL,
+        PRIMARY KEY (chunk_id, node_id)
+    );
+    CREATE INDEX replicas_node ON replicas (node_id);
+    CREATE TABLE identities (
+        addr        TEXT PRIMARY KEY,
+        node_id     TEXT NOT NULL
+    );
+    CREATE TABLE members (
+        addr        TEXT PRIMARY KEY,
+        state       TEXT NOT NULL CHECK (state IN ('active', 'draining', 'removed'))
+    );
+    """,
+)
+LATEST = len(MIGRATIONS)
+
+# a chunk's replica node ids in placement order, comma-separated (chunk aliased as c)
+_REPLICA_LIST = (
+    "(SELECT string_agg(r.node_id, ',' ORDER BY r.pos) FROM replicas r"
+    " WHERE r.chunk_id = c.chunk_id)"
+)
+
+
+class PostgresMetadataStore(MetadataStore):
+    """``dsn``: a ``postgresql://`` URL. ``pool``: connections at most (one operation
+    holds one for a transaction, never across network I/O to the nodes)."""
+
+    def __init__(self, dsn: str, *, pool: int = 10, timeout: float = 10.0) -> None:
+        self.dsn = dsn
+        self.max_connections = pool
+        self.timeout = timeout  # a statement, or the wait for a connection, at most
+        self._pool: Any = None
+        self._operations = 0
+        self._transactions = 0
+
+    def __repr__(self) -> str:
+        state = "open" if self._pool is not None else "closed"
+        return (
+            f"<PostgresMetadataStore {_redacted(self.dsn)} {state},"
+            f" {self._operations} ops in {self._transactions} commits>"
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self._operations, self._transactions)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            import asyncpg
+        except ImportError as exc:
+            raise ConfigError(
+                "a PostgreSQL metadata URL needs asyncpg: pip install 'dstore[postgres]'"
+            ) from exc
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self.max_connections,
+                command_timeout=self.timeout,
+                timeout=self.timeout,
+            )
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise MetadataUnavailable(
+                f"cannot reach PostgreSQL at {_redacted(self.dsn)}: {exc}"
+            ) from exc
+        try:
+            await self._migrate()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self) -> int:
+        """Bring the schema to ``LATEST`` under an advisory lock (gateways starting
+        together migrate one at a time); the version it was at."""
+        async with self._pool.acquire() as con, con.transaction():
+            await con.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            await con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+            found = await con.fetchval("SELECT version FROM schema_version")
+            if found is None:
+                found = 0
+                await con.execute("INSERT INTO schema_version (version) VALUES (0)")
+            if found > LATEST:
+                raise ConfigError(
+                    f"the metadata schema is at version {found}; this dstore knows up to {LATEST}"
+                )
+            for number in range(found + 1, LATEST + 1):
+                await con.execute(MIGRATIONS[number - 1])
+            await con.execute("UPDATE schema_version SET version = $1", LATEST)
+            return int(found)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def _tx(self, fn: Callable[[Tx], Awaitable[T]], *, durable: bool = False) -> T:
+        """Run ``fn(connection)`` in a transaction of its own; library errors translated."""
+        import asyncpg
+
+        pool = self._pool
+        if pool is None:
+            raise MetadataUnavailable("metadata store is closed")
+        self._operations += 1
+        try:
+            async with pool.acquire(timeout=self.timeout) as con, con.transaction():
+                if not durable:
+                    await con.execute("SET LOCAL synchronous_commit = off")
+                result = await fn(con)
+            self._transactions += 1
+            return result
+        except DstoreError:
+            raise
+        except asyncpg.DiskFullError as exc:
+            raise OutOfSpace("the metadata database's disk is full") from exc
+        except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
+            raise Conflict(f"a concurrent change: {exc}") from exc
+        except asyncpg.UniqueViolationError as exc:
+            raise Conflict(f"a concurrent change: {exc}") from exc
+        except (
+            OSError,
+            TimeoutError,
+            asyncpg.InterfaceError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.AdminShutdownError,
+        ) as exc:
+            raise MetadataUnavailable(f"the metadata database is unavailable: {exc}") from exc
+
+    # --- uploads --------------------------------------------------------------------------
+
+    async def begin_upload(
+        self, name: str, content_type: str, lease: float, first: ChunkIntent | None = None
+    ) -> int:
+        async def tx(con: Tx) -> int:
+            version_id = await con.fetchval(
+                "INSERT INTO versions (name, state, content_type, created, lease_expires)"
+                f" VALUES ($1, '{PENDING}', $2, {_NOW}, {_NOW} + $3) RETURNING id",
+                name,
+                content_type,
+                lease,
+            )
+            if first is not None:
+                await _insert_chunk(con, version_id, first)
+            return int(version_id)
+
+        return await self._tx(tx)
+
+    async def renew_leases(self, version_ids: Sequence[int], lease: float) -> None:
+        async def tx(con: Tx) -> None:
+            await con.execute(
+                f"UPDATE versions SET lease_expires = {_NOW} + $1"
+                f" WHERE id = ANY($2::bigint[]) AND state = '{PENDING}'",
+                lease,
+                list(version_ids),
+            )
+
+        await self._tx(tx)
+
+    async def add_chunk(self, version_id: int, intent: ChunkIntent) -> None:
+        async def tx(con: Tx) -> None:
+            await _insert_chunk(con, version_id, intent)
+
+        await self._tx(tx)
+
+    async def add_replicas(self, chunk_id: str, nodes: Sequence[str]) -> None:
+        async def tx(con: Tx) -> None:
+            # (the chunk's row, locked: two callers adding replicas take turns for ``pos``)
+            await con.execute("SELECT 1 FROM chunks WHERE chunk_id = $1 FOR UPDATE", chunk_id)
+            last = await con.fetchval(
+                "SELECT COALESCE(MAX(pos), -1) FROM replicas WHERE chunk_id = $1", chunk_id
+            )
+            await con.executemany(
+                "INSERT INTO replicas (chunk_id, node_id, pos) VALUES ($1, $2, $3)"
+                " ON CONFLICT (chunk_id, node_id) DO NOTHING",
+                [(chunk_id, node, last + 1 + i) for i, node in enumerate(nodes)],
+            )
+
+        await self._tx(tx)
+
+    async def commit(
+        self,
+        version_id: int,
+        size: int,
+        etag: str,
+        *,
+        if_absent: bool = False,
+        if_match: Sequence[str] | None = None,
+        keep_chunks: int = 0,
+    ) -> CommitResult:
+        async def tx(con: Tx) -> CommitResult:
+            row = await con.fetchrow(
+                "SELECT name, content_type FROM versions WHERE id = $1 AND state = $2",
+                version_id,
+                PENDING,
+            )
+            if row is None:
+                raise Conflict(f"upload {version_id} is no longer pending")
+            name, content_type = row["name"], row["content_type"]
+            current = await _current_pointer(con, name)
+            if current is not None and if_absent:
+                raise PreconditionFailed(f"{name!r} exists")
+            await _check_match(con, name, current, if_match)
+            created = await con.fetchval(
+                f"UPDATE versions SET state = '{LIVE}', size = $1, etag = $2, created = {_NOW},"
+                " lease_expires = NULL WHERE id = $3 AND state = $4 RETURNING created",
+                size,
+                etag,
+                version_id,
+                PENDING,
+            )
+            if created is None:
+                raise Conflict(f"upload {version_id} is no longer pending")
+            replaced = await _point(con, name, version_id, current)
+            version = FileVersion(name, version_id, size, etag, content_type, created)
+            refs = await _chunk_refs(con, version_id, limit=keep_chunks + 1)
+            if len(refs) > keep_chunks:
+                chunks = await con.fetchval(
+                    "SELECT COUNT(*) FROM chunks WHERE version_id = $1", version_id
+                )
+                return CommitResult(version, replaced, int(chunks))
+            return CommitResult(
+                dataclasses.replace(version, chunks=refs), replaced, len(refs), True
+            )
+
+        return await self._tx(tx, durable=True)
+
+    async def commit_inline(
+        self,
+        name: str,
+        content_type: str,
+        body: InlineBody,
+        etag: str,
+        *,
+        if_absent: bool = False,
+        if_match: Sequence[str] | None = None,
+    ) -> CommitResult:
+        data = body.data
+        if data is None:
+            raise ValueError("an inline commit needs the file's bytes")
+        kept = InlineBody(None, body.checksum)
+
+        async def tx(con: Tx) -> CommitResult:
+            current = await _current_pointer(con, name)
+            if current is not None and if_absent:
+                raise PreconditionFailed(f"{name!r} exists")
+            await _check_match(con, name, current, if_match)
+            row = await con.fetchrow(
+                "INSERT INTO versions (name, state, size, etag, content_type, created)"
+                f" VALUES ($1, '{LIVE}', $2, $3, $4, {_NOW}) RETURNING id, created",
+                name,
+                len(data),
+                etag,
+                content_type,
+            )
+            version_id, created = int(row["id"]), row["created"]
+            await con.execute(
+                "INSERT INTO bodies (version_id, checksum, data) VALUES ($1, $2, $3)",
+                version_id,
+                body.checksum,
+                bytes(data),
+            )
+            replaced = await _point(con, name, version_id, current)
+            version = FileVersion(
+                name, version_id, len(data), etag, content_type, created, (), kept
+            )
+            return CommitResult(version, replaced, 0, True)
+
+        return await self._tx(tx, durable=True)
+
+    async def abort(self, version_id: int) -> None:
+        async def tx(con: Tx) -> None:
+            await _kill(con, version_id, PENDING)
+
+        await self._tx(tx)
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def head(self, name: str) -> FileVersion:
+        return await self._tx(lambda con: _current(con, name, data=False))
+
+    async def lookup(self, name: str, start: int = 0, limit: int | None = None) -> FileVersion:
+        async def tx(con: Tx) -> FileVersion:
+            version = await _current(con, name, data=True)
+            if version.inline is not None:
+                return version
+            refs = await _chunk_refs(con, version.version_id, limit=limit, start=start)
+            return dataclasses.replace(version, chunks=refs)
+
+        return await self._tx(tx)
+
+    async def chunk_page(self, version_id: int, start: int, limit: int) -> tuple[ChunkRef, ...]:
+        return await self._tx(lambda con: _chunk_refs(con, version_id, limit=limit, start=start))
+
+    async def inline_data(self, version_id: int) -> bytes | None:
+        async def tx(con: Tx) -> bytes | None:
+            data = await con.fetchval("SELECT data FROM bodies WHERE version_id = $1", version_id)
+            return None if data is None else bytes(data)
+
+        return await self._tx(tx)
+
+    async def inline_bodies(self, after: int, limit: int) -> list[tuple[int, str, InlineBody]]:
+        async def tx(con: Tx) -> list[tuple[int, str, InlineBody]]:
+            rows = await con.fetch(
+                "SELECT b.version_id, v.name, b.checksum, b.data FROM bodies b"
+                " JOIN versions v ON v.id = b.version_id"
+                " WHERE b.version_id > $1 AND v.state = $2 ORDER BY b.version_id LIMIT $3",
+                after,
+                LIVE,
+                limit,
+            )
+            return [
+                (
+                    int(r["version_id"]),
+                    r["name"],
+                    InlineBody(bytes(r["data"]), bytes(r["checksum"])),
+                )
+                for r in rows
+            ]
+
+        return await self._tx(tx)
+
+    async def delete(self, name: str, *, if_match: Sequence[str] | None = None) -> int:
+        async def tx(con: Tx) -> int:
+            current = await _current_pointer(con, name)
+            if current is None:
+                raise FileNotFound(f"no file named {name!r}")
+            await _check_match(con, name, current, if_match)
+            version_id = await con.fetchval(
+                "DELETE FROM files WHERE name = $1 AND generation = $2 RETURNING version_id",
+                name,
+                current[1],
+            )
+            if version_id is None:
+                raise Conflict(f"{name!r} changed meanwhile")
+            await _kill(con, version_id, LIVE)
+            return int(version_id)
+
+        return await self._tx(tx, durable=True)
+
+    async def list_files(
+        self, prefix: str, start_after: str, limit: int
+    ) -> tuple[list[FileInfo], str | None]:
+        async def tx(con: Tx) -> tuple[list[FileInfo], str | None]:
+            lower = max(prefix, start_after)
+            op = ">" if start_after and start_after >= prefix else ">="
+            sql = (
+                "SELECT f.name, v.size, v.etag, v.created FROM files f"
+                f" JOIN versions v ON v.id = f.version_id WHERE f.name {op} $1"
+            )
+            args: list[Any] = [lower]
+            if prefix:
+                args += [prefix]
+                sql += f" AND left(f.name, {len(prefix)}) = ${len(args)}"
+                bound = _after(prefix)
+                if bound is not None:
+                    args.append(bound)
+                    sql += f" AND f.name < ${len(args)}"
+            args.append(limit + 1)
+            rows = await con.fetch(sql + f" ORDER BY f.name LIMIT ${len(args)}", *args)
+            files = [FileInfo(r["name"], r["size"], r["etag"], r["created"]) for r in rows[:limit]]
+            return files, (files[-1].name if len(rows) > limit else None)
+
+        return await self._tx(tx)
+
+    async def totals(self) -> tuple[int, int]:
+        async def tx(con: Tx) -> tuple[int, int]:
+            row = await con.fetchrow(
+                "SELECT COUNT(*) AS files, COALESCE(SUM(v.size), 0) AS bytes FROM files f"
+                " JOIN versions v ON v.id = f.version_id"
+            )
+            return int(row["files"]), int(row["bytes"])
+
+        return await self._tx(tx)
+
+    async def chunk_ids(self, state: VersionState) -> set[str]:
+        async def tx(con: Tx) -> set[str]:
+            rows = await con.fetch(
+                "SELECT c.chunk_id FROM chunks c JOIN versions v ON v.id = c.version_id"
+                " WHERE v.state = $1",
+                state.value,
+            )
+            return {r["chunk_id"] for r in rows}
+
+        return await self._tx(tx)
+
+    async def version_ids(
+        self, *, name: str | None = None, state: VersionState | None = None
+    ) -> list[int]:
+        async def tx(con: Tx) -> list[int]:
+            rows = await con.fetch(
+                "SELECT id FROM versions WHERE ($1::text IS NULL OR name = $1)"
+                " AND ($2::text IS NULL OR state = $2) ORDER BY id",
+                name,
+                state and state.value,
+            )
+            return [int(r["id"]) for r in rows]
+
+        return await self._tx(tx)
+
+    async def inline_count(self) -> int:
+        async def tx(con: Tx) -> int:
+            return int(await con.fetchval("SELECT COUNT(*) FROM bodies"))
+
+        return await self._tx(tx)
+
+    # --- reclaiming -----------------------------------------------------------------------
+
+    async def expire_leases(self) -> list[int]:
+        async def tx(con: Tx) -> list[int]:
+            rows = await con.fetch(
+                f"UPDATE versions SET state = '{DEAD}', dead_since = {_NOW}, lease_expires = NULL"
+                f" WHERE state = '{PENDING}' AND lease_expires < {_NOW} RETURNING id"
+            )
+            return sorted(int(r["id"]) for r in rows)
+
+        return await self._tx(tx)
+
+    async def dead_chunks(self, settle: float, limit: int) -> list[DeadChunk]:
+        async def tx(con: Tx) -> list[DeadChunk]:
+            rows = await con.fetch(
+                "SELECT c.version_id, c.chunk_id,"
+                f" {_REPLICA_LIST} AS nodes, {_NOW} - v.dead_since AS age"
+                " FROM versions v JOIN chunks c ON c.version_id = v.id"
+                f" WHERE v.state = '{DEAD}' AND v.dead_since <= {_NOW} - $1"
+                " ORDER BY v.dead_since LIMIT $2",
+                settle,
+                limit,
+            )
+            return [
+                DeadChunk(int(r["version_id"]), r["chunk_id"], _node_ids(r["nodes"]), r["age"])
+                for r in rows
+            ]
+
+        return await self._tx(tx)
+
+    async def forget_replica(self, chunk_id: str, node_id: str, *, durable: bool = False) -> None:
+        async def tx(con: Tx) -> None:
+            await con.execute(
+                "DELETE FROM replicas WHERE chunk_id = $1 AND node_id = $2", chunk_id, node_id
+            )
+
+        await self._tx(tx, durable=durable)
+
+    async def purge_dead(self) -> Purged:
+        async def tx(con: Tx) -> Purged:
+            inline = await con.fetch(
+                "DELETE FROM bodies WHERE version_id IN"
+                " (SELECT id FROM versions WHERE state = $1) RETURNING version_id",
+                DEAD,
+            )
+            await con.execute(
+                "DELETE FROM chunks WHERE version_id IN (SELECT id FROM versions WHERE state = $1)"
+                " AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.chunk_id = chunks.chunk_id)",
+                DEAD,
+            )
+            purged = await con.fetch(
+                "DELETE FROM versions WHERE state = $1 AND NOT EXISTS"
+                " (SELECT 1 FROM chunks c WHERE c.version_id = versions.id) RETURNING id",
+                DEAD,
+            )
+            return Purged(len(purged), tuple(sorted(int(r["version_id"]) for r in inline)))
+
+        return await self._tx(tx)
+
+    # --- replicas and members -------------------------------------------------------------
+
+    async def chunks_on(self, node_ids: Sequence[str], limit: int) -> list[ChunkReplicas]:
+        ids = list(node_ids)
+        if not ids:
+            return []
+
+        async def tx(con: Tx) -> list[ChunkReplicas]:
+            rows = await con.fetch(
+                f"SELECT c.chunk_id, c.size, c.checksum, {_REPLICA_LIST} AS nodes"
+                " FROM chunks c JOIN versions v ON v.id = c.version_id"
+                " WHERE v.state IN ($1, $2) AND c.chunk_id IN"
+                " (SELECT chunk_id FROM replicas WHERE node_id = ANY($3::text[]))"
+                " LIMIT $4",
+                LIVE,
+                PENDING,
+                ids,
+                limit,
+            )
+            return [_replicas(r) for r in rows]
+
+        return await self._tx(tx)
+
+    async def chunk_replicas(self, chunk_id: str) -> ChunkReplicas | None:
+        async def tx(con: Tx) -> ChunkReplicas | None:
+            row = await con.fetchrow(
+                f"SELECT c.chunk_id, c.size, c.checksum, {_REPLICA_LIST} AS nodes"
+                " FROM chunks c JOIN versions v ON v.id = c.version_id"
+                " WHERE c.chunk_id = $1 AND v.state IN ($2, $3)",
+                chunk_id,
+                LIVE,
+                PENDING,
+            )
+            return None if row is None else _replicas(row)
+
+        return await self._tx(tx)
+
+    async def replica_count(self, node_id: str) -> int:
+        async def tx(con: Tx) -> int:
+            return int(
+                await con.fetchval("SELECT COUNT(*) FROM replicas WHERE node_id = $1", node_id)
+            )
+
+        return await self._tx(tx)
+
+    async def replica_node_ids(self) -> set[str]:
+        async def tx(con: Tx) -> set[str]:
+            return {r["node_id"] for r in await con.fetch("SELECT DISTINCT node_id FROM replicas")}
+
+        return await self._tx(tx)
+
+    async def known_replicas(self, node_id: str, chunk_ids: Sequence[str]) -> set[str]:
+        async def tx(con: Tx) -> set[str]:
+            rows = await con.fetch(
+                "SELECT chunk_id FROM replicas WHERE node_id = $1 AND chunk_id = ANY($2::text[])",
+                node_id,
+                list(chunk_ids),
+            )
+            return {r["chunk_id"] for r in rows}
+
+        return await self._tx(tx)
+
+    async def members(self) -> list[MemberRecord]:
+        async def tx(con: Tx) -> list[MemberRecord]:
+            rows = await con.fetch("SELECT addr, state FROM members ORDER BY addr")
+            return [MemberRecord(r["addr"], MemberState(r["state"])) for r in rows]
+
+        return await self._tx(tx)
+
+    async def set_member(self, addr: str, state: MemberState | None) -> None:
+        async def tx(con: Tx) -> None:
+            if state is None:
+                await con.execute("DELETE FROM members WHERE addr = $1", addr)
+            else:
+                await con.execute(
+                    "INSERT INTO members (addr, state) VALUES ($1, $2)"
+                    " ON CONFLICT (addr) DO UPDATE SET state = excluded.state",
+                    addr,
+                    state.value,
+                )
+
+        await self._tx(tx, durable=True)
+
+    async def identities(self) -> dict[str, str]:
+        async def tx(con: Tx) -> dict[str, str]:
+            rows = await con.fetch("SELECT addr, node_id FROM identities")
+            return {r["addr"]: r["node_id"] for r in rows}
+
+        return await self._tx(tx)
+
+    async def remember_identity(self, addr: str, node_id: str) -> None:
+        async def tx(con: Tx) -> None:
+            await con.execute(
+                "INSERT INTO identities (addr, node_id) VALUES ($1, $2)"
+                " ON CONFLICT (addr) DO UPDATE SET node_id = excluded.node_id",
+                addr,
+                node_id,
+            )
+
+        await self._tx(tx)
+
+
+def _redacted(dsn: str) -> str:
+    """The URL without its password (it goes into logs and reprs)."""
+    head, at, host = dsn.rpartition("@")
+    if not at:
+        return dsn
+    scheme, _, user = head.partition("://")
+    return f"{scheme}://{user.split(':', 1)[0]}:***@{host}"
+
+
+def _after(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix``; None past
+    U+10FFFF (as in the SQLite engine)."""
+    last = ord(prefix[-1]) + 1
+    if 0xD800 <= last <= 0xDFFF:
+        last = 0xE000
+    return None if last > 0x10FFFF else prefix[:-1] + chr(last)
+
+
+def _node_ids(joined: str | None) -> tuple[str, ...]:
+    return tuple(n for n in (joined or "").split(",") if n)
+
+
+def _replicas(row: Any) -> ChunkReplicas:
+    return ChunkReplicas(
+        row["chunk_id"], int(row["size"]), bytes(row["checksum"]), _node_ids(row["nodes"])
+    )
+
+
+async def _current(con: Tx, name: str, *, data: bool) -> FileVersion:
+    row = await con.fetchrow(
+        "SELECT v.id, v.size, v.etag, v.content_type, v.created, b.checksum,"
+        f" {'b.data' if data else 'NULL::bytea'} AS data FROM files f"
+        " JOIN versions v ON v.id = f.version_id"
+        " LEFT JOIN bodies b ON b.version_id = v.id WHERE f.name = $1",
+        name,
+    )
+    if row is None:
+        raise FileNotFound(f"no file named {name!r}")
+    inline = None
+    if row["checksum"] is not None:
+        body = row["data"]
+        inline = InlineBody(None if body is None else bytes(body), bytes(row["checksum"]))
+    return FileVersion(
+        name,
+        int(row["id"]),
+        int(row["size"]),
+        row["etag"],
+        row["content_type"],
+        row["created"],
+        inline=inline,
+    )
+
+
+async def _chunk_refs(
+    con: Tx, version_id: int, limit: int | None = None, start: int = 0
+) -> tuple[ChunkRef, ...]:
+    sql = (
+        f"SELECT c.idx, c.chunk_id, c.first_byte, c.size, c.checksum, {_REPLICA_LIST} AS nodes"
+        " FROM chunks c WHERE c.version_id = $1 AND c.first_byte + c.size > $2"
+        " ORDER BY c.idx"
+    )
+    args: list[int] = [version_id, start]
+    if limit is not None:
+        sql += " LIMIT $3"
+        args.append(limit)
+    return tuple(
+        ChunkRef(
+            int(r["idx"]),
+            r["chunk_id"],
+            int(r["first_byte"]),
+            int(r["size"]),
+            bytes(r["checksum"]),
+            _node_ids(r["nodes"]),
+        )
+        for r in await con.fetch(sql, *args)
+    )
+
+
+async def _current_pointer(con: Tx, name: str) -> tuple[int, int] | None:
+    """The name's (version id, generation), read under a transaction-long advisory lock
+    on the name: writers of one name (commits, deletes, from any gateway) take turns, so
+    none is refused for another's write; the compare-and-swap stays as the guard."""
+    await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", name)
+    row = await con.fetchrow("SELECT version_id, generation FROM files WHERE name = $1", name)
+    return None if row is None else (int(row["version_id"]), int(row["generation"]))
+
+
+async def _check_match(
+    con: Tx, name: str, current: tuple[int, int] | None, if_match: Sequence[str] | None
+) -> None:
+    if if_match is None:
+        return
+    if current is None:
+        raise PreconditionFailed(f"{name!r} does not exist")
+    if "*" in if_match:
+        return
+    etag = await con.fetchval("SELECT etag FROM versions WHERE id = $1", current[0])
+    if etag not in if_match:
+        raise PreconditionFailed(f"{name!r} is at another version than If-Match names")
+
+
+async def _point(
+    con: Tx, name: str, version_id: int, current: tuple[int, int] | None
+) -> int | None:
+    """Compare-and-swap the name's pointer from ``current`` to ``version_id`` (see the
+    SQLite engine); the version it replaced, now dead."""
+    if current is None:
+        swapped = await con.fetchval(
+            "INSERT INTO files (name, version_id, generation) VALUES ($1, $2, 1)"
+            " ON CONFLICT (name) DO NOTHING RETURNING name",
+            name,
+            version_id,
+        )
+        if swapped is None:
+            raise Conflict(f"{name!r} was created meanwhile")
+        return None
+    replaced, generation = current
+    swapped = await con.fetchval(
+        "UPDATE files SET version_id = $1, generation = generation + 1"
+        " WHERE name = $2 AND generation = $3 RETURNING name",
+        version_id,
+        name,
+        generation,
+    )
+    if swapped is None:
+        raise Conflict(f"{name!r} changed meanwhile")
+    await _kill(con, replaced, LIVE)
+    return replaced
+
+
+async def _kill(con: Tx, version_id: int, expected: str) -> bool:
+    VersionState(expected).move(VersionState.DEAD)
+    moved = await con.fetchval(
+        f"UPDATE versions SET state = '{DEAD}', dead_since = {_NOW}, lease_expires = NULL"
+        " WHERE id = $1 AND state = $2 RETURNING id",
+        version_id,
+        expected,
+    )
+    return moved is not None
+
+
+async def _insert_chunk(con: Tx, version_id: int, intent: ChunkIntent) -> None:
+    await con.execute(
+        "INSERT INTO chunks (version_id, idx, chunk_id, first_byte, size, checksum)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        version_id,
+        intent.index,
+        intent.chunk_id,
+        intent.offset,
+        intent.size,
+        intent.checksum,
+    )
+    await con.executemany(
+        "INSERT INTO replicas (chunk_id, node_id, pos) VALUES ($1, $2, $3)",
+        [(intent.chunk_id, node, pos) for pos, node in enumerate(intent.nodes)],
+    )
