@@ -31,6 +31,7 @@ from dstore.master.metadata import (
     MetadataStore,
     SQLiteMetadataStore,
 )
+from dstore.master.metadata.postgres import PostgresMetadataStore
 from dstore.master.reaper import ReadPins, Reaper
 from dstore.master.reconcile import Reconciler
 from dstore.master.repair import Repairer
@@ -55,8 +56,6 @@ def metadata_engine(config: GatewayConfig) -> tuple[MetadataStore, LookupCache]:
     database other gateways write too)."""
     if config.metadata is None:
         return SQLiteMetadataStore(config.data_dir / "meta.db"), LookupCache(config.lookup_cache)
-    from dstore.master.metadata.postgres import PostgresMetadataStore
-
     return PostgresMetadataStore(config.metadata), LookupCache(0)
 
 
@@ -75,6 +74,12 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
         engine, lookups = metadata_engine(config)
         meta = CachedMetadataStore(engine, lookups)
         await meta.open()
+        if isinstance(engine, PostgresMetadataStore):
+            try:
+                await engine.claim()
+            except BaseException:
+                await meta.close()
+                raise
         records = {r.addr: r.state for r in await meta.members()}
         gone = MemberState.REMOVED
         addrs = [a for a in config.storage or [] if records.get(a) is not gone]

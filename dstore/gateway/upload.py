@@ -305,7 +305,8 @@ class Uploader:
                     for chunk in chunker.feed(piece):
                         await hold(chunk.index, chunk.size)
                         await hand_on(chunk)  # its slot goes with it
-                    if chunker.pending:  # the next chunk has begun
+                    # the next chunk has begun (and is charged, unless it was whole already)
+                    if chunker.pending and holding < settings.chunk_size:
                         await hold(chunker.total // settings.chunk_size, chunker.pending)
                 last = chunker.finish()
                 if upload.version_id is None and chunker.total <= settings.inline_max:

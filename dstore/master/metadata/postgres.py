@@ -51,6 +51,7 @@ Tx = Any  # an asyncpg connection inside a transaction
 _NOW = "extract(epoch from clock_timestamp())"
 PENDING, LIVE, DEAD = (s.value for s in VersionState)
 SCHEMA_LOCK = 0x64_73_74_6F_72_65  # advisory lock key: "dstore"
+GATEWAY_LOCK = SCHEMA_LOCK + 1  # held by the one gateway a database serves (see ``claim``)
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the SQLite engine's tables after its migration 2, in PostgreSQL's types
@@ -123,6 +124,7 @@ class PostgresMetadataStore(MetadataStore):
         self.max_connections = pool
         self.timeout = timeout  # a statement, or the wait for a connection, at most
         self._pool: Any = None
+        self._claim: Any = None  # the connection holding ``GATEWAY_LOCK``, if claimed
         self._operations = 0
         self._transactions = 0
 
@@ -184,7 +186,29 @@ class PostgresMetadataStore(MetadataStore):
             await con.execute("UPDATE schema_version SET version = $1", LATEST)
             return int(found)
 
+    async def claim(self) -> None:
+        """Make this the only gateway on the database, for as long as it is open (a
+        session advisory lock on a connection of its own). Until background work has
+        one leader and caches and read pins are shared, two gateways on one database
+        would delete each other's chunks: the second is refused, in one line."""
+        import asyncpg
+
+        try:
+            con = await asyncpg.connect(self.dsn, timeout=self.timeout)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise MetadataUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+        if not await con.fetchval("SELECT pg_try_advisory_lock($1)", GATEWAY_LOCK):
+            await con.close()
+            raise ConfigError(
+                "another gateway already uses this metadata database"
+                " (several gateways on one database are not supported yet)"
+            )
+        self._claim = con
+
     async def close(self) -> None:
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            await claim.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
