@@ -64,6 +64,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="HTTPS and mutual TLS on node links, with a private CA made in DATA_DIR/tls",
     )
 
+    migrate = sub.add_parser(
+        "migrate-metadata",
+        help="copy a stopped gateway's SQLite metadata into an empty PostgreSQL database",
+    )
+    migrate.add_argument(
+        "--data-dir", default="./data/gateway", help="the gateway's data dir (its meta.db)"
+    )
+    migrate.add_argument(
+        "--to",
+        default=os.environ.get("DSTORE_METADATA"),
+        help="postgresql:// URL of the target (default: DSTORE_METADATA)",
+    )
+
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--url", default=os.environ.get("DSTORE_URL", "http://127.0.0.1:8080"))
@@ -214,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         except (DstoreError, OSError) as exc:
             return _fail(str(exc))
+    if args.command == "migrate-metadata":
+        return _migrate_metadata(Path(args.data_dir), args.to)
     try:
         return asyncio.run(_client_main(args))
     except DstoreError as exc:
@@ -231,6 +246,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _migrate_metadata(data_dir: Path, dsn: str | None) -> int:
+    if not dsn or not dsn.startswith(("postgresql://", "postgres://")):
+        return _fail("migrate-metadata needs --to postgresql://... (or DSTORE_METADATA)", 2)
+    from dstore.master.metadata.migrate import sqlite_to_postgres
+
+    try:
+        counts = asyncio.run(sqlite_to_postgres(data_dir / "meta.db", dsn))
+    except DstoreError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot migrate: {exc}")
+    print(json.dumps({"copied": counts}))
+    return 0
 
 
 def _joiner(config: StorageConfig) -> Callable[[str], Awaitable[dict[str, Any]]] | None:

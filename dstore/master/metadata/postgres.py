@@ -213,6 +213,11 @@ class PostgresMetadataStore(MetadataStore):
         if pool is not None:
             await pool.close()
 
+    async def run(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
+        """Run ``fn(connection)`` in a durable transaction of its own: for operators'
+        tools (``dstore migrate-metadata``), never for the gateway's work."""
+        return await self._tx(fn, durable=True)
+
     async def _tx(self, fn: Callable[[Tx], Awaitable[T]], *, durable: bool = False) -> T:
         """Run ``fn(connection)`` in a transaction of its own; library errors translated."""
         import asyncpg
