@@ -38,6 +38,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.protocol import disk_read, disk_write
+from dstore.pgserver import PostgresServer
 
 GIB = 1 << 30
 SIZE = int(float(os.environ.get("DSTORE_BENCH_GIB", "1")) * GIB)
@@ -61,15 +62,25 @@ class Up:
     ) -> None:
         """``settings``: ``DSTORE_*`` variables by their short names; ``env``: any others.
         ``DSTORE_TLS=1`` among them starts it with ``--tls`` (HTTPS, mutual TLS node links;
-        the benchmarks' clients encrypt but do not check the private CA)."""
+        the benchmarks' clients encrypt but do not check the private CA).
+        ``DSTORE_METADATA=postgres`` puts the gateway's metadata on a private PostgreSQL
+        server started for it (``dstore.pgserver``, fsync on, in ``data_dir/pg``)."""
         self.data_dir = data_dir
         self.replicas = replicas
         self.env = dict(env or {}, **{f"DSTORE_{k.upper()}": v for k, v in settings.items()})
         self.tls = self.env.pop("DSTORE_TLS", "0") not in ("0", "")
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
+        self.postgres: PostgresServer | None = None
 
     async def __aenter__(self) -> Up:
+        if self.env.get("DSTORE_METADATA") == "postgres":
+            root = self.data_dir.resolve() / "pg"
+            for folder in (root.parent, root.parent.parent):  # (the server's user enters)
+                folder.mkdir(parents=True, exist_ok=True)
+                folder.chmod(folder.stat().st_mode | 0o011)
+            self.postgres = await asyncio.to_thread(PostgresServer(root).start)
+            self.env["DSTORE_METADATA"] = await self.postgres.create_database("dstore")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -107,6 +118,8 @@ class Up:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGINT)
         await asyncio.to_thread(self.proc.wait, 30)
+        if self.postgres is not None:
+            await asyncio.to_thread(self.postgres.stop)
 
     def peak_rss(self) -> int:
         assert self.proc is not None

@@ -360,18 +360,18 @@ async def cluster(make_cluster: Callable[..., Awaitable[LocalCluster]]) -> Local
 
 # --- PostgreSQL ----------------------------------------------------------------------------
 
-from tests.pg import PostgresServer, require_postgres  # noqa: E402
+from tests.pg import PostgresServer, new_database, throwaway_server  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One throw-away PostgreSQL for the whole run (tests/pg.py); each test that asks
     for ``pg_url`` gets a database of its own in it."""
-    server = PostgresServer(require_postgres()).start()
+    server = throwaway_server()
     yield server
     server.remove()
 
 
 @pytest.fixture
 async def pg_url(postgres_server: PostgresServer) -> str:
-    return await postgres_server.new_database()
+    return await new_database(postgres_server)
