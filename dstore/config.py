@@ -219,6 +219,9 @@ class StorageConfig:
 class GatewayConfig:
     listen: str = _opt("127.0.0.1:8080", str, "HTTP address to listen on (host:port)")
     data_dir: Path = _opt(Path("./data/gateway"), Path, "where the metadata database lives")
+    gateway_id: str | None = _opt(
+        None, str, "this gateway's name among those sharing a database (default: host/listen/pid)"
+    )
     metadata: str | None = _opt(
         None,
         str,

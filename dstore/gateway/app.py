@@ -24,6 +24,7 @@ from dstore.gateway.metrics import metrics
 from dstore.gateway.upload import Uploader, UploadSettings
 from dstore.master.cluster import Cluster, Connector, open_tcp, open_tls
 from dstore.master.inline_scrub import InlineScrubber
+from dstore.master.leader import Leader, holder_id
 from dstore.master.metadata import (
     CachedMetadataStore,
     LookupCache,
@@ -155,10 +156,14 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
         )
         inline_scrubber = InlineScrubber(meta, interval=config.inline_scrub_interval)
         app[keys.INLINE_SCRUBBER] = inline_scrubber
-        reaper.start()
-        inline_scrubber.start()
-        reconciler.start()
-        repairer.start()
+        holder = config.gateway_id or holder_id(config.listen)
+        leader = Leader(meta, holder, interval=config.heartbeat)
+        app[keys.LEADER] = leader
+        await leader.cycle()  # (known before the first cycles of the jobs it gates)
+        leader.start()
+        for job in (reaper, inline_scrubber, reconciler, repairer):
+            job.gate = lambda: leader.leads
+            job.start()
         uploader.lease_keeper.start()
         log.info(
             "gateway_started",
@@ -175,6 +180,7 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
             await reconciler.stop()
             await inline_scrubber.stop()
             await reaper.stop()
+            await leader.stop()
             await cluster.stop()
             await meta.close()
             log.info("gateway_stopped")

@@ -585,8 +585,13 @@ async def cluster_info(request: web.Request) -> web.StreamResponse:
     app = request.app
     files, size = await app[keys.META].totals()
     nodes: list[dict[str, Any]] = [m.as_json() for m in app[keys.CLUSTER].members.values()]
+    leader, led = app[keys.LEADER], await app[keys.META].leadership()
     return json_response(
         {
+            "gateway": {"id": leader.holder, "leads": leader.leads},
+            "leader": None
+            if led is None
+            else {"id": led.holder, "epoch": led.epoch, "expires_in": round(led.expires_in, 1)},
             "nodes": nodes,
             "replicas": app[keys.CONFIG].replicas,
             "files": files,
@@ -605,6 +610,10 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     up, wanted = app[keys.CLUSTER].up_count(), app[keys.CONFIG].replicas
     if up < wanted:
         return error_response(503, "not_ready", f"{up} storage nodes up, {wanted} needed")
+    try:  # the metadata engine answers (a shared database may be away)
+        await app[keys.META].leadership()
+    except MetadataUnavailable as exc:
+        return error_response(503, "not_ready", f"metadata: {exc}")
     return json_response({"status": "ready", "nodes_up": up})
 
 

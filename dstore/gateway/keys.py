@@ -12,6 +12,7 @@ from dstore.gateway.download import Downloader
 from dstore.gateway.upload import Uploader
 from dstore.master.cluster import Cluster
 from dstore.master.inline_scrub import InlineScrubber
+from dstore.master.leader import Leader
 from dstore.master.metadata import LookupCache, MetadataStore
 from dstore.master.reaper import ReadPins, Reaper
 from dstore.master.reconcile import Reconciler
@@ -28,6 +29,7 @@ REAPER = web.AppKey("reaper", Reaper)
 INLINE_SCRUBBER = web.AppKey("inline_scrubber", InlineScrubber)
 RECONCILER = web.AppKey("reconciler", Reconciler)
 REPAIRER = web.AppKey("repairer", Repairer)
+LEADER = web.AppKey("leader", Leader)
 UPLOADER = web.AppKey("uploader", Uploader)
 DOWNLOADER = web.AppKey("downloader", Downloader)
 TOKENS = web.AppKey("tokens", TokenTable)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Callable
 from typing import ClassVar
 
 import structlog
@@ -21,6 +22,9 @@ class PeriodicJob(abc.ABC):
         self.after_wake = after_wake  # pause between a wake-up and the cycle it triggers
         self.run_at_start = run_at_start
         self.cycles = 0
+        # asked before each cycle, if set: a job that runs on one gateway only (the
+        # leader) skips its cycles while this says no
+        self.gate: Callable[[], bool] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -48,11 +52,12 @@ class PeriodicJob(abc.ABC):
         if not self.run_at_start:
             await self._sleep()
         while True:
-            try:
-                await self.cycle()
-            except Exception:
-                log.exception("job_cycle_failed", job=self.NAME)  # the next cycle retries
-            self.cycles += 1
+            if self.gate is None or self.gate():
+                try:
+                    await self.cycle()
+                except Exception:
+                    log.exception("job_cycle_failed", job=self.NAME)  # the next cycle retries
+                self.cycles += 1
             await self._sleep()
 
     async def _sleep(self) -> None:

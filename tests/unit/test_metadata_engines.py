@@ -382,3 +382,38 @@ async def test_if_match_is_a_compare_and_swap_on_the_current_etag(meta: Metadata
         await meta.delete("f", if_match=[winner])
     with pytest.raises(PreconditionFailed):
         await meta.commit_inline("f", "", InlineBody(b"x", b"c" * 16), '"i"', if_match=["*"])
+
+
+async def test_one_leader_at_a_time_and_a_new_one_under_a_higher_epoch(
+    make_engine: Engine,
+) -> None:
+    a, b = await make_engine(), await make_engine()
+    assert await a.leadership() is None
+    assert await a.lead("gw-a", 60) == 1
+    assert await a.lead("gw-a", 60) == 1  # renewed: the same epoch
+    assert await b.lead("gw-b", 60) is None  # a's lease runs
+    led = await b.leadership()
+    assert led is not None and (led.holder, led.epoch) == ("gw-a", 1) and led.expires_in > 50
+    assert await a.lead("gw-a", 0.05) == 1  # (a renewal that runs out soon)
+    await wait_for(lambda: b.lead("gw-b", 60), timeout=5)  # then b takes over
+    assert await b.lead("gw-b", 60) == 2
+    assert await a.lead("gw-a", 60) is None  # and a, back, is refused
+    led = await a.leadership()
+    assert led is not None and (led.holder, led.epoch) == ("gw-b", 2)
+
+
+async def test_contenders_at_once_make_exactly_one_leader(make_engine: Engine) -> None:
+    engines = [await make_engine() for _ in range(4)]
+    for round_ in range(5):
+        epochs = await asyncio.gather(
+            *(e.lead(f"gw-{i}-{round_}", 0.05) for i, e in enumerate(engines))
+        )
+        assert len([x for x in epochs if x is not None]) == 1, epochs
+        await wait_for(
+            lambda: _expired(engines[0]), timeout=5
+        )  # the lease runs out before the next round
+
+
+async def _expired(meta: MetadataStore) -> bool:
+    led = await meta.leadership()
+    return led is not None and led.expires_in < 0

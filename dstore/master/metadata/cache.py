@@ -35,6 +35,7 @@ from dstore.master.metadata.model import (
     FileInfo,
     FileVersion,
     InlineBody,
+    Leadership,
     MemberRecord,
     MemberState,
     Purged,
@@ -423,3 +424,9 @@ class CachedMetadataStore(MetadataStore):
 
     async def remember_identity(self, addr: str, node_id: str) -> None:
         await self.engine.remember_identity(addr, node_id)
+
+    async def lead(self, holder: str, ttl: float) -> int | None:
+        return await self.engine.lead(holder, ttl)
+
+    async def leadership(self) -> Leadership | None:
+        return await self.engine.leadership()

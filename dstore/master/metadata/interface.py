@@ -22,6 +22,7 @@ from dstore.master.metadata.model import (
     FileInfo,
     FileVersion,
     InlineBody,
+    Leadership,
     MemberRecord,
     MemberState,
     Purged,
@@ -215,3 +216,14 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def remember_identity(self, addr: str, node_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def lead(self, holder: str, ttl: float) -> int | None:
+        """Take or keep the leadership for ``ttl`` seconds of the engine's clock, in one
+        guarded statement: the epoch if ``holder`` leads now, None while another
+        holder's lease runs. A holder taking over (or taking back a lease that ran out)
+        gets an epoch higher than any before."""
+
+    @abc.abstractmethod
+    async def leadership(self) -> Leadership | None:
+        """The current (or last) leader, if there ever was one."""

@@ -125,6 +125,17 @@ class MemberRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Leadership:
+    """Who runs the background work (reaper, repair, reconciler, scrubbers) of the
+    gateways sharing one database: ``holder`` until ``expires_in`` seconds from now,
+    under ``epoch`` (higher for every new holder)."""
+
+    holder: str
+    epoch: int
+    expires_in: float
+
+
+@dataclass(frozen=True, slots=True)
 class Purged:
     """What one ``purge_dead`` dropped."""
 

@@ -15,6 +15,7 @@ asyncpg is imported only when a PostgreSQL URL is given (``pip install 'dstore[p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ from dstore.master.metadata.model import (
     FileInfo,
     FileVersion,
     InlineBody,
+    Leadership,
     MemberRecord,
     MemberState,
     Purged,
@@ -50,6 +52,9 @@ Tx = Any  # an asyncpg connection inside a transaction
 
 _NOW = "extract(epoch from clock_timestamp())"
 PENDING, LIVE, DEAD = (s.value for s in VersionState)
+_BEGIN_DURABLE = "BEGIN ISOLATION LEVEL READ COMMITTED"
+# (what the reconciler and lease expiry repair need not wait for the WAL flush)
+_BEGIN = _BEGIN_DURABLE + "; SET LOCAL synchronous_commit TO off"
 SCHEMA_LOCK = 0x64_73_74_6F_72_65  # advisory lock key: "dstore"
 GATEWAY_LOCK = SCHEMA_LOCK + 1  # held by the one gateway a database serves (see ``claim``)
 
@@ -103,6 +108,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE members (
         addr        TEXT PRIMARY KEY,
         state       TEXT NOT NULL CHECK (state IN ('active', 'draining', 'removed'))
+    );
+    """,
+    # 2: who runs the background work, under which epoch, until when
+    """
+    CREATE TABLE leader (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        holder      TEXT NOT NULL,
+        epoch       BIGINT NOT NULL,
+        expires     DOUBLE PRECISION NOT NULL
     );
     """,
 )
@@ -218,8 +232,12 @@ class PostgresMetadataStore(MetadataStore):
         tools (``dstore migrate-metadata``), never for the gateway's work."""
         return await self._tx(fn, durable=True)
 
-    async def _tx(self, fn: Callable[[Tx], Awaitable[T]], *, durable: bool = False) -> T:
-        """Run ``fn(connection)`` in a transaction of its own; library errors translated."""
+    async def _tx(
+        self, fn: Callable[[Tx], Awaitable[T]], *, durable: bool = False, read: bool = False
+    ) -> T:
+        """Run ``fn(connection)`` in a transaction of its own (its BEGIN and its commit
+        setting in one round trip); ``read``: ``fn`` reads, one statement at a time, with
+        no transaction around them. Library errors translated."""
         import asyncpg
 
         pool = self._pool
@@ -227,10 +245,18 @@ class PostgresMetadataStore(MetadataStore):
             raise MetadataUnavailable("metadata store is closed")
         self._operations += 1
         try:
-            async with pool.acquire(timeout=self.timeout) as con, con.transaction():
-                if not durable:
-                    await con.execute("SET LOCAL synchronous_commit = off")
-                result = await fn(con)
+            async with pool.acquire(timeout=self.timeout) as con:
+                if read:
+                    return await fn(con)
+                await con.execute(_BEGIN_DURABLE if durable else _BEGIN)
+                try:
+                    result = await fn(con)
+                except BaseException:
+                    if not con.is_closed():
+                        with contextlib.suppress(Exception):
+                            await con.execute("ROLLBACK")
+                    raise
+                await con.execute("COMMIT")
             self._transactions += 1
             return result
         except DstoreError:
@@ -245,6 +271,7 @@ class PostgresMetadataStore(MetadataStore):
             OSError,
             TimeoutError,
             asyncpg.InterfaceError,
+            asyncpg.InternalClientError,  # (a connection a timed-out operation left unusable)
             asyncpg.PostgresConnectionError,
             asyncpg.CannotConnectNowError,
             asyncpg.AdminShutdownError,
@@ -401,27 +428,31 @@ class PostgresMetadataStore(MetadataStore):
     # --- reads ----------------------------------------------------------------------------
 
     async def head(self, name: str) -> FileVersion:
-        return await self._tx(lambda con: _current(con, name, data=False))
+        return await self._tx(lambda con: _current(con, name, data=False), read=True)
 
     async def lookup(self, name: str, start: int = 0, limit: int | None = None) -> FileVersion:
         async def tx(con: Tx) -> FileVersion:
             version = await _current(con, name, data=True)
             if version.inline is not None:
                 return version
+            # (no transaction around the two: a version replaced in between keeps its
+            # chunk rows until the reaper purges it, ``gc_grace`` after it died)
             refs = await _chunk_refs(con, version.version_id, limit=limit, start=start)
             return dataclasses.replace(version, chunks=refs)
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def chunk_page(self, version_id: int, start: int, limit: int) -> tuple[ChunkRef, ...]:
-        return await self._tx(lambda con: _chunk_refs(con, version_id, limit=limit, start=start))
+        return await self._tx(
+            lambda con: _chunk_refs(con, version_id, limit=limit, start=start), read=True
+        )
 
     async def inline_data(self, version_id: int) -> bytes | None:
         async def tx(con: Tx) -> bytes | None:
             data = await con.fetchval("SELECT data FROM bodies WHERE version_id = $1", version_id)
             return None if data is None else bytes(data)
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def inline_bodies(self, after: int, limit: int) -> list[tuple[int, str, InlineBody]]:
         async def tx(con: Tx) -> list[tuple[int, str, InlineBody]]:
@@ -442,7 +473,7 @@ class PostgresMetadataStore(MetadataStore):
                 for r in rows
             ]
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def delete(self, name: str, *, if_match: Sequence[str] | None = None) -> int:
         async def tx(con: Tx) -> int:
@@ -485,7 +516,7 @@ class PostgresMetadataStore(MetadataStore):
             files = [FileInfo(r["name"], r["size"], r["etag"], r["created"]) for r in rows[:limit]]
             return files, (files[-1].name if len(rows) > limit else None)
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def totals(self) -> tuple[int, int]:
         async def tx(con: Tx) -> tuple[int, int]:
@@ -495,7 +526,7 @@ class PostgresMetadataStore(MetadataStore):
             )
             return int(row["files"]), int(row["bytes"])
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def chunk_ids(self, state: VersionState) -> set[str]:
         async def tx(con: Tx) -> set[str]:
@@ -506,7 +537,7 @@ class PostgresMetadataStore(MetadataStore):
             )
             return {r["chunk_id"] for r in rows}
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def version_ids(
         self, *, name: str | None = None, state: VersionState | None = None
@@ -520,13 +551,13 @@ class PostgresMetadataStore(MetadataStore):
             )
             return [int(r["id"]) for r in rows]
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def inline_count(self) -> int:
         async def tx(con: Tx) -> int:
             return int(await con.fetchval("SELECT COUNT(*) FROM bodies"))
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     # --- reclaiming -----------------------------------------------------------------------
 
@@ -556,7 +587,7 @@ class PostgresMetadataStore(MetadataStore):
                 for r in rows
             ]
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def forget_replica(self, chunk_id: str, node_id: str, *, durable: bool = False) -> None:
         async def tx(con: Tx) -> None:
@@ -608,7 +639,7 @@ class PostgresMetadataStore(MetadataStore):
             )
             return [_replicas(r) for r in rows]
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def chunk_replicas(self, chunk_id: str) -> ChunkReplicas | None:
         async def tx(con: Tx) -> ChunkReplicas | None:
@@ -622,7 +653,7 @@ class PostgresMetadataStore(MetadataStore):
             )
             return None if row is None else _replicas(row)
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def replica_count(self, node_id: str) -> int:
         async def tx(con: Tx) -> int:
@@ -630,13 +661,13 @@ class PostgresMetadataStore(MetadataStore):
                 await con.fetchval("SELECT COUNT(*) FROM replicas WHERE node_id = $1", node_id)
             )
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def replica_node_ids(self) -> set[str]:
         async def tx(con: Tx) -> set[str]:
             return {r["node_id"] for r in await con.fetch("SELECT DISTINCT node_id FROM replicas")}
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def known_replicas(self, node_id: str, chunk_ids: Sequence[str]) -> set[str]:
         async def tx(con: Tx) -> set[str]:
@@ -647,14 +678,14 @@ class PostgresMetadataStore(MetadataStore):
             )
             return {r["chunk_id"] for r in rows}
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def members(self) -> list[MemberRecord]:
         async def tx(con: Tx) -> list[MemberRecord]:
             rows = await con.fetch("SELECT addr, state FROM members ORDER BY addr")
             return [MemberRecord(r["addr"], MemberState(r["state"])) for r in rows]
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def set_member(self, addr: str, state: MemberState | None) -> None:
         async def tx(con: Tx) -> None:
@@ -675,7 +706,7 @@ class PostgresMetadataStore(MetadataStore):
             rows = await con.fetch("SELECT addr, node_id FROM identities")
             return {r["addr"]: r["node_id"] for r in rows}
 
-        return await self._tx(tx)
+        return await self._tx(tx, read=True)
 
     async def remember_identity(self, addr: str, node_id: str) -> None:
         async def tx(con: Tx) -> None:
@@ -688,6 +719,34 @@ class PostgresMetadataStore(MetadataStore):
 
         await self._tx(tx)
 
+    # --- leadership -----------------------------------------------------------------------
+
+    async def lead(self, holder: str, ttl: float) -> int | None:
+        async def tx(con: Tx) -> int | None:
+            epoch = await con.fetchval(
+                f"INSERT INTO leader (id, holder, epoch, expires) VALUES (1, $1, 1, {_NOW} + $2)"
+                " ON CONFLICT (id) DO UPDATE SET"
+                " epoch = CASE WHEN leader.holder = excluded.holder"
+                f" AND leader.expires >= {_NOW} THEN leader.epoch ELSE leader.epoch + 1 END,"
+                " holder = excluded.holder, expires = excluded.expires"
+                f" WHERE leader.holder = excluded.holder OR leader.expires < {_NOW}"
+                " RETURNING epoch",
+                holder,
+                ttl,
+            )
+            return None if epoch is None else int(epoch)
+
+        return await self._tx(tx)
+
+    async def leadership(self) -> Leadership | None:
+        async def tx(con: Tx) -> Leadership | None:
+            row = await con.fetchrow(f"SELECT holder, epoch, expires - {_NOW} AS left FROM leader")
+            if row is None:
+                return None
+            return Leadership(row["holder"], int(row["epoch"]), float(row["left"]))
+
+        return await self._tx(tx, read=True)
+
 
 def _redacted(dsn: str) -> str:
     """The URL without its password (it goes into logs and reprs)."""
@@ -695,7 +754,8 @@ def _redacted(dsn: str) -> str:
     if not at:
         return dsn
     scheme, _, user = head.partition("://")
-    return f"{scheme}://{user.split(':', 1)[0]}:***@{host}"
+    name, colon, _ = user.partition(":")
+    return f"{scheme}://{name}{':***' if colon else ''}@{host}"
 
 
 def _after(prefix: str) -> str | None:

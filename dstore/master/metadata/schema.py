@@ -66,6 +66,15 @@ MIGRATIONS: tuple[str, ...] = (
     # 2: no column named after a reserved word (``offset``), so the same statements
     # serve every engine
     "ALTER TABLE chunks RENAME COLUMN offset TO first_byte;",
+    # 3: who runs the background work, under which epoch, until when
+    """
+    CREATE TABLE leader (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        holder      TEXT NOT NULL,
+        epoch       INTEGER NOT NULL,
+        expires     REAL NOT NULL
+    );
+    """,
 )
 
 LATEST = len(MIGRATIONS)

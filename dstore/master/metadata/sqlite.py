@@ -29,6 +29,7 @@ from dstore.master.metadata.model import (
     FileInfo,
     FileVersion,
     InlineBody,
+    Leadership,
     MemberRecord,
     MemberState,
     Purged,
@@ -576,6 +577,31 @@ class SQLiteMetadataStore(MetadataStore):
                 (addr, node_id),
             )
         )
+
+    # --- leadership -----------------------------------------------------------------------
+
+    async def lead(self, holder: str, ttl: float) -> int | None:
+        def tx(db: sqlite3.Connection) -> int | None:
+            row = db.execute(
+                f"INSERT INTO leader (id, holder, epoch, expires) VALUES (1, ?, 1, {_NOW} + ?)"
+                " ON CONFLICT (id) DO UPDATE SET"
+                " epoch = CASE WHEN leader.holder = excluded.holder"
+                f" AND leader.expires >= {_NOW} THEN leader.epoch ELSE leader.epoch + 1 END,"
+                " holder = excluded.holder, expires = excluded.expires"
+                f" WHERE leader.holder = excluded.holder OR leader.expires < {_NOW}"
+                " RETURNING epoch",
+                (holder, ttl),
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._submit(tx)
+
+    async def leadership(self) -> Leadership | None:
+        def tx(db: sqlite3.Connection) -> Leadership | None:
+            row = db.execute(f"SELECT holder, epoch, expires - {_NOW} FROM leader").fetchone()
+            return None if row is None else Leadership(row[0], int(row[1]), float(row[2]))
+
+        return await self._submit(tx)
 
 
 # a chunk's replica node ids in placement order, comma-separated (chunk aliased as c)
