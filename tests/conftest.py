@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import signal
@@ -336,6 +337,16 @@ def tmp_leftovers(nodes: list[StorageNode]) -> list[Path]:
 async def make_cluster(
     tmp_path: Path, start_node: NodeFactory
 ) -> AsyncIterator[Callable[..., Awaitable[LocalCluster]]]:
+    async with cluster_maker(tmp_path, start_node) as make:
+        yield make
+
+
+@contextlib.asynccontextmanager
+async def cluster_maker(
+    tmp_path: Path, start_node: NodeFactory, **always: Any
+) -> AsyncIterator[Callable[..., Awaitable[LocalCluster]]]:
+    """A factory of clusters (N nodes, one gateway with ``always`` among its settings),
+    all closed at the end: ``make_cluster``, and its variants in other modules."""
     clusters: list[LocalCluster] = []
 
     async def make(
@@ -345,12 +356,14 @@ async def make_cluster(
         clusters.append(cluster)
         for i in range(nodes):
             await cluster.add_node(**((node_settings or [{}] * nodes)[i]))
-        await cluster.start_gateway(**gateway)
+        await cluster.start_gateway(**(always | gateway))
         return cluster
 
-    yield make
-    for cluster in reversed(clusters):
-        await cluster.close()
+    try:
+        yield make
+    finally:
+        for cluster in reversed(clusters):
+            await cluster.close()
 
 
 @pytest.fixture

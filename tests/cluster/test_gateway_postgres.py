@@ -7,7 +7,6 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,7 +17,7 @@ from tests.cluster.test_conditional import *  # noqa: F403
 from tests.cluster.test_gateway_basic import *  # noqa: F403
 from tests.cluster.test_gateway_races import *  # noqa: F403
 from tests.cluster.test_inline import *  # noqa: F403
-from tests.conftest import SECRET, LocalCluster, NodeFactory, wait_for
+from tests.conftest import SECRET, LocalCluster, NodeFactory, cluster_maker, wait_for
 from tests.pg import PostgresServer
 
 
@@ -27,21 +26,8 @@ async def make_cluster(
     tmp_path: Path, start_node: NodeFactory, pg_url: str
 ) -> AsyncIterator[Callable[..., Awaitable[LocalCluster]]]:
     """The suites' cluster factory, every gateway on one fresh PostgreSQL database."""
-    clusters: list[LocalCluster] = []
-
-    async def make(
-        nodes: int = 3, node_settings: list[dict[str, Any]] | None = None, **gateway: Any
-    ) -> LocalCluster:
-        cluster = LocalCluster(tmp_path, start_node)
-        clusters.append(cluster)
-        for i in range(nodes):
-            await cluster.add_node(**((node_settings or [{}] * nodes)[i]))
-        await cluster.start_gateway(metadata=pg_url, **gateway)
-        return cluster
-
-    yield make
-    for cluster in reversed(clusters):
-        await cluster.close()
+    async with cluster_maker(tmp_path, start_node, metadata=pg_url) as make:
+        yield make
 
 
 # not for this engine: fault injection through SQLite itself (a full disk, rotten bytes),

@@ -46,6 +46,7 @@ from dstore.master.metadata.model import (
     Purged,
     VersionState,
 )
+from dstore.master.metadata.sql import prefix_end, split_node_ids
 
 T = TypeVar("T")
 Tx = Any  # an asyncpg connection inside a transaction
@@ -507,7 +508,7 @@ class PostgresMetadataStore(MetadataStore):
             if prefix:
                 args += [prefix]
                 sql += f" AND left(f.name, {len(prefix)}) = ${len(args)}"
-                bound = _after(prefix)
+                bound = prefix_end(prefix)
                 if bound is not None:
                     args.append(bound)
                     sql += f" AND f.name < ${len(args)}"
@@ -583,7 +584,7 @@ class PostgresMetadataStore(MetadataStore):
                 limit,
             )
             return [
-                DeadChunk(int(r["version_id"]), r["chunk_id"], _node_ids(r["nodes"]), r["age"])
+                DeadChunk(int(r["version_id"]), r["chunk_id"], split_node_ids(r["nodes"]), r["age"])
                 for r in rows
             ]
 
@@ -758,22 +759,9 @@ def _redacted(dsn: str) -> str:
     return f"{scheme}://{name}{':***' if colon else ''}@{host}"
 
 
-def _after(prefix: str) -> str | None:
-    """The least string above every string that starts with ``prefix``; None past
-    U+10FFFF (as in the SQLite engine)."""
-    last = ord(prefix[-1]) + 1
-    if 0xD800 <= last <= 0xDFFF:
-        last = 0xE000
-    return None if last > 0x10FFFF else prefix[:-1] + chr(last)
-
-
-def _node_ids(joined: str | None) -> tuple[str, ...]:
-    return tuple(n for n in (joined or "").split(",") if n)
-
-
 def _replicas(row: Any) -> ChunkReplicas:
     return ChunkReplicas(
-        row["chunk_id"], int(row["size"]), bytes(row["checksum"]), _node_ids(row["nodes"])
+        row["chunk_id"], int(row["size"]), bytes(row["checksum"]), split_node_ids(row["nodes"])
     )
 
 
@@ -821,7 +809,7 @@ async def _chunk_refs(
             int(r["first_byte"]),
             int(r["size"]),
             bytes(r["checksum"]),
-            _node_ids(r["nodes"]),
+            split_node_ids(r["nodes"]),
         )
         for r in await con.fetch(sql, *args)
     )

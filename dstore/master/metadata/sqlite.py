@@ -36,6 +36,7 @@ from dstore.master.metadata.model import (
     VersionState,
 )
 from dstore.master.metadata.schema import migrate
+from dstore.master.metadata.sql import prefix_end, split_node_ids
 from dstore.threads import Call, Outcome, WorkerThread
 
 T = TypeVar("T")
@@ -359,7 +360,7 @@ class SQLiteMetadataStore(MetadataStore):
             if prefix:
                 sql += " AND substr(f.name, 1, ?) = ?"
                 args += [len(prefix), prefix]
-                bound = _after(prefix)
+                bound = prefix_end(prefix)
                 if bound is not None:
                     # names with the prefix sort below the prefix with its last character
                     # bumped (SQLite's BINARY order is code point order, like Python's):
@@ -434,7 +435,9 @@ class SQLiteMetadataStore(MetadataStore):
                 " ORDER BY v.dead_since LIMIT ?",
                 (settle, limit),
             ).fetchall()
-            return [DeadChunk(vid, cid, _node_ids(nodes), age) for vid, cid, nodes, age in rows]
+            return [
+                DeadChunk(vid, cid, split_node_ids(nodes), age) for vid, cid, nodes, age in rows
+            ]
 
         return await self._submit(tx)
 
@@ -487,7 +490,7 @@ class SQLiteMetadataStore(MetadataStore):
                 (LIVE, PENDING, *ids, limit),
             ).fetchall()
             return [
-                ChunkReplicas(cid, size, bytes(cs), _node_ids(nodes))
+                ChunkReplicas(cid, size, bytes(cs), split_node_ids(nodes))
                 for cid, size, cs, nodes in rows
             ]
 
@@ -505,7 +508,7 @@ class SQLiteMetadataStore(MetadataStore):
             if row is None:
                 return None
             cid, size, cs, nodes = row
-            return ChunkReplicas(cid, size, bytes(cs), _node_ids(nodes))
+            return ChunkReplicas(cid, size, bytes(cs), split_node_ids(nodes))
 
         return await self._submit(tx)
 
@@ -611,15 +614,6 @@ _REPLICA_LIST = (
 )
 
 
-def _after(prefix: str) -> str | None:
-    """The least string above every string that starts with ``prefix`` (its last code
-    point bumped, over the surrogates, which no stored string holds); None past U+10FFFF."""
-    last = ord(prefix[-1]) + 1
-    if 0xD800 <= last <= 0xDFFF:
-        last = 0xE000
-    return None if last > 0x10FFFF else prefix[:-1] + chr(last)
-
-
 def _current(db: sqlite3.Connection, name: str, *, data: bool) -> FileVersion:
     """The name's current version; an inline one with its bytes if ``data`` (else with
     their checksum only)."""
@@ -654,13 +648,9 @@ def _chunk_refs(
         sql += " LIMIT ?"
         args += (limit,)
     return tuple(
-        ChunkRef(idx, cid, first, size, bytes(cs), _node_ids(nodes))
+        ChunkRef(idx, cid, first, size, bytes(cs), split_node_ids(nodes))
         for idx, cid, first, size, cs, nodes in db.execute(sql, args)
     )
-
-
-def _node_ids(joined: str | None) -> tuple[str, ...]:
-    return tuple(n for n in (joined or "").split(",") if n)
 
 
 def _current_pointer(db: sqlite3.Connection, name: str) -> tuple[int, int] | None:
