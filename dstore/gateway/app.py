@@ -25,6 +25,7 @@ from dstore.gateway.upload import Uploader, UploadSettings
 from dstore.master.cluster import Cluster, Connector, open_tcp, open_tls
 from dstore.master.inline_scrub import InlineScrubber
 from dstore.master.leader import Leader, holder_id
+from dstore.master.membership import MembershipSync
 from dstore.master.metadata import (
     CachedMetadataStore,
     LookupCache,
@@ -165,6 +166,8 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
             job.gate = lambda: leader.leads
             job.start()
         uploader.lease_keeper.start()
+        membership = MembershipSync(meta, cluster, interval=config.heartbeat)
+        membership.start()
         log.info(
             "gateway_started",
             nodes=len(cluster.members),
@@ -175,6 +178,7 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
         try:
             yield
         finally:
+            await membership.stop()
             await uploader.lease_keeper.stop()
             await repairer.stop()
             await reconciler.stop()
