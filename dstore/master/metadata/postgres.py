@@ -46,7 +46,13 @@ from dstore.master.metadata.model import (
     Purged,
     VersionState,
 )
-from dstore.master.metadata.sql import prefix_end, split_node_ids
+from dstore.master.metadata.sql import (
+    check_etag,
+    lead_statement,
+    match_needs_etag,
+    prefix_end,
+    split_node_ids,
+)
 
 T = TypeVar("T")
 Tx = Any  # an asyncpg connection inside a transaction
@@ -725,13 +731,7 @@ class PostgresMetadataStore(MetadataStore):
     async def lead(self, holder: str, ttl: float) -> int | None:
         async def tx(con: Tx) -> int | None:
             epoch = await con.fetchval(
-                f"INSERT INTO leader (id, holder, epoch, expires) VALUES (1, $1, 1, {_NOW} + $2)"
-                " ON CONFLICT (id) DO UPDATE SET"
-                " epoch = CASE WHEN leader.holder = excluded.holder"
-                f" AND leader.expires >= {_NOW} THEN leader.epoch ELSE leader.epoch + 1 END,"
-                " holder = excluded.holder, expires = excluded.expires"
-                f" WHERE leader.holder = excluded.holder OR leader.expires < {_NOW}"
-                " RETURNING epoch",
+                lead_statement(_NOW, "$1", "$2"),
                 holder,
                 ttl,
             )
@@ -827,15 +827,10 @@ async def _current_pointer(con: Tx, name: str) -> tuple[int, int] | None:
 async def _check_match(
     con: Tx, name: str, current: tuple[int, int] | None, if_match: Sequence[str] | None
 ) -> None:
-    if if_match is None:
-        return
-    if current is None:
-        raise PreconditionFailed(f"{name!r} does not exist")
-    if "*" in if_match:
-        return
-    etag = await con.fetchval("SELECT etag FROM versions WHERE id = $1", current[0])
-    if etag not in if_match:
-        raise PreconditionFailed(f"{name!r} is at another version than If-Match names")
+    if match_needs_etag(name, current, if_match):
+        assert current is not None and if_match is not None
+        etag = await con.fetchval("SELECT etag FROM versions WHERE id = $1", current[0])
+        check_etag(name, etag, if_match)
 
 
 async def _point(

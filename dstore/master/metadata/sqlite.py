@@ -36,7 +36,13 @@ from dstore.master.metadata.model import (
     VersionState,
 )
 from dstore.master.metadata.schema import migrate
-from dstore.master.metadata.sql import prefix_end, split_node_ids
+from dstore.master.metadata.sql import (
+    check_etag,
+    lead_statement,
+    match_needs_etag,
+    prefix_end,
+    split_node_ids,
+)
 from dstore.threads import Call, Outcome, WorkerThread
 
 T = TypeVar("T")
@@ -586,13 +592,7 @@ class SQLiteMetadataStore(MetadataStore):
     async def lead(self, holder: str, ttl: float) -> int | None:
         def tx(db: sqlite3.Connection) -> int | None:
             row = db.execute(
-                f"INSERT INTO leader (id, holder, epoch, expires) VALUES (1, ?, 1, {_NOW} + ?)"
-                " ON CONFLICT (id) DO UPDATE SET"
-                " epoch = CASE WHEN leader.holder = excluded.holder"
-                f" AND leader.expires >= {_NOW} THEN leader.epoch ELSE leader.epoch + 1 END,"
-                " holder = excluded.holder, expires = excluded.expires"
-                f" WHERE leader.holder = excluded.holder OR leader.expires < {_NOW}"
-                " RETURNING epoch",
+                lead_statement(_NOW, "?", "?"),
                 (holder, ttl),
             ).fetchone()
             return None if row is None else int(row[0])
@@ -667,15 +667,10 @@ def _check_match(
 ) -> None:
     """``PreconditionFailed`` unless the name's current version has one of these ETags
     (``"*"``: any); None asks nothing."""
-    if if_match is None:
-        return
-    if current is None:
-        raise PreconditionFailed(f"{name!r} does not exist")
-    if "*" in if_match:
-        return
-    (etag,) = db.execute("SELECT etag FROM versions WHERE id = ?", (current[0],)).fetchone()
-    if etag not in if_match:
-        raise PreconditionFailed(f"{name!r} is at another version than If-Match names")
+    if match_needs_etag(name, current, if_match):
+        assert current is not None and if_match is not None
+        (etag,) = db.execute("SELECT etag FROM versions WHERE id = ?", (current[0],)).fetchone()
+        check_etag(name, etag, if_match)
 
 
 def _point(
