@@ -64,21 +64,26 @@ class Up:
         ``DSTORE_TLS=1`` among them starts it with ``--tls`` (HTTPS, mutual TLS node links;
         the benchmarks' clients encrypt but do not check the private CA).
         ``DSTORE_METADATA=postgres`` puts the gateway's metadata on a private PostgreSQL
-        server started for it (``dstore.pgserver``, fsync on, in ``data_dir/pg``)."""
+        server started for it (``dstore.pgserver``, fsync on, in ``data_dir/pg``).
+        ``DSTORE_GATEWAYS=N`` (N > 1) runs N gateways behind haproxy (``dstore up
+        --gateways``, on its own private PostgreSQL); the RSS is then ``dstore up``'s own."""
         self.data_dir = data_dir
         self.replicas = replicas
         self.env = dict(env or {}, **{f"DSTORE_{k.upper()}": v for k, v in settings.items()})
         self.tls = self.env.pop("DSTORE_TLS", "0") not in ("0", "")
+        self.gateways = int(self.env.pop("DSTORE_GATEWAYS", "1"))
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.postgres: PostgresServer | None = None
 
     async def __aenter__(self) -> Up:
-        if self.env.get("DSTORE_METADATA") == "postgres":
-            root = self.data_dir.resolve() / "pg"
-            for folder in (root.parent, root.parent.parent):  # (the server's user enters)
+        pg = self.data_dir.resolve() / "pg"
+        if self.gateways > 1 or self.env.get("DSTORE_METADATA") == "postgres":
+            for folder in (pg.parent, pg.parent.parent):  # (the server's user enters)
                 folder.mkdir(parents=True, exist_ok=True)
                 folder.chmod(folder.stat().st_mode | 0o011)
+        if self.env.get("DSTORE_METADATA") == "postgres":
+            root = pg
             self.postgres = await asyncio.to_thread(PostgresServer(root).start)
             self.env["DSTORE_METADATA"] = await self.postgres.create_database("dstore")
         self.proc = subprocess.Popen(
@@ -94,6 +99,7 @@ class Up:
                 "--data-dir",
                 str(self.data_dir.resolve()),
                 *(["--tls"] if self.tls else []),
+                *(["--gateways", str(self.gateways)] if self.gateways > 1 else []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -63,6 +63,18 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="HTTPS and mutual TLS on node links, with a private CA made in DATA_DIR/tls",
     )
+    up.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="N > 1: N gateway processes on one PostgreSQL database, behind haproxy on --port",
+    )
+    up.add_argument(
+        "--metadata",
+        default=os.environ.get("DSTORE_METADATA"),
+        help="postgresql:// URL of the metadata database (default: SQLite for one gateway,"
+        " a private PostgreSQL in DATA_DIR/pg for several)",
+    )
 
     migrate = sub.add_parser(
         "migrate-metadata",
@@ -210,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dstore.local import run_local_cluster
 
         tune_malloc()
-
+        if args.gateways < 1:
+            return _fail("--gateways must be at least 1", 2)
         try:
             keep_private(args.data_dir)
             return asyncio.run(
@@ -221,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.data_dir,
                     auth=args.auth,
                     tls=args.tls,
+                    gateways=args.gateways,
+                    metadata=args.metadata,
                 )
             )
         except KeyboardInterrupt:

@@ -279,6 +279,11 @@ class GatewayConfig:
         "a request's headers must arrive within this; also how long an idle connection stays",
     )
     reaper_interval: float = _opt(1.0, parse_duration, "how often dead chunks are reclaimed")
+    pin_ttl: float = _opt(
+        10.0,
+        parse_duration,
+        "with several gateways: how long a download's read pin outlives its last renewal",
+    )
     repair_delay: float = _opt(
         300.0, parse_duration, "how long a node may be down before its chunks are re-replicated"
     )
@@ -354,6 +359,7 @@ class GatewayConfig:
         for key in (
             "heartbeat",
             "reaper_interval",
+            "pin_ttl",
             "reconcile_interval",
             "inline_scrub_interval",
             "send_timeout",

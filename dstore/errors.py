@@ -85,6 +85,13 @@ class ChunkRetired(DstoreError):
     code = "chunk_retired"
 
 
+class Fenced(DstoreError):
+    """A delete under a leadership epoch older than the newest the node has heard of: the
+    gateway asking no longer leads."""
+
+    code = "fenced"
+
+
 class OutOfSpace(DstoreError):
     code = "out_of_space"
 

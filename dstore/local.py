@@ -1,6 +1,10 @@
 """``dstore up``: a whole cluster on this machine. Storage nodes run as child processes
 (so they use the other cores), the gateway in this process. Data lives under one folder,
-with the generated cluster secret kept beside it."""
+with the generated cluster secret kept beside it.
+
+With ``--gateways N`` (N > 1) the gateways are child processes too, on one PostgreSQL
+database (``--metadata``, or a private server under ``data/pg``), behind haproxy on
+``--port``."""
 
 from __future__ import annotations
 
@@ -9,15 +13,19 @@ import os
 import secrets
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from dstore.auth import AuthToken, Scope
+from dstore.balancer import haproxy_binary, start_haproxy
 from dstore.config import GatewayConfig, load
 from dstore.errors import DstoreError
 from dstore.gateway.app import start_gateway
 from dstore.log import configure
+from dstore.master.metadata.postgres import redacted
+from dstore.pgserver import PostgresServer, free_port
 from dstore.tls import TlsFiles, make_cluster_ca
 
 log = structlog.get_logger("dstore.up")
@@ -102,6 +110,8 @@ async def run_local_cluster(
     *,
     auth: bool = False,
     tls: bool = False,
+    gateways: int = 1,
+    metadata: str | None = None,
 ) -> int:
     root = Path(data_dir).resolve()
     configure("auto", "info")
@@ -109,12 +119,24 @@ async def run_local_cluster(
     certs = _tls_files(root) if tls else {}
     # --auth: an admin token with every scope, kept in data/admin-token
     admin_token = cluster_secret(root, "admin-token") if auth else None
+    if gateways > 1:
+        haproxy_binary()  # (missing: said before anything starts)
     procs: list[asyncio.subprocess.Process] = []
     try:
         started = await asyncio.gather(
             *(_start_node(i + 1, root, secret, certs.get("storage")) for i in range(nodes))
         )
         procs = [proc for proc, _ in started]
+        if gateways > 1:
+            return await _run_behind_haproxy(
+                root,
+                port,
+                [addr for _, addr in started],
+                Shared(secret, replicas, admin_token, certs.get("gateway")),
+                gateways,
+                metadata,
+                procs,
+            )
         # the rest of the gateway's settings come from DSTORE_* variables, as for serve
         config = load(
             GatewayConfig,
@@ -124,6 +146,7 @@ async def run_local_cluster(
                 "storage": [addr for _, addr in started],
                 "replicas": replicas,
                 "cluster_secret": secret,
+                **({"metadata": metadata} if metadata else {}),
                 "auth_tokens": [AuthToken.create(admin_token, [s.value for s in Scope], "admin")]
                 if admin_token
                 else None,
@@ -154,21 +177,137 @@ async def run_local_cluster(
             )
         if admin_token:
             print(f"admin token (all scopes): export DSTORE_TOKEN={admin_token}", flush=True)
-        print("try: dstore put README.md && dstore ls && dstore get README.md -o -", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        print("stopping", flush=True)
+        print(TRY, flush=True)
+        await _until_stopped()
         await runner.cleanup()
         return 0
     finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                proc.kill()
+        await _stop_all(procs)
+
+
+TRY = "try: dstore put README.md && dstore ls && dstore get README.md -o -"
+
+
+async def _until_stopped() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("stopping", flush=True)
+
+
+async def _stop_all(procs: list[asyncio.subprocess.Process]) -> None:
+    """SIGTERM to each (in reverse: haproxy and gateways before the nodes they use),
+    then SIGKILL for any still running 15 s later."""
+    for proc in reversed(procs):
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            await asyncio.wait_for(proc.wait(), 15)
+        except TimeoutError:
+            proc.kill()
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every gateway of a ``dstore up`` gets."""
+
+    secret: str
+    replicas: int
+    admin_token: str | None
+    tls: TlsFiles | None
+
+
+async def _run_behind_haproxy(
+    root: Path,
+    port: int,
+    storage: list[str],
+    shared: Shared,
+    gateways: int,
+    metadata: str | None,
+    procs: list[asyncio.subprocess.Process],
+) -> int:
+    """N gateway processes on one PostgreSQL database and haproxy in front of them on
+    ``port``; runs until SIGTERM or SIGINT. ``procs``: the running children, which this
+    adds to (the caller stops them)."""
+    port = port or free_port()  # (haproxy would not say which port 0 gave it)
+    server: PostgresServer | None = None
+    if metadata is None:
+        if os.geteuid() == 0:
+            # PostgreSQL runs as its own user, which must get through the data dir to
+            # data/pg: it may enter it, not list it (everything in it stays 0600/0700)
+            root.chmod(0o711)
+        server = await asyncio.to_thread(PostgresServer(root / "pg").start)
+        metadata = await server.ensure_database("dstore")
+        where = f"a private PostgreSQL in {root / 'pg'} (127.0.0.1:{server.port})"
+    else:
+        where = "PostgreSQL at " + redacted(metadata)
+    try:
+        started = await asyncio.gather(
+            *(_start_gateway(i, root, storage, shared, metadata) for i in range(1, gateways + 1))
+        )
+        procs.extend(proc for proc, _ in started)
+        addrs = [addr for _, addr in started]
+        procs.append(await start_haproxy(root, port, addrs, tls=shared.tls is not None))
+        scheme = "https" if shared.tls is not None else "http"
+        print(
+            f"dstore is up: {scheme}://127.0.0.1:{port}  (haproxy in front of {gateways}"
+            f" gateways, {len(storage)} storage nodes, replicas {shared.replicas},"
+            f" data in {root})",
+            flush=True,
+        )
+        print(f"metadata: {where}; logs in {root / 'logs'}", flush=True)
+        if shared.tls is not None:
+            print(
+                f"TLS with a private CA: export DSTORE_URL=https://127.0.0.1:{port}"
+                f" DSTORE_CA={shared.tls.ca}",
+                flush=True,
+            )
+        if shared.admin_token:
+            print(f"admin token (all scopes): export DSTORE_TOKEN={shared.admin_token}", flush=True)
+        print(TRY, flush=True)
+        await _until_stopped()
+        return 0
+    finally:
+        await _stop_all(procs)
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+
+
+async def _start_gateway(
+    index: int, root: Path, storage: list[str], shared: Shared, metadata: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """One gateway process on a port of its own; the address it listens on."""
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(
+        os.environ,
+        DSTORE_CLUSTER_SECRET=shared.secret,
+        DSTORE_METADATA=metadata,
+        PYTHONUNBUFFERED="1",
+    )
+    argv = [
+        sys.executable, "-m", "dstore", "serve", "--role", "gateway",
+        "--listen", "127.0.0.1:0",
+        "--data-dir", str(root / f"gateway-{index}"),
+        "--gateway-id", f"gateway-{index}",
+        "--replicas", str(shared.replicas),
+        "--log-format", "json",
+        *(arg for addr in storage for arg in ("--storage", addr)),
+    ]  # fmt: skip
+    if shared.admin_token:
+        env["DSTORE_AUTH_TOKENS"] = f"{shared.admin_token}=" + "+".join(s.value for s in Scope)
+    if shared.tls is not None:
+        argv += _tls_flags(shared.tls)
+    with open(logs / f"gateway-{index}.log", "ab") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env
+        )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+    if "listening on" not in line:
+        proc.kill()
+        raise DstoreError(f"gateway {index} did not start; see {logs}/gateway-{index}.log")
+    return proc, line.strip().rsplit("//", 1)[1]

@@ -147,6 +147,17 @@ class PostgresServer:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
+    async def ensure_database(self, name: str) -> str:
+        """The database ``name``, made if it does not exist yet; its URL."""
+        import asyncpg
+
+        con = await asyncpg.connect(self.url())
+        try:
+            found = await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        finally:
+            await con.close()
+        return self.url(name) if found else await self.create_database(name)
+
     async def create_database(self, name: str) -> str:
         """A new, empty database; its URL."""
         import asyncpg

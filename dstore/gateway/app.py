@@ -34,7 +34,7 @@ from dstore.master.metadata import (
     SQLiteMetadataStore,
 )
 from dstore.master.metadata.postgres import PostgresMetadataStore
-from dstore.master.reaper import ReadPins, Reaper
+from dstore.master.reaper import PinKeeper, ReadPins, Reaper
 from dstore.master.reconcile import Reconciler
 from dstore.master.repair import Repairer
 from dstore.master.replicas import Replicas
@@ -53,9 +53,11 @@ def node_connector(config: GatewayConfig) -> Connector:
 
 def metadata_engine(config: GatewayConfig) -> tuple[MetadataStore, LookupCache]:
     """The configured engine, and the lookup cache in front of it: SQLite in the data dir
-    by default; PostgreSQL for a ``postgresql://`` URL, without a lookup cache for now
-    (its hits are validated against writes in this process only, and on a shared
-    database other gateways write too)."""
+    by default; PostgreSQL for a ``postgresql://`` URL, without a lookup cache. Other
+    gateways write that database too, so a hit would have to be checked against the
+    name's generation there: the same round trip as the lookup it saves. What stays
+    cached is keyed by what never changes (chunk bytes by chunk id, inline bytes by
+    version id), and so is coherent across gateways as it is."""
     if config.metadata is None:
         return SQLiteMetadataStore(config.data_dir / "meta.db"), LookupCache(config.lookup_cache)
     return PostgresMetadataStore(config.metadata), LookupCache(0)
@@ -76,12 +78,6 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
         engine, lookups = metadata_engine(config)
         meta = CachedMetadataStore(engine, lookups)
         await meta.open()
-        if isinstance(engine, PostgresMetadataStore):
-            try:
-                await engine.claim()
-            except BaseException:
-                await meta.close()
-                raise
         records = {r.addr: r.state for r in await meta.members()}
         gone = MemberState.REMOVED
         addrs = [a for a in config.storage or [] if records.get(a) is not gone]
@@ -105,7 +101,9 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
                 cluster.members[addr].node_id = node_id
         cluster.on_identity = meta.remember_identity
         await cluster.start()
-        pins = ReadPins()
+        holder = config.gateway_id or holder_id(config.listen)
+        pins = ReadPins(meta if meta.shared else None, holder, ttl=config.pin_ttl)
+        pin_keeper = PinKeeper(pins)
         cache = ChunkCache(config.cache_size)
         door = Replicas(cluster)
         reaper = Reaper(
@@ -157,8 +155,7 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
         )
         inline_scrubber = InlineScrubber(meta, interval=config.inline_scrub_interval)
         app[keys.INLINE_SCRUBBER] = inline_scrubber
-        holder = config.gateway_id or holder_id(config.listen)
-        leader = Leader(meta, holder, interval=config.heartbeat)
+        leader = Leader(meta, holder, cluster, interval=config.heartbeat, report=repairer.stats)
         app[keys.LEADER] = leader
         await leader.cycle()  # (known before the first cycles of the jobs it gates)
         leader.start()
@@ -168,6 +165,8 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
         uploader.lease_keeper.start()
         membership = MembershipSync(meta, cluster, interval=config.heartbeat)
         membership.start()
+        if pins.meta is not None:
+            pin_keeper.start()
         log.info(
             "gateway_started",
             nodes=len(cluster.members),
@@ -179,6 +178,7 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
             yield
         finally:
             await membership.stop()
+            await pin_keeper.stop()
             await uploader.lease_keeper.stop()
             await repairer.stop()
             await reconciler.stop()

@@ -25,6 +25,7 @@ from dstore.errors import (
     ChecksumMismatch,
     ChunkCorrupt,
     ClientGone,
+    Conflict,
     DstoreError,
     FileNotFound,
     Forbidden,
@@ -50,6 +51,7 @@ from dstore.gateway.ranges import parse_range
 from dstore.gateway.upload import Expectations
 from dstore.log import log_context
 from dstore.master.cluster import NodeState
+from dstore.master.leader import REPAIR_STATE, SEEN
 from dstore.master.metadata import FileVersion, MemberState
 from dstore.master.replicas import Splicer, splicer_for, unsent
 
@@ -75,6 +77,7 @@ STATUS: dict[type[DstoreError], int] = {
 }
 STATUS_BY_CODE = {"bad_header": 400, "bad_request": 400, "conflict": 409}
 SMALL_RESPONSE = 256 << 10  # bodies up to this size are sent in one piece with the headers
+PIN_ATTEMPTS = 3  # lookups of a name whose versions die faster than a GET can pin one
 # a GET's lookup brings this many chunks of the list (16 × 4 MiB: 64 MiB), the download
 # fetches the rest PAGE at a time while it streams
 FIRST_PAGE = 16
@@ -359,7 +362,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     if request.method != "HEAD" and "If-Range" not in request.headers:
         start = _range_start(request.headers.get("Range"))
     limit = 0 if request.method == "HEAD" else FIRST_PAGE
-    meta = app[keys.META]
+    meta, pins = app[keys.META], app[keys.PINS]
     version = await meta.lookup(name, start, limit)
     if version.inline is not None:  # no chunks for the reaper to keep: nothing to pin
         try:
@@ -368,9 +371,18 @@ async def get_file(request: web.Request) -> web.StreamResponse:
             # replaced and reclaimed between its lookup and the read of its bytes: the
             # name has moved on, so serve what it is now
             version = await meta.lookup(name, start, limit)
-    # pinned at once (no await in between), so the reaper keeps its chunks while we read
-    with app[keys.PINS].pin(version.version_id):
-        return await _serve(request, version)
+    for _ in range(PIN_ATTEMPTS):
+        if version.inline is not None:
+            return await _serve(request, version)
+        # pinned before a byte is read, so the reaper (on any gateway) keeps its chunks
+        if await pins.take(version.version_id):
+            try:
+                return await _serve(request, version)
+            finally:
+                pins.release(version.version_id)
+        # dead for so long that the reaper may be deleting it: what is the name now?
+        version = await meta.lookup(name, start, limit)
+    raise Conflict(f"{name!r} changes faster than it can be read")
 
 
 async def _inline_bytes(app: web.Application, version: FileVersion) -> bytes:
@@ -585,18 +597,28 @@ async def cluster_info(request: web.Request) -> web.StreamResponse:
     app = request.app
     files, size = await app[keys.META].totals()
     nodes: list[dict[str, Any]] = [m.as_json() for m in app[keys.CLUSTER].members.values()]
-    leader, led = app[keys.LEADER], await app[keys.META].leadership()
+    meta, leader = app[keys.META], app[keys.LEADER]
+    led = await meta.leadership()
+    leading = led.holder if led is not None and led.expires_in > 0 else None
+    repair = app[keys.REPAIRER].stats()
+    if meta.shared and not leader.leads:  # the leader's, as it saved it
+        saved = await meta.job_state(REPAIR_STATE)
+        repair = repair if saved is None else orjson.loads(saved)
     return json_response(
         {
             "gateway": {"id": leader.holder, "leads": leader.leads},
             "leader": None
             if led is None
             else {"id": led.holder, "epoch": led.epoch, "expires_in": round(led.expires_in, 1)},
+            "gateways": [
+                {"id": holder, "leads": holder == leading, "seen": round(ago, 1)}
+                for holder, ago in await meta.gateways(SEEN)
+            ],
             "nodes": nodes,
             "replicas": app[keys.CONFIG].replicas,
             "files": files,
             "bytes": size,
-            "repair": app[keys.REPAIRER].stats(),
+            "repair": repair,
         }
     )
 
@@ -662,6 +684,6 @@ async def drain_node(request: web.Request) -> web.StreamResponse:
 
 async def rebalance(request: web.Request) -> web.StreamResponse:
     """Even out used space: chunks move from the fullest nodes to the emptiest."""
-    started = request.app[keys.REPAIRER].start_rebalance()
+    started = request.app[keys.REPAIRER].request_rebalance()
     status = 202 if started else 409
     return json_response(request.app[keys.REPAIRER].stats()["rebalance"], status=status)

@@ -222,6 +222,9 @@ class Cluster:
         self._io_timeout = io_timeout
         self._connector = connector
         self.members: dict[str, StorageMember] = {}
+        # this gateway's leadership epoch while it leads (0: it does not): sent with every
+        # heartbeat and every delete, so nodes refuse the deletes of a deposed leader
+        self.epoch = 0
         # told of every chunk a node's scrubber found corrupt: (chunk id, node id, reason)
         self.on_corrupt: Callable[[str, str, str], None] | None = None
         # told when an address shows a node id not seen there before: (addr, node id)
@@ -293,7 +296,7 @@ class Cluster:
     async def _beat(self, member: StorageMember) -> None:
         try:
             async with asyncio.timeout(max(self.heartbeat, 0.5)):
-                stat = await member.control.stat(trace="heartbeat")
+                stat = await member.control.stat(epoch=self.epoch, trace="heartbeat")
         except (TimeoutError, NodeUnavailable, DstoreError) as exc:
             member.missed += 1
             if member.missed >= self.down_after:
@@ -331,7 +334,7 @@ class Cluster:
             "punched": stat.punched,
         }
         member.last_seen = time.time()
-        if stat.corrupt_pending:
+        if stat.corrupt_pending and self.epoch:  # (what the scrubber found: for the leader)
             await self._take_corrupt(member)
         member.missed = 0
         self._move(member, NodeEvent.ANSWERED)

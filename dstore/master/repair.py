@@ -24,7 +24,7 @@ import structlog
 from dstore.errors import DstoreError, NoReplica, NotEnoughNodes, OutOfSpace
 from dstore.master.cluster import NodeState, StorageMember
 from dstore.master.jobs import PeriodicJob
-from dstore.master.metadata import ChunkReplicas, MemberState, MetadataStore
+from dstore.master.metadata import ChunkReplicas, MemberState, MetadataStore, WorkRequest
 from dstore.master.reconcile import Reconciler
 from dstore.master.replicas import REPAIR_READ, Replicas
 
@@ -77,6 +77,7 @@ class Repairer(PeriodicJob):
         self._stall_logged = 0.0
         self.rebalance_moved = 0
         self.rebalance_state = "idle"
+        self._asking: set[asyncio.Task[None]] = set()  # work requests being written
 
     def __repr__(self) -> str:
         return (
@@ -85,6 +86,8 @@ class Repairer(PeriodicJob):
         )
 
     async def stop(self) -> None:
+        if self._asking:  # (each bounded by the engine's timeout)
+            await asyncio.gather(*self._asking, return_exceptions=True)
         if self._rebalance is not None:
             self._rebalance.cancel()
             await asyncio.gather(self._rebalance, return_exceptions=True)
@@ -158,10 +161,44 @@ class Repairer(PeriodicJob):
         return False
 
     def report_bad(self, chunk_id: str, node_id: str, reason: str) -> None:
-        """Read-repair and the scrubber: this copy is missing or corrupt."""
+        """Read-repair and the scrubber: this copy is missing or corrupt. On an engine
+        several gateways share, the report goes to the database, for whichever leads."""
         log.warning("replica_bad", chunk=chunk_id, node=node_id, reason=reason)
+        if self.meta.shared:
+            self._ask(WorkRequest("bad_replica", chunk_id, node_id, reason))
+            return
         self.bad.setdefault(chunk_id, set()).add(node_id)
         self.wake()
+
+    def request_rebalance(self) -> bool:
+        """``start_rebalance`` here, or on a shared engine asked of the leader; False if
+        a rebalance already runs here."""
+        if not self.meta.shared:
+            return self.start_rebalance()
+        self._ask(WorkRequest("rebalance"))
+        self.rebalance_state = "requested"
+        return True
+
+    def _ask(self, request: WorkRequest) -> None:
+        task = asyncio.create_task(self._request(request), name="dstore-work-request")
+        self._asking.add(task)
+        task.add_done_callback(self._asking.discard)
+
+    async def _request(self, request: WorkRequest) -> None:
+        try:
+            await self.meta.request_work(request)
+        except DstoreError as exc:  # a scrub pass or a later read reports it again
+            log.warning("work_request_lost", kind=request.kind, error=str(exc))
+
+    async def _take_work(self) -> None:
+        """The leader takes what any gateway asked for."""
+        for request in await self.meta.take_work(self.batch):
+            if request.kind == "bad_replica":
+                self.bad.setdefault(request.chunk_id, set()).add(request.node_id)
+            elif request.kind == "rebalance":
+                self.start_rebalance()
+            else:
+                log.warning("work_unknown", kind=request.kind)
 
     def stats(self) -> dict[str, object]:
         eta = self.queue_bytes / self._rate if self._rate > 0 and self.queue_bytes else 0.0
@@ -176,6 +213,8 @@ class Repairer(PeriodicJob):
         }
 
     async def cycle(self) -> None:
+        if self.meta.shared:
+            await self._take_work()
         while await self.run_once():
             pass  # more work queued behind the batch just done
 

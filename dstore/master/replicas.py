@@ -218,7 +218,10 @@ class Replicas:
         if member is None or member.state is NodeState.DOWN:
             return False
         try:
-            await self._on(member, member.client.delete_chunk(chunk_id, retire=retire, trace=trace))
+            deleting = member.client.delete_chunk(
+                chunk_id, retire=retire, epoch=self.cluster.epoch, trace=trace
+            )
+            await self._on(member, deleting)
         except DstoreError as exc:
             log.info(
                 "chunk_delete_deferred", chunk=chunk_id, node=node_id, error=str(exc), trace=trace

@@ -120,11 +120,17 @@ class DeleteChunk(Request):
     # the id will never be wanted again (its version is dead): a put of it that arrives
     # later, having been overtaken by this delete, is refused instead of kept as an orphan
     retire: bool = False
+    # the leadership epoch of the gateway asking (0: none): a node refuses a delete under
+    # an epoch older than the newest it has heard of, so a deposed leader deletes nothing
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
 class Stat(Request):
     OP = "stat"
+    # the asking gateway's leadership epoch (0: it does not lead): the node's fence rises
+    # to it, and deletes under older epochs are refused from then on
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,7 @@ class StatReply(Reply):
     # increases with every report of ``used`` (here and in ``stored``), across restarts
     # too: the gateway keeps the newest and never lets an older one undo it
     usage_seq: int = 0
+    fence: int = 0  # the newest leadership epoch this node has heard of (since start)
 
 
 @dataclass(frozen=True)

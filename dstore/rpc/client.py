@@ -335,16 +335,23 @@ class NodeClient:
             pieces = [piece async for piece in body]
         return b"".join(pieces)
 
-    async def delete_chunk(self, chunk_id: str, *, retire: bool = False, trace: str = "") -> bool:
+    async def delete_chunk(
+        self, chunk_id: str, *, retire: bool = False, epoch: int = 0, trace: str = ""
+    ) -> bool:
         """Delete a chunk; ``retire``: its id is dead for good, and a put of it that
-        arrives later is refused (``ChunkRetired``)."""
-        deleted: Deleted = await self._call(
-            DeleteChunk(rid=self._rid(), trace=trace, chunk_id=chunk_id, retire=retire), Deleted
+        arrives later is refused (``ChunkRetired``). ``epoch``: the leadership this is
+        done under (``Fenced`` if the node has heard of a newer one)."""
+        request = DeleteChunk(
+            rid=self._rid(), trace=trace, chunk_id=chunk_id, retire=retire, epoch=epoch
         )
+        deleted: Deleted = await self._call(request, Deleted)
         return deleted.existed
 
-    async def stat(self, *, trace: str = "") -> StatReply:
-        reply: StatReply = await self._call(Stat(rid=self._rid(), trace=trace), StatReply)
+    async def stat(self, *, epoch: int = 0, trace: str = "") -> StatReply:
+        """The node's state; ``epoch``: this gateway's leadership, which the node then
+        fences deletes with."""
+        request = Stat(rid=self._rid(), trace=trace, epoch=epoch)
+        reply: StatReply = await self._call(request, StatReply)
         self._note_usage(reply.usage_seq, reply.used)
         return reply
 

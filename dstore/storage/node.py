@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from dstore.config import StorageConfig
-from dstore.errors import ChunkCorrupt, DstoreError, NodeUnavailable, ProtocolError
+from dstore.errors import ChunkCorrupt, DstoreError, Fenced, NodeUnavailable, ProtocolError
 from dstore.protocol import (
     ChunkData,
     ChunkList,
@@ -81,6 +81,7 @@ class StorageNode:
         )
         self.scrubber = Scrubber(self.store, rate=config.scrub_rate, idle=config.scrub_pause)
         self.node_id = ""
+        self.fence = 0  # the newest leadership epoch heard of: older ones delete nothing
         self.server: RpcServer | None = None
         self.running = False  # from start to stop
         self._last_usage_seq = 0
@@ -212,10 +213,18 @@ class StorageNode:
                         await stream.uncork()
                 return reader.length
         if isinstance(request, DeleteChunk):
+            if request.epoch < self.fence:
+                raise Fenced(
+                    f"a delete under leadership epoch {request.epoch};"
+                    f" epoch {self.fence} has begun since"
+                )
             existed = await store.delete(request.chunk_id, retire=request.retire)
             await stream.send(Deleted(rid=rid, existed=existed))
             return 0
         if isinstance(request, Stat):
+            if request.epoch > self.fence:
+                log.info("leadership_fence", epoch=request.epoch, was=self.fence)
+                self.fence = request.epoch
             stats = store.stats()
             volumes, volume_bytes, garbage = store.volumes.usage()
             await stream.send(
@@ -238,6 +247,7 @@ class StorageNode:
                     compactions=store.volumes.compactions,
                     punched=store.volumes.punched,
                     usage_seq=self._usage_seq(),
+                    fence=self.fence,
                 )
             )
             return 0

@@ -353,7 +353,7 @@ async def test_a_heartbeat_figure_never_undoes_a_newer_put_figure(
         assert (await cluster.put(f"f{i}", os.urandom(3 * CHUNK))).status == 201
     assert member.used == cluster.nodes[0].store.used == 9 * CHUNK
 
-    async def late_stat(*, trace: str = "") -> object:
+    async def late_stat(*, epoch: int = 0, trace: str = "") -> object:
         return stale  # fault: the old reply arrives now
 
     member.control.stat = late_stat  # type: ignore[method-assign,assignment]

@@ -10,14 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from dstore.config import GatewayConfig
-from dstore.errors import ConfigError
-from dstore.gateway.app import start_gateway
 from tests.cluster.test_conditional import *  # noqa: F403
 from tests.cluster.test_gateway_basic import *  # noqa: F403
 from tests.cluster.test_gateway_races import *  # noqa: F403
 from tests.cluster.test_inline import *  # noqa: F403
-from tests.conftest import SECRET, LocalCluster, NodeFactory, cluster_maker, wait_for
+from tests.conftest import LocalCluster, NodeFactory, cluster_maker, wait_for
 from tests.pg import PostgresServer
 
 
@@ -40,30 +37,6 @@ for _name in (
     "test_a_version_reclaimed_before_its_bytes_are_read_serves_the_new_one",
 ):
     globals().pop(_name)
-
-
-async def test_a_second_gateway_on_the_same_database_is_refused(
-    make_cluster: Callable[..., Awaitable[LocalCluster]], tmp_path: Path, pg_url: str
-) -> None:
-    """Until several gateways share one database safely (issue 28), the second one is
-    refused at start in one line, and the first serves on; once the first stops, a new
-    one starts on the same database and finds every file."""
-    cluster = await make_cluster()
-    assert (await cluster.put("kept", b"x" * 10_000)).status == 201
-    second = GatewayConfig(
-        listen="127.0.0.1:0",
-        data_dir=tmp_path / "second",
-        storage=[n.addr for n in cluster.nodes],
-        cluster_secret=SECRET,
-        metadata=pg_url,
-    )
-    second.validate()
-    with pytest.raises(ConfigError, match="another gateway already uses"):
-        await start_gateway(second)
-    assert (await cluster.get("kept"))[0].status == 200
-    await cluster.restart_gateway()
-    response, body = await cluster.get("kept")
-    assert response.status == 200 and body == b"x" * 10_000
 
 
 async def test_postgresql_stopped_mid_traffic_is_a_quick_503_and_recovery_needs_no_restart(

@@ -18,7 +18,7 @@ CHUNK = 64 * 1024
 
 
 class GatewayProcess:
-    def __init__(self, data_dir: Path, storage: list[str]) -> None:
+    def __init__(self, data_dir: Path, storage: list[str], *extra: str) -> None:
         self.args = [
             sys.executable,
             "-m",
@@ -43,6 +43,7 @@ class GatewayProcess:
         ]
         for addr in storage:
             self.args += ["--storage", addr]
+        self.args += extra
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 

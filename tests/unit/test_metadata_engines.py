@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from dstore.master.metadata import (
     MetadataStore,
     SQLiteMetadataStore,
     VersionState,
+    WorkRequest,
 )
 from dstore.master.metadata.schema import LATEST, MIGRATIONS
 from tests.conftest import wait_for
@@ -198,6 +200,37 @@ async def test_dead_chunks_wait_out_their_settle_time_then_purge(meta: MetadataS
         await meta.forget_replica(chunk.chunk_id, "n1")
     assert (await meta.purge_dead()).versions == 1
     assert await meta.version_ids(name="f") == []
+
+
+async def test_read_pins_hold_a_dead_version_until_they_run_out(meta: MetadataStore) -> None:
+    version_id = await put(meta, "f", chunks=2)
+    assert await meta.pin("gw-a", version_id, 60.0, 2.0)  # live: pinned
+    assert await meta.pin("gw-a", version_id, 0.01, 2.0)  # (a shorter one never shortens it)
+    await meta.delete("f")
+    assert await meta.pin("gw-b", version_id, 0.05, 2.0)  # dead, but within its settle time
+    dead = await meta.dead_chunks(0.0, 10)
+    assert len(dead) == 2 and all(d.pinned for d in dead)
+    await asyncio.sleep(0.1)
+    # dead longer than the settle time: the reaper may be at it, so no new pin
+    assert not await meta.pin("gw-b", version_id, 60.0, 0.05)
+    assert not await meta.pin("gw-b", 10**9, 60.0, 60.0)  # nor of a version never seen
+    assert all(d.pinned for d in await meta.dead_chunks(0.0, 10))  # gw-a's still runs
+    await meta.renew_pins("gw-a", [version_id], 0.05)  # (renewing never shortens either)
+    assert all(d.pinned for d in await meta.dead_chunks(0.0, 10))
+
+
+async def test_read_pins_run_out_and_are_purged(meta: MetadataStore) -> None:
+    version_id = await put(meta, "f")
+    assert await meta.pin("gw-a", version_id, 0.05, 2.0)
+    await meta.delete("f")
+    assert all(d.pinned for d in await meta.dead_chunks(0.0, 10))
+    await asyncio.sleep(0.1)
+    assert not any(d.pinned for d in await meta.dead_chunks(0.0, 10))
+    await meta.renew_pins("gw-a", [version_id], 60.0)  # a reader still at it: pinned again
+    assert all(d.pinned for d in await meta.dead_chunks(0.0, 10))
+    await meta.renew_pins("gw-a", [], 60.0)  # (nothing to renew: nothing done)
+    await meta.purge_dead()  # (a pin that runs is kept)
+    assert all(d.pinned for d in await meta.dead_chunks(0.0, 10))
 
 
 async def test_replicas_are_kept_in_placement_order_and_added_once(meta: MetadataStore) -> None:
@@ -389,17 +422,27 @@ async def test_one_leader_at_a_time_and_a_new_one_under_a_higher_epoch(
 ) -> None:
     a, b = await make_engine(), await make_engine()
     assert await a.leadership() is None
-    assert await a.lead("gw-a", 60) == 1
-    assert await a.lead("gw-a", 60) == 1  # renewed: the same epoch
+    before = int(time.time() * 1000)
+    first = await a.lead("gw-a", 60)
+    # an epoch is the clock in ms when it began: a new database starts above an old one's
+    assert first is not None and before - 5000 < first < before + 5000
+    assert await a.lead("gw-a", 60) == first  # renewed: the same epoch
     assert await b.lead("gw-b", 60) is None  # a's lease runs
     led = await b.leadership()
-    assert led is not None and (led.holder, led.epoch) == ("gw-a", 1) and led.expires_in > 50
-    assert await a.lead("gw-a", 0.05) == 1  # (a renewal that runs out soon)
+    assert led is not None and (led.holder, led.epoch) == ("gw-a", first) and led.expires_in > 50
+    assert await a.lead("gw-a", 0.05) == first  # (a renewal that runs out soon)
     await wait_for(lambda: b.lead("gw-b", 60), timeout=5)  # then b takes over
-    assert await b.lead("gw-b", 60) == 2
+    second = await b.lead("gw-b", 60)
+    assert second is not None and second > first
     assert await a.lead("gw-a", 60) is None  # and a, back, is refused
     led = await a.leadership()
-    assert led is not None and (led.holder, led.epoch) == ("gw-b", 2)
+    assert led is not None and (led.holder, led.epoch) == ("gw-b", second)
+    # a lease handed back (ttl 0) and taken again within the same millisecond still
+    # makes a higher epoch
+    assert await b.lead("gw-b", 0.0) == second
+    await wait_for(lambda: a.lead("gw-a", 60), timeout=5)
+    third = await a.lead("gw-a", 60)
+    assert third is not None and third > second
 
 
 async def test_contenders_at_once_make_exactly_one_leader(make_engine: Engine) -> None:
@@ -417,3 +460,34 @@ async def test_contenders_at_once_make_exactly_one_leader(make_engine: Engine) -
 async def _expired(meta: MetadataStore) -> bool:
     led = await meta.leadership()
     return led is not None and led.expires_in < 0
+
+
+async def test_work_requests_go_to_one_taker_in_order(make_engine: Engine) -> None:
+    a, b = await make_engine(), await make_engine()
+    asked = [WorkRequest("bad_replica", f"c{i}", "n1", "scrub") for i in range(6)]
+    for request in asked:
+        await a.request_work(request)
+    await a.request_work(WorkRequest("rebalance"))
+    taken = await asyncio.gather(b.take_work(3), a.take_work(3))
+    assert sorted(len(t) for t in taken) == [3, 3]
+    got = [r for t in taken for r in t]
+    assert sorted(got, key=lambda r: r.chunk_id) == asked  # each once, none lost
+    assert all(t == sorted(t, key=lambda r: r.chunk_id) for t in taken)  # oldest first
+    assert await a.take_work(10) == [WorkRequest("rebalance")]
+    assert await b.take_work(10) == []
+
+
+async def test_gateways_check_in_and_the_leader_saves_its_job_state(make_engine: Engine) -> None:
+    a, b = await make_engine(), await make_engine()
+    await a.check_in("gw-a")
+    await b.check_in("gw-b")
+    await a.check_in("gw-a")  # (again: one row)
+    seen = await b.gateways(30.0)
+    assert [holder for holder, _ in seen] == ["gw-a", "gw-b"]
+    assert all(0 <= ago < 5 for _, ago in seen)
+    await asyncio.sleep(0.1)
+    assert await a.gateways(0.05) == []  # none seen that recently
+    assert await b.job_state("repair") is None
+    await a.save_job_state("repair", '{"queue": 1}')
+    await a.save_job_state("repair", '{"queue": 2}')
+    assert await b.job_state("repair") == '{"queue": 2}'

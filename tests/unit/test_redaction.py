@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dstore.master.metadata.postgres import PostgresMetadataStore, _redacted
+from dstore.master.metadata.postgres import PostgresMetadataStore, redacted
 
 
 @pytest.mark.parametrize(
@@ -21,5 +21,5 @@ from dstore.master.metadata.postgres import PostgresMetadataStore, _redacted
     ],
 )
 def test_a_database_urls_password_is_never_shown(url: str, shown: str) -> None:
-    assert _redacted(url) == shown
-    assert "s3cret" not in repr(PostgresMetadataStore(url)) and "word" not in _redacted(url)
+    assert redacted(url) == shown
+    assert "s3cret" not in repr(PostgresMetadataStore(url)) and "word" not in redacted(url)

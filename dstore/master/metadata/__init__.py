@@ -19,6 +19,7 @@ from dstore.master.metadata.model import (
     MemberState,
     Purged,
     VersionState,
+    WorkRequest,
 )
 from dstore.master.metadata.sqlite import SQLiteMetadataStore
 
@@ -44,4 +45,5 @@ __all__ = [
     "Purged",
     "SQLiteMetadataStore",
     "VersionState",
+    "WorkRequest",
 ]

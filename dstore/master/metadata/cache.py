@@ -40,6 +40,7 @@ from dstore.master.metadata.model import (
     MemberState,
     Purged,
     VersionState,
+    WorkRequest,
 )
 
 T = TypeVar("T")
@@ -150,6 +151,10 @@ class CachedMetadataStore(MetadataStore):
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    @property
+    def shared(self) -> bool:  # type: ignore[override]
+        return self.engine.shared
 
     @property
     def tracked_names(self) -> int:
@@ -394,6 +399,30 @@ class CachedMetadataStore(MetadataStore):
 
     async def dead_chunks(self, settle: float, limit: int) -> list[DeadChunk]:
         return await self.engine.dead_chunks(settle, limit)
+
+    async def check_in(self, holder: str) -> None:
+        await self.engine.check_in(holder)
+
+    async def gateways(self, within: float) -> list[tuple[str, float]]:
+        return await self.engine.gateways(within)
+
+    async def save_job_state(self, name: str, state: str) -> None:
+        await self.engine.save_job_state(name, state)
+
+    async def job_state(self, name: str) -> str | None:
+        return await self.engine.job_state(name)
+
+    async def request_work(self, request: WorkRequest) -> None:
+        await self.engine.request_work(request)
+
+    async def take_work(self, limit: int) -> list[WorkRequest]:
+        return await self.engine.take_work(limit)
+
+    async def pin(self, holder: str, version_id: int, ttl: float, settle: float) -> bool:
+        return await self.engine.pin(holder, version_id, ttl, settle)
+
+    async def renew_pins(self, holder: str, version_ids: Sequence[int], ttl: float) -> None:
+        await self.engine.renew_pins(holder, version_ids, ttl)
 
     async def purge_dead(self) -> Purged:
         return await self.engine.purge_dead()

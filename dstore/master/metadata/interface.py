@@ -27,10 +27,14 @@ from dstore.master.metadata.model import (
     MemberState,
     Purged,
     VersionState,
+    WorkRequest,
 )
 
 
 class MetadataStore(abc.ABC):
+    # whether several gateways may share this engine (their read pins must then be rows)
+    shared: bool = False
+
     @abc.abstractmethod
     async def open(self) -> None: ...
 
@@ -168,7 +172,20 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def dead_chunks(self, settle: float, limit: int) -> list[DeadChunk]:
-        """Chunks of versions dead for more than ``settle`` seconds, longest dead first."""
+        """Chunks of versions dead for more than ``settle`` seconds, longest dead first;
+        ``pinned`` if a read pin of their version has not run out."""
+
+    @abc.abstractmethod
+    async def pin(self, holder: str, version_id: int, ttl: float, settle: float) -> bool:
+        """A read pin: keep a version's chunks from the reaper for ``ttl`` seconds of the
+        engine's clock, for downloads on ``holder`` (one row per version and holder; its
+        expiry only ever moves later). False, and nothing pinned, if the version is gone
+        or dead for more than ``settle`` seconds: the reaper may be deleting it already."""
+
+    @abc.abstractmethod
+    async def renew_pins(self, holder: str, version_ids: Sequence[int], ttl: float) -> None:
+        """Keep ``holder``'s pins of these versions for ``ttl`` seconds from now (made
+        again if one ran out meanwhile)."""
 
     @abc.abstractmethod
     async def forget_replica(self, chunk_id: str, node_id: str, *, durable: bool = False) -> None:
@@ -179,8 +196,36 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def purge_dead(self) -> Purged:
-        """Drop dead versions with no replica left, and the inline bytes of every dead
-        version."""
+        """Drop dead versions with no replica left, the inline bytes of every dead
+        version, and read pins that ran out."""
+
+    # --- work for the leader ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def request_work(self, request: WorkRequest) -> None:
+        """Queue work for whichever gateway leads (durably: it outlives this gateway)."""
+
+    @abc.abstractmethod
+    async def take_work(self, limit: int) -> list[WorkRequest]:
+        """The oldest queued work, at most ``limit``, taken off the queue (each request
+        goes to one taker)."""
+
+    # --- the gateways sharing the engine ---------------------------------------------------
+
+    @abc.abstractmethod
+    async def check_in(self, holder: str) -> None:
+        """``holder`` (a gateway) is alive now, on the engine's clock."""
+
+    @abc.abstractmethod
+    async def gateways(self, within: float) -> list[tuple[str, float]]:
+        """(holder, seconds since it checked in) of the gateways seen ``within`` seconds."""
+
+    @abc.abstractmethod
+    async def save_job_state(self, name: str, state: str) -> None:
+        """What the leader's job ``name`` reports (JSON), for every gateway to show."""
+
+    @abc.abstractmethod
+    async def job_state(self, name: str) -> str | None: ...
 
     # --- replicas and members -------------------------------------------------------------
 

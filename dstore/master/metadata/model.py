@@ -104,6 +104,7 @@ class DeadChunk:
     chunk_id: str
     nodes: tuple[str, ...]
     dead_for: float  # seconds since its version died, on the engine's clock
+    pinned: bool = False  # a download on some gateway still reads its version
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,18 @@ class Leadership:
     holder: str
     epoch: int
     expires_in: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkRequest:
+    """Work a gateway asks the leader for (``MetadataStore.request_work``): ``kind``
+    ``bad_replica`` (``chunk_id`` on ``node_id`` is missing or corrupt: ``reason``) or
+    ``rebalance``."""
+
+    kind: str
+    chunk_id: str = ""
+    node_id: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,12 +45,22 @@ from dstore.master.metadata.model import (
     MemberState,
     Purged,
     VersionState,
+    WorkRequest,
 )
 from dstore.master.metadata.sql import (
+    CHECK_IN,
+    FORGET_GATEWAYS,
+    PINNED,
+    REQUEST_WORK,
+    SAVE_JOB,
+    SEEN,
+    TAKE_WORK,
     check_etag,
     lead_statement,
     match_needs_etag,
+    pin_statement,
     prefix_end,
+    renew_pins_statement,
     split_node_ids,
 )
 
@@ -63,7 +73,6 @@ _BEGIN_DURABLE = "BEGIN ISOLATION LEVEL READ COMMITTED"
 # (what the reconciler and lease expiry repair need not wait for the WAL flush)
 _BEGIN = _BEGIN_DURABLE + "; SET LOCAL synchronous_commit TO off"
 SCHEMA_LOCK = 0x64_73_74_6F_72_65  # advisory lock key: "dstore"
-GATEWAY_LOCK = SCHEMA_LOCK + 1  # held by the one gateway a database serves (see ``claim``)
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the SQLite engine's tables after its migration 2, in PostgreSQL's types
@@ -126,6 +135,34 @@ MIGRATIONS: tuple[str, ...] = (
         expires     DOUBLE PRECISION NOT NULL
     );
     """,
+    # 3: read pins: versions a download on some gateway reads, kept from the reaper until
+    # ``expires``. Unlogged (no WAL: a pin costs a GET no flush); lost in a crash of the
+    # database, as are the downloads that held them, and only until their next renewal.
+    # And work any gateway asks the leader for; the gateways seen, and the leader's job
+    # state (unlogged too: rewritten every second).
+    """
+    CREATE UNLOGGED TABLE pins (
+        version_id  BIGINT NOT NULL,
+        holder      TEXT NOT NULL,
+        expires     DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (version_id, holder)
+    );
+    CREATE TABLE work (
+        id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        kind        TEXT NOT NULL,
+        chunk_id    TEXT NOT NULL,
+        node_id     TEXT NOT NULL,
+        reason      TEXT NOT NULL
+    );
+    CREATE UNLOGGED TABLE gateways (
+        holder      TEXT PRIMARY KEY,
+        seen        DOUBLE PRECISION NOT NULL
+    );
+    CREATE UNLOGGED TABLE jobs (
+        name        TEXT PRIMARY KEY,
+        state       TEXT NOT NULL
+    );
+    """,
 )
 LATEST = len(MIGRATIONS)
 
@@ -140,19 +177,20 @@ class PostgresMetadataStore(MetadataStore):
     """``dsn``: a ``postgresql://`` URL. ``pool``: connections at most (one operation
     holds one for a transaction, never across network I/O to the nodes)."""
 
+    shared = True
+
     def __init__(self, dsn: str, *, pool: int = 10, timeout: float = 10.0) -> None:
         self.dsn = dsn
         self.max_connections = pool
         self.timeout = timeout  # a statement, or the wait for a connection, at most
         self._pool: Any = None
-        self._claim: Any = None  # the connection holding ``GATEWAY_LOCK``, if claimed
         self._operations = 0
         self._transactions = 0
 
     def __repr__(self) -> str:
         state = "open" if self._pool is not None else "closed"
         return (
-            f"<PostgresMetadataStore {_redacted(self.dsn)} {state},"
+            f"<PostgresMetadataStore {redacted(self.dsn)} {state},"
             f" {self._operations} ops in {self._transactions} commits>"
         )
 
@@ -178,7 +216,7 @@ class PostgresMetadataStore(MetadataStore):
             )
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise MetadataUnavailable(
-                f"cannot reach PostgreSQL at {_redacted(self.dsn)}: {exc}"
+                f"cannot reach PostgreSQL at {redacted(self.dsn)}: {exc}"
             ) from exc
         try:
             await self._migrate()
@@ -207,29 +245,7 @@ class PostgresMetadataStore(MetadataStore):
             await con.execute("UPDATE schema_version SET version = $1", LATEST)
             return int(found)
 
-    async def claim(self) -> None:
-        """Make this the only gateway on the database, for as long as it is open (a
-        session advisory lock on a connection of its own). Until background work has
-        one leader and caches and read pins are shared, two gateways on one database
-        would delete each other's chunks: the second is refused, in one line."""
-        import asyncpg
-
-        try:
-            con = await asyncpg.connect(self.dsn, timeout=self.timeout)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise MetadataUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
-        if not await con.fetchval("SELECT pg_try_advisory_lock($1)", GATEWAY_LOCK):
-            await con.close()
-            raise ConfigError(
-                "another gateway already uses this metadata database"
-                " (several gateways on one database are not supported yet)"
-            )
-        self._claim = con
-
     async def close(self) -> None:
-        claim, self._claim = self._claim, None
-        if claim is not None:
-            await claim.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -582,7 +598,8 @@ class PostgresMetadataStore(MetadataStore):
         async def tx(con: Tx) -> list[DeadChunk]:
             rows = await con.fetch(
                 "SELECT c.version_id, c.chunk_id,"
-                f" {_REPLICA_LIST} AS nodes, {_NOW} - v.dead_since AS age"
+                f" {_REPLICA_LIST} AS nodes, {_NOW} - v.dead_since AS age,"
+                f" {PINNED.format(now=_NOW)} AS pinned"
                 " FROM versions v JOIN chunks c ON c.version_id = v.id"
                 f" WHERE v.state = '{DEAD}' AND v.dead_since <= {_NOW} - $1"
                 " ORDER BY v.dead_since LIMIT $2",
@@ -590,11 +607,78 @@ class PostgresMetadataStore(MetadataStore):
                 limit,
             )
             return [
-                DeadChunk(int(r["version_id"]), r["chunk_id"], split_node_ids(r["nodes"]), r["age"])
+                DeadChunk(
+                    int(r["version_id"]),
+                    r["chunk_id"],
+                    split_node_ids(r["nodes"]),
+                    r["age"],
+                    r["pinned"],
+                )
                 for r in rows
             ]
 
         return await self._tx(tx, read=True)
+
+    async def check_in(self, holder: str) -> None:
+        async def tx(con: Tx) -> None:
+            await con.execute(CHECK_IN.format(holder="$1", now=_NOW), holder)
+            await con.execute(FORGET_GATEWAYS.format(now=_NOW))
+
+        await self._tx(tx)
+
+    async def gateways(self, within: float) -> list[tuple[str, float]]:
+        async def tx(con: Tx) -> list[tuple[str, float]]:
+            rows = await con.fetch(SEEN.format(now=_NOW, within="$1"), within)
+            return [(r[0], float(r[1])) for r in rows]
+
+        return await self._tx(tx, read=True)
+
+    async def save_job_state(self, name: str, state: str) -> None:
+        async def tx(con: Tx) -> None:
+            await con.execute(SAVE_JOB.format(name="$1", state="$2"), name, state)
+
+        await self._tx(tx, read=True)
+
+    async def job_state(self, name: str) -> str | None:
+        async def tx(con: Tx) -> str | None:
+            state = await con.fetchval("SELECT state FROM jobs WHERE name = $1", name)
+            return None if state is None else str(state)
+
+        return await self._tx(tx, read=True)
+
+    async def request_work(self, request: WorkRequest) -> None:
+        sql = REQUEST_WORK.format(marks="$1, $2, $3, $4")
+
+        async def tx(con: Tx) -> None:
+            await con.execute(sql, request.kind, request.chunk_id, request.node_id, request.reason)
+
+        await self._tx(tx, durable=True)
+
+    async def take_work(self, limit: int) -> list[WorkRequest]:
+        sql = TAKE_WORK.format(limit="$1", skip=" FOR UPDATE SKIP LOCKED")
+
+        async def tx(con: Tx) -> list[WorkRequest]:
+            rows = await con.fetch(sql, limit)
+            return [WorkRequest(*tuple(r)[1:]) for r in sorted(rows, key=lambda r: r["id"])]
+
+        return await self._tx(tx, durable=True)
+
+    async def pin(self, holder: str, version_id: int, ttl: float, settle: float) -> bool:
+        sql = pin_statement(_NOW, "greatest", "$1", "$2", "$3", "$4")
+
+        async def tx(con: Tx) -> bool:
+            return await con.fetchval(sql, version_id, holder, ttl, settle) is not None
+
+        return await self._tx(tx, read=True)  # (one statement: its own transaction)
+
+    async def renew_pins(self, holder: str, version_ids: Sequence[int], ttl: float) -> None:
+        sql = renew_pins_statement("greatest", f"SELECT unnest($1::bigint[]), $2, {_NOW} + $3")
+
+        async def tx(con: Tx) -> None:
+            await con.execute(sql, list(version_ids), holder, ttl)
+
+        if version_ids:
+            await self._tx(tx, read=True)
 
     async def forget_replica(self, chunk_id: str, node_id: str, *, durable: bool = False) -> None:
         async def tx(con: Tx) -> None:
@@ -621,6 +705,7 @@ class PostgresMetadataStore(MetadataStore):
                 " (SELECT 1 FROM chunks c WHERE c.version_id = versions.id) RETURNING id",
                 DEAD,
             )
+            await con.execute(f"DELETE FROM pins WHERE expires < {_NOW}")
             return Purged(len(purged), tuple(sorted(int(r["version_id"]) for r in inline)))
 
         return await self._tx(tx)
@@ -731,7 +816,7 @@ class PostgresMetadataStore(MetadataStore):
     async def lead(self, holder: str, ttl: float) -> int | None:
         async def tx(con: Tx) -> int | None:
             epoch = await con.fetchval(
-                lead_statement(_NOW, "$1", "$2"),
+                lead_statement(_NOW, "$1", "$2", "greatest"),
                 holder,
                 ttl,
             )
@@ -749,7 +834,7 @@ class PostgresMetadataStore(MetadataStore):
         return await self._tx(tx, read=True)
 
 
-def _redacted(dsn: str) -> str:
+def redacted(dsn: str) -> str:
     """The URL without its password (it goes into logs and reprs)."""
     head, at, host = dsn.rpartition("@")
     if not at:

@@ -75,6 +75,31 @@ MIGRATIONS: tuple[str, ...] = (
         expires     REAL NOT NULL
     );
     """,
+    # 4: read pins: versions a download reads, kept from the reaper until ``expires``;
+    # work any gateway asks the leader for; the gateways seen, and the leader's job state
+    """
+    CREATE TABLE pins (
+        version_id  INTEGER NOT NULL,
+        holder      TEXT NOT NULL,
+        expires     REAL NOT NULL,
+        PRIMARY KEY (version_id, holder)
+    ) WITHOUT ROWID;
+    CREATE TABLE work (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind        TEXT NOT NULL,
+        chunk_id    TEXT NOT NULL,
+        node_id     TEXT NOT NULL,
+        reason      TEXT NOT NULL
+    );
+    CREATE TABLE gateways (
+        holder      TEXT PRIMARY KEY,
+        seen        REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE jobs (
+        name        TEXT PRIMARY KEY,
+        state       TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 LATEST = len(MIGRATIONS)

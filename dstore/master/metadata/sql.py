@@ -25,19 +25,74 @@ def split_node_ids(joined: str | None) -> tuple[str, ...]:
     return tuple(n for n in (joined or "").split(",") if n)
 
 
-def lead_statement(now: str, holder: str, ttl: str) -> str:
+def lead_statement(now: str, holder: str, ttl: str, greatest: str) -> str:
     """The one guarded statement that takes or keeps the leadership (``MetadataStore.lead``):
     a new row, or the row kept by its holder, or taken from a holder whose lease ran out
     (with the next epoch); it returns the epoch only if ``holder`` leads after it. ``now``
-    is the engine's clock expression, ``holder`` and ``ttl`` its parameter marks."""
+    is the engine's clock expression, ``holder`` and ``ttl`` its parameter marks,
+    ``greatest`` the engine's name for the larger of two values.
+
+    An epoch is the database clock in milliseconds when the leadership was taken, or the
+    one before plus one if that is more: it only grows within a database, and a new or
+    migrated database starts above what the nodes heard of under the one before (they
+    fence deletes with it)."""
+    taken = f"CAST({now} * 1000 AS BIGINT)"
     return (
-        f"INSERT INTO leader (id, holder, epoch, expires) VALUES (1, {holder}, 1, {now} + {ttl})"
+        "INSERT INTO leader (id, holder, epoch, expires)"
+        f" VALUES (1, {holder}, {taken}, {now} + {ttl})"
         " ON CONFLICT (id) DO UPDATE SET"
         " epoch = CASE WHEN leader.holder = excluded.holder"
-        f" AND leader.expires >= {now} THEN leader.epoch ELSE leader.epoch + 1 END,"
+        f" AND leader.expires >= {now} THEN leader.epoch"
+        f" ELSE {greatest}(leader.epoch + 1, {taken}) END,"
         " holder = excluded.holder, expires = excluded.expires"
         f" WHERE leader.holder = excluded.holder OR leader.expires < {now}"
         " RETURNING epoch"
+    )
+
+
+REQUEST_WORK = "INSERT INTO work (kind, chunk_id, node_id, reason) VALUES ({marks})"
+# (SKIP LOCKED on PostgreSQL: two takers at once each get their own requests)
+TAKE_WORK = (
+    "DELETE FROM work WHERE id IN (SELECT id FROM work ORDER BY id LIMIT {limit}{skip})"
+    " RETURNING id, kind, chunk_id, node_id, reason"
+)
+
+CHECK_IN = (
+    "INSERT INTO gateways (holder, seen) VALUES ({holder}, {now})"
+    " ON CONFLICT (holder) DO UPDATE SET seen = excluded.seen"
+)
+SEEN = "SELECT holder, {now} - seen FROM gateways WHERE seen > {now} - {within} ORDER BY holder"
+FORGET_GATEWAYS = "DELETE FROM gateways WHERE seen < {now} - 86400"
+SAVE_JOB = (
+    "INSERT INTO jobs (name, state) VALUES ({name}, {state})"
+    " ON CONFLICT (name) DO UPDATE SET state = excluded.state"
+)
+
+PINNED = "EXISTS (SELECT 1 FROM pins p WHERE p.version_id = v.id AND p.expires > {now})"
+
+
+def pin_statement(now: str, greatest: str, version: str, holder: str, ttl: str, settle: str) -> str:
+    """A read pin (``MetadataStore.pin``) in one statement: made, or its expiry pushed
+    later, only while the version is not dead for more than ``settle``; it returns the
+    version id if pinned. ``now`` and ``greatest`` as for ``lead_statement``, the rest
+    parameter marks."""
+    return (
+        "INSERT INTO pins (version_id, holder, expires)"
+        f" SELECT id, {holder}, {now} + {ttl} FROM versions WHERE id = {version}"
+        f" AND (state <> 'dead' OR dead_since > {now} - {settle})"
+        " ON CONFLICT (version_id, holder) DO UPDATE"
+        f" SET expires = {greatest}(pins.expires, excluded.expires)"
+        " RETURNING version_id"
+    )
+
+
+def renew_pins_statement(greatest: str, rows: str) -> str:
+    """Keep (or make again) pins (``renew_pins``); ``rows``: a VALUES or SELECT of
+    (version id, holder, expiry)."""
+    return (
+        f"INSERT INTO pins (version_id, holder, expires) {rows}"
+        " ON CONFLICT (version_id, holder) DO UPDATE"
+        f" SET expires = {greatest}(pins.expires, excluded.expires)"
     )
 
 

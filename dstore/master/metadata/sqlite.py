@@ -34,13 +34,23 @@ from dstore.master.metadata.model import (
     MemberState,
     Purged,
     VersionState,
+    WorkRequest,
 )
 from dstore.master.metadata.schema import migrate
 from dstore.master.metadata.sql import (
+    CHECK_IN,
+    FORGET_GATEWAYS,
+    PINNED,
+    REQUEST_WORK,
+    SAVE_JOB,
+    SEEN,
+    TAKE_WORK,
     check_etag,
     lead_statement,
     match_needs_etag,
+    pin_statement,
     prefix_end,
+    renew_pins_statement,
     split_node_ids,
 )
 from dstore.threads import Call, Outcome, WorkerThread
@@ -435,17 +445,63 @@ class SQLiteMetadataStore(MetadataStore):
         def tx(db: sqlite3.Connection) -> list[DeadChunk]:
             rows = db.execute(
                 "SELECT c.version_id, c.chunk_id,"
-                f" {_REPLICA_LIST}, {_NOW} - v.dead_since"
+                f" {_REPLICA_LIST}, {_NOW} - v.dead_since, {PINNED.format(now=_NOW)}"
                 " FROM versions v JOIN chunks c ON c.version_id = v.id"
                 f" WHERE v.state = '{DEAD}' AND v.dead_since <= {_NOW} - ?"
                 " ORDER BY v.dead_since LIMIT ?",
                 (settle, limit),
             ).fetchall()
             return [
-                DeadChunk(vid, cid, split_node_ids(nodes), age) for vid, cid, nodes, age in rows
+                DeadChunk(vid, cid, split_node_ids(nodes), age, bool(pinned))
+                for vid, cid, nodes, age, pinned in rows
             ]
 
         return await self._submit(tx)
+
+    async def check_in(self, holder: str) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute(CHECK_IN.format(holder="?", now=_NOW), (holder,))
+            db.execute(FORGET_GATEWAYS.format(now=_NOW))
+
+        await self._submit(tx)
+
+    async def gateways(self, within: float) -> list[tuple[str, float]]:
+        sql = SEEN.format(now=_NOW, within="?")
+        rows = await self._submit(lambda db: db.execute(sql, (within,)).fetchall())
+        return [(holder, float(ago)) for holder, ago in rows]
+
+    async def save_job_state(self, name: str, state: str) -> None:
+        sql = SAVE_JOB.format(name="?", state="?")
+        await self._submit(lambda db: db.execute(sql, (name, state)))
+
+    async def job_state(self, name: str) -> str | None:
+        def tx(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT state FROM jobs WHERE name = ?", (name,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._submit(tx)
+
+    async def request_work(self, request: WorkRequest) -> None:
+        sql = REQUEST_WORK.format(marks="?, ?, ?, ?")
+        values = (request.kind, request.chunk_id, request.node_id, request.reason)
+        await self._submit(lambda db: db.execute(sql, values), durable=True)
+
+    async def take_work(self, limit: int) -> list[WorkRequest]:
+        sql = TAKE_WORK.format(limit="?", skip="")
+        rows = await self._submit(lambda db: db.execute(sql, (limit,)).fetchall(), durable=True)
+        return [WorkRequest(*row[1:]) for row in sorted(rows)]
+
+    async def pin(self, holder: str, version_id: int, ttl: float, settle: float) -> bool:
+        sql = pin_statement(_NOW, "max", "?", "?", "?", "?")  # (marks: holder, ttl, id, settle)
+        return await self._submit(
+            lambda db: db.execute(sql, (holder, ttl, version_id, settle)).fetchone() is not None
+        )
+
+    async def renew_pins(self, holder: str, version_ids: Sequence[int], ttl: float) -> None:
+        sql = renew_pins_statement("max", f"VALUES (?, ?, {_NOW} + ?)")
+        rows = [(version_id, holder, ttl) for version_id in version_ids]
+        if rows:
+            await self._submit(lambda db: db.executemany(sql, rows))
 
     async def forget_replica(self, chunk_id: str, node_id: str, *, durable: bool = False) -> None:
         await self._submit(
@@ -473,6 +529,7 @@ class SQLiteMetadataStore(MetadataStore):
                 " (SELECT 1 FROM chunks c WHERE c.version_id = versions.id) RETURNING id",
                 (DEAD,),
             ).fetchall()
+            db.execute(f"DELETE FROM pins WHERE expires < {_NOW}")
             return Purged(len(purged), tuple(sorted(row[0] for row in inline)))
 
         return await self._submit(tx)
@@ -592,7 +649,7 @@ class SQLiteMetadataStore(MetadataStore):
     async def lead(self, holder: str, ttl: float) -> int | None:
         def tx(db: sqlite3.Connection) -> int | None:
             row = db.execute(
-                lead_statement(_NOW, "?", "?"),
+                lead_statement(_NOW, "?", "?", "max"),
                 (holder, ttl),
             ).fetchone()
             return None if row is None else int(row[0])

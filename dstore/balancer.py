@@ -1,0 +1,102 @@
+"""haproxy in front of several gateways (``dstore up --gateways N``), from Debian's
+package ``haproxy``: one port, requests spread to the gateway with the fewest
+connections, each gateway checked on ``/readyz`` every second (two failures take it out,
+two successes bring it back), and bodies streamed both ways, never buffered.
+
+Over HTTPS the connection passes through to a gateway unopened (TCP mode), so the client
+checks the gateway's own certificate; the health check then speaks TLS to ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+from dstore.errors import DstoreError
+
+# what a client or a gateway may leave a connection idle for (the gateway's own timeouts
+# for slow clients are shorter and answer first)
+IDLE = "10m"
+# what only HTTP mode has: a whole request head within 15 s, idle keep-alive 15 s, and a
+# request whose connection failed sent again to another gateway
+HTTP_ONLY = """    timeout http-request 15s
+    timeout http-keep-alive 15s
+    option redispatch
+"""
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise DstoreError(
+            "haproxy is not installed: apt-get install haproxy", code="missing_binary"
+        )
+    return found
+
+
+def haproxy_config(port: int, gateways: list[str], *, tls: bool = False) -> str:
+    """The configuration: ``port`` on 127.0.0.1 in front of ``gateways`` (host:port)."""
+    if tls:
+        mode, check = "tcp", "check check-ssl verify none"
+    else:
+        mode, check = "http", "check"
+    servers = "\n".join(
+        f"    server gateway-{i} {addr} {check}" for i, addr in enumerate(gateways, 1)
+    )
+    http_only = "" if tls else HTTP_ONLY
+    return f"""# made by dstore up; made again at every start
+global
+    maxconn 4096
+
+defaults
+    mode {mode}
+    timeout connect 5s
+    timeout client {IDLE}
+    timeout server {IDLE}
+    timeout queue 30s
+{http_only}    retries 2
+
+frontend dstore
+    bind 127.0.0.1:{port}
+    default_backend gateways
+
+backend gateways
+    balance leastconn
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server inter 1s fall 2 rise 2
+{servers}
+"""
+
+
+async def start_haproxy(
+    folder: Path, port: int, gateways: list[str], *, tls: bool = False
+) -> asyncio.subprocess.Process:
+    """haproxy in the foreground as a child process, its configuration and log in
+    ``folder``; returns once its port accepts connections."""
+    binary = haproxy_binary()
+    config = folder / "haproxy.cfg"
+    config.write_text(haproxy_config(port, gateways, tls=tls))
+    log_path = folder / "logs" / "haproxy.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            binary, "-db", "-f", str(config), stdout=log_file, stderr=log_file
+        )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while True:
+        if proc.returncode is not None:
+            tail = log_path.read_text(errors="replace")[-600:].strip()
+            raise DstoreError(f"haproxy did not start: {tail}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if loop.time() > deadline:
+                proc.kill()
+                raise DstoreError(f"haproxy did not open port {port}; see {log_path}") from None
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return proc
