@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from dstore.client import join_cluster
 from dstore.gateway import keys
+from dstore.master.cluster import NodeState
 from dstore.master.metadata import VersionState
-from tests.conftest import LocalCluster, NodeFactory, cluster_maker, wait_for
+from tests.conftest import SECRET, LocalCluster, NodeFactory, cluster_maker, wait_for
 
 # a pin outlives its renewals by 2 s; a reader may hold dead chunks for 20 s at most
 FAST = {"pin_ttl": 2.0, "gc_grace": 20.0, "inline_max": 4096}
@@ -176,3 +178,26 @@ async def test_a_rebalance_asked_of_the_follower_runs_on_the_leader(pair: Pair) 
         assert (await response.json())["state"] == "requested"
     repairer = pair.a.app[keys.REPAIRER]
     await wait_for(lambda: repairer.rebalance_state in ("running", "balanced"), timeout=10)
+
+
+async def test_a_node_joined_through_one_gateway_is_used_by_the_other(pair: Pair) -> None:
+    newcomer = await pair.a.add_node()  # (pair.b.nodes is the same list)
+    await join_cluster(pair.a.url, newcomer.addr, SECRET.encode())  # (its --join)
+    members = pair.b.app[keys.CLUSTER].members
+    await wait_for(lambda: newcomer.addr in members and members[newcomer.addr].node_id != "")
+    # the emptiest node: b's next chunks go there
+    assert (await pair.b.put("f", os.urandom(300_000))).status == 201
+    version = await pair.b.app[keys.META].lookup("f")
+    assert any(newcomer.node_id in chunk.nodes for chunk in version.chunks)
+    # and drained through b, a stops using it
+    async with pair.b.session.delete(  # type: ignore[union-attr]
+        f"{pair.b.url}/v1/cluster/nodes/{newcomer.node_id}"
+    ) as response:
+        assert response.status == 202
+    theirs = pair.a.app[keys.CLUSTER].members
+
+    def avoided() -> bool:
+        member = theirs.get(newcomer.addr)
+        return member is None or member.state is NodeState.DRAINING
+
+    await wait_for(avoided, timeout=10)
