@@ -7,7 +7,17 @@ import asyncio
 import importlib
 import sys
 
-BENCHES = ["protocol", "gateway", "ttfb", "smallcpu", "overheads", "failures", "repair", "startup"]
+BENCHES = [
+    "protocol",
+    "gateway",
+    "ttfb",
+    "smallcpu",
+    "overheads",
+    "failures",
+    "repair",
+    "startup",
+    "engines",
+]
 
 
 def main() -> None:

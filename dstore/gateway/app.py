@@ -53,14 +53,14 @@ def node_connector(config: GatewayConfig) -> Connector:
 
 def metadata_engine(config: GatewayConfig) -> tuple[MetadataStore, LookupCache]:
     """The configured engine, and the lookup cache in front of it: SQLite in the data dir
-    by default; PostgreSQL for a ``postgresql://`` URL, without a lookup cache. Other
-    gateways write that database too, so a hit would have to be checked against the
-    name's generation there: the same round trip as the lookup it saves. What stays
-    cached is keyed by what never changes (chunk bytes by chunk id, inline bytes by
-    version id), and so is coherent across gateways as it is."""
+    by default; PostgreSQL for a ``postgresql://`` URL. Other gateways write that
+    database too, so there the cache keeps inline files only (no replica list to go
+    stale) and every hit is checked against the name's current version, in a batch
+    with other checks: a smaller trip than the lookup, and the bytes then come from the
+    read cache (by version id, which never changes)."""
     if config.metadata is None:
         return SQLiteMetadataStore(config.data_dir / "meta.db"), LookupCache(config.lookup_cache)
-    return PostgresMetadataStore(config.metadata), LookupCache(0)
+    return PostgresMetadataStore(config.metadata), LookupCache(config.lookup_cache, max_chunks=0)
 
 
 def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> web.Application:

@@ -27,14 +27,10 @@ async def make_cluster(
         yield make
 
 
-# not for this engine: fault injection through SQLite itself (a full disk, rotten bytes),
-# and the lookup cache, which is off on PostgreSQL until its hits are validated
+# not for this engine: fault injection through SQLite itself (a full disk, rotten bytes)
 for _name in (
     "test_a_corrupt_inline_body_is_never_served",
     "test_a_full_metadata_disk_gives_507_and_keeps_nothing",
-    "test_overwrite_across_inline_and_chunks_and_delete_leave_nothing",
-    "test_bytes_come_from_the_read_cache_and_the_lookup_cache_keeps_none",
-    "test_a_version_reclaimed_before_its_bytes_are_read_serves_the_new_one",
 ):
     globals().pop(_name)
 

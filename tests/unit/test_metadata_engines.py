@@ -491,3 +491,20 @@ async def test_gateways_check_in_and_the_leader_saves_its_job_state(make_engine:
     await a.save_job_state("repair", '{"queue": 1}')
     await a.save_job_state("repair", '{"queue": 2}')
     assert await b.job_state("repair") == '{"queue": 2}'
+
+
+async def test_is_current_names_the_version_a_name_points_at(make_engine: Engine) -> None:
+    a, b = await make_engine(), await make_engine()
+    first = await put(a, "f")
+    assert await b.is_current("f", first)
+    second = await put(b, "f")  # overwritten through the other
+    assert not await a.is_current("f", first) and await a.is_current("f", second)
+    await b.delete("f")
+    assert not await a.is_current("f", second)
+    assert not await a.is_current("never", 1)
+    # many at once (the PostgreSQL engine sends them together): each its own answer
+    ids = {f"n{i}": await put(a, f"n{i}") for i in range(20)}
+    answers = await asyncio.gather(
+        *(b.is_current(name, vid + (i % 2)) for i, (name, vid) in enumerate(ids.items()))
+    )
+    assert answers == [i % 2 == 0 for i in range(20)]

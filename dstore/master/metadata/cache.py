@@ -326,7 +326,11 @@ class CachedMetadataStore(MetadataStore):
     async def lookup(self, name: str, start: int = 0, limit: int | None = None) -> FileVersion:
         hit = self.cache.get(name)
         if hit is not None:
-            return hit
+            # other gateways write a shared engine: a hit is checked against it (the
+            # version's own fields never change, so the version id is enough)
+            if not self.engine.shared or await self.engine.is_current(name, hit.version_id):
+                return hit
+            self.cache.drop(name)
         asked = limit
         if limit is not None and start == 0:  # enough to tell whether the whole list fits
             asked = max(limit, self.cache.max_chunks + 1)
@@ -365,6 +369,9 @@ class CachedMetadataStore(MetadataStore):
 
     async def head(self, name: str) -> FileVersion:
         return await self.engine.head(name)
+
+    async def is_current(self, name: str, version_id: int) -> bool:
+        return await self.engine.is_current(name, version_id)
 
     async def chunk_page(self, version_id: int, start: int, limit: int) -> tuple[ChunkRef, ...]:
         return await self.engine.chunk_page(version_id, start, limit)

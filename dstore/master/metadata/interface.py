@@ -116,6 +116,11 @@ class MetadataStore(abc.ABC):
         version has no chunks and comes with its bytes."""
 
     @abc.abstractmethod
+    async def is_current(self, name: str, version_id: int) -> bool:
+        """Whether ``version_id`` is the name's current version: a cached lookup checked
+        against the database, which other gateways write too."""
+
+    @abc.abstractmethod
     async def head(self, name: str) -> FileVersion:
         """Like ``lookup`` without the chunk list (an inline body with its checksum only)."""
 

@@ -20,6 +20,8 @@ import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import orjson
+
 from dstore.errors import (
     ConfigError,
     Conflict,
@@ -29,6 +31,7 @@ from dstore.errors import (
     OutOfSpace,
     PreconditionFailed,
 )
+from dstore.master.metadata.batch import Batcher
 from dstore.master.metadata.interface import MetadataStore
 from dstore.master.metadata.model import (
     ChunkIntent,
@@ -55,9 +58,7 @@ from dstore.master.metadata.sql import (
     SAVE_JOB,
     SEEN,
     TAKE_WORK,
-    check_etag,
     lead_statement,
-    match_needs_etag,
     pin_statement,
     prefix_end,
     renew_pins_statement,
@@ -65,6 +66,8 @@ from dstore.master.metadata.sql import (
 )
 
 T = TypeVar("T")
+K = TypeVar("K")
+R = TypeVar("R")
 Tx = Any  # an asyncpg connection inside a transaction
 
 _NOW = "extract(epoch from clock_timestamp())"
@@ -73,6 +76,125 @@ _BEGIN_DURABLE = "BEGIN ISOLATION LEVEL READ COMMITTED"
 # (what the reconciler and lease expiry repair need not wait for the WAL flush)
 _BEGIN = _BEGIN_DURABLE + "; SET LOCAL synchronous_commit TO off"
 SCHEMA_LOCK = 0x64_73_74_6F_72_65  # advisory lock key: "dstore"
+
+# What the functions share: the name's pointer read under a transaction-long advisory lock
+# on the name (writers of one name, from any gateway, take turns; the compare-and-swap on
+# the generation stays as the guard), and the If-None-Match / If-Match checks, answered
+# as an outcome ('exists', 'missing', 'mismatch') rather than an error, so one refused
+# write in a batch leaves the others be.
+_NAME_FUNCTIONS = r"""
+CREATE FUNCTION dstore_check(p_name TEXT, p_if_absent BOOLEAN, p_if_match JSONB,
+                             OUT cur_id BIGINT, OUT cur_gen BIGINT, OUT outcome TEXT)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    cur_etag TEXT;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_name, 0));
+    SELECT f.version_id, f.generation INTO cur_id, cur_gen FROM files f WHERE f.name = p_name;
+    outcome := 'ok';
+    IF cur_id IS NOT NULL AND p_if_absent THEN
+        outcome := 'exists';
+    ELSIF p_if_match IS NOT NULL AND cur_id IS NULL THEN
+        outcome := 'missing';
+    ELSIF p_if_match IS NOT NULL AND NOT p_if_match ? '*' THEN
+        SELECT v.etag INTO cur_etag FROM versions v WHERE v.id = cur_id;
+        IF NOT p_if_match ? cur_etag THEN
+            outcome := 'mismatch';
+        END IF;
+    END IF;
+END $fn$;
+
+-- point the name at p_version (its pointer read at cur_id, cur_gen) and kill the old one
+CREATE FUNCTION dstore_point(p_name TEXT, p_version BIGINT, cur_id BIGINT, cur_gen BIGINT)
+RETURNS VOID LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF cur_id IS NULL THEN
+        INSERT INTO files (name, version_id, generation) VALUES (p_name, p_version, 1);
+    ELSE
+        UPDATE files SET version_id = p_version, generation = generation + 1
+            WHERE name = p_name AND generation = cur_gen;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'serialization_failure',
+                MESSAGE = 'the name changed meanwhile';
+        END IF;
+        UPDATE versions SET state = 'dead', dead_since = extract(epoch from clock_timestamp()),
+            lease_expires = NULL WHERE id = cur_id AND state = 'live';
+    END IF;
+END $fn$;
+
+CREATE FUNCTION dstore_put_inline(p_name TEXT, p_type TEXT, p_etag TEXT, p_checksum BYTEA,
+                                  p_data BYTEA, p_if_absent BOOLEAN, p_if_match JSONB,
+                                  OUT outcome TEXT, OUT new_id BIGINT,
+                                  OUT new_created DOUBLE PRECISION, OUT replaced BIGINT)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    cur_gen BIGINT;
+BEGIN
+    SELECT c.cur_id, c.cur_gen, c.outcome INTO replaced, cur_gen, outcome
+        FROM dstore_check(p_name, p_if_absent, p_if_match) c;
+    IF outcome <> 'ok' THEN
+        RETURN;
+    END IF;
+    INSERT INTO versions (name, state, size, etag, content_type, created)
+        VALUES (p_name, 'live', length(p_data), p_etag, p_type,
+                extract(epoch from clock_timestamp()))
+        RETURNING id, created INTO new_id, new_created;
+    INSERT INTO bodies (version_id, checksum, data) VALUES (new_id, p_checksum, p_data);
+    PERFORM dstore_point(p_name, new_id, replaced, cur_gen);
+END $fn$;
+
+CREATE FUNCTION dstore_commit(p_version BIGINT, p_size BIGINT, p_etag TEXT,
+                              p_if_absent BOOLEAN, p_if_match JSONB,
+                              OUT outcome TEXT, OUT name TEXT, OUT content_type TEXT,
+                              OUT created DOUBLE PRECISION, OUT replaced BIGINT)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    cur_gen BIGINT;
+BEGIN
+    SELECT v.name, v.content_type INTO name, content_type FROM versions v
+        WHERE v.id = p_version AND v.state = 'pending';
+    IF NOT FOUND THEN
+        outcome := 'gone';
+        RETURN;
+    END IF;
+    SELECT c.cur_id, c.cur_gen, c.outcome INTO replaced, cur_gen, outcome
+        FROM dstore_check(name, p_if_absent, p_if_match) c;
+    IF outcome <> 'ok' THEN
+        RETURN;
+    END IF;
+    UPDATE versions v SET state = 'live', size = p_size, etag = p_etag,
+            created = extract(epoch from clock_timestamp()), lease_expires = NULL
+        WHERE v.id = p_version AND v.state = 'pending' RETURNING v.created INTO created;
+    IF NOT FOUND THEN  -- (aborted or expired since it was read above)
+        outcome := 'gone';
+        RETURN;
+    END IF;
+    PERFORM dstore_point(name, p_version, replaced, cur_gen);
+END $fn$;
+
+CREATE FUNCTION dstore_delete(p_name TEXT, p_if_match JSONB,
+                              OUT outcome TEXT, OUT replaced BIGINT)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    cur_gen BIGINT;
+BEGIN
+    SELECT c.cur_id, c.cur_gen, c.outcome INTO replaced, cur_gen, outcome
+        FROM dstore_check(p_name, FALSE, p_if_match) c;
+    IF outcome = 'ok' AND replaced IS NULL THEN
+        outcome := 'missing';
+    END IF;
+    IF outcome <> 'ok' THEN
+        RETURN;
+    END IF;
+    DELETE FROM files f WHERE f.name = p_name AND f.generation = cur_gen;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'serialization_failure',
+            MESSAGE = 'the name changed meanwhile';
+    END IF;
+    UPDATE versions SET state = 'dead', dead_since = extract(epoch from clock_timestamp()),
+        lease_expires = NULL WHERE id = replaced AND state = 'live';
+END $fn$;
+"""
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the SQLite engine's tables after its migration 2, in PostgreSQL's types
@@ -163,6 +285,9 @@ MIGRATIONS: tuple[str, ...] = (
         state       TEXT NOT NULL
     );
     """,
+    # 4: the writes of a name as functions, each one statement (one round trip, its own
+    # transaction) instead of one per step; a batch of small files is one statement too
+    _NAME_FUNCTIONS,
 )
 LATEST = len(MIGRATIONS)
 
@@ -184,6 +309,10 @@ class PostgresMetadataStore(MetadataStore):
         self.max_connections = pool
         self.timeout = timeout  # a statement, or the wait for a connection, at most
         self._pool: Any = None
+        # lookups and small files' commits that arrive together go in one statement
+        self._lookups: Batcher[str, FileVersion] | None = None
+        self._pointers: Batcher[str, int | None] | None = None
+        self._inline_puts: Batcher[_InlinePut, CommitResult] | None = None
         self._operations = 0
         self._transactions = 0
 
@@ -223,6 +352,9 @@ class PostgresMetadataStore(MetadataStore):
         except BaseException:
             await self.close()
             raise
+        self._lookups = Batcher(self._lookup_batch)
+        self._pointers = Batcher(self._pointer_batch)
+        self._inline_puts = Batcher(self._put_inline_batch)
 
     async def _migrate(self) -> int:
         """Bring the schema to ``LATEST`` under an advisory lock (gateways starting
@@ -246,9 +378,18 @@ class PostgresMetadataStore(MetadataStore):
             return int(found)
 
     async def close(self) -> None:
+        for batcher in (self._lookups, self._pointers, self._inline_puts):
+            if batcher is not None:
+                await batcher.close()
+        self._lookups = self._pointers = self._inline_puts = None
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+    def _batched(self, batcher: Batcher[K, R] | None) -> Batcher[K, R]:
+        if batcher is None:
+            raise MetadataUnavailable("metadata store is closed")
+        return batcher
 
     async def run(self, fn: Callable[[Tx], Awaitable[T]]) -> T:
         """Run ``fn(connection)`` in a durable transaction of its own: for operators'
@@ -362,42 +503,37 @@ class PostgresMetadataStore(MetadataStore):
         if_match: Sequence[str] | None = None,
         keep_chunks: int = 0,
     ) -> CommitResult:
-        async def tx(con: Tx) -> CommitResult:
-            row = await con.fetchrow(
-                "SELECT name, content_type FROM versions WHERE id = $1 AND state = $2",
+        async def tx(con: Tx) -> Any:
+            return await con.fetchrow(
+                "SELECT * FROM dstore_commit($1, $2, $3, $4, $5)",
                 version_id,
-                PENDING,
-            )
-            if row is None:
-                raise Conflict(f"upload {version_id} is no longer pending")
-            name, content_type = row["name"], row["content_type"]
-            current = await _current_pointer(con, name)
-            if current is not None and if_absent:
-                raise PreconditionFailed(f"{name!r} exists")
-            await _check_match(con, name, current, if_match)
-            created = await con.fetchval(
-                f"UPDATE versions SET state = '{LIVE}', size = $1, etag = $2, created = {_NOW},"
-                " lease_expires = NULL WHERE id = $3 AND state = $4 RETURNING created",
                 size,
                 etag,
-                version_id,
-                PENDING,
+                if_absent,
+                _match_json(if_match),
             )
-            if created is None:
-                raise Conflict(f"upload {version_id} is no longer pending")
-            replaced = await _point(con, name, version_id, current)
-            version = FileVersion(name, version_id, size, etag, content_type, created)
+
+        row = await self._tx(tx, read=True)  # (one statement: its own durable transaction)
+        if row["outcome"] == "gone":
+            raise Conflict(f"upload {version_id} is no longer pending")
+        name = row["name"]
+        _refused(name, row["outcome"])
+        version = FileVersion(name, version_id, size, etag, row["content_type"], row["created"])
+        replaced = None if row["replaced"] is None else int(row["replaced"])
+
+        async def chunks(con: Tx) -> CommitResult:
+            # (read after the commit: a live version's chunk rows never change)
             refs = await _chunk_refs(con, version_id, limit=keep_chunks + 1)
             if len(refs) > keep_chunks:
-                chunks = await con.fetchval(
+                count = await con.fetchval(
                     "SELECT COUNT(*) FROM chunks WHERE version_id = $1", version_id
                 )
-                return CommitResult(version, replaced, int(chunks))
+                return CommitResult(version, replaced, int(count))
             return CommitResult(
                 dataclasses.replace(version, chunks=refs), replaced, len(refs), True
             )
 
-        return await self._tx(tx, durable=True)
+        return await self._tx(chunks, read=True)
 
     async def commit_inline(
         self,
@@ -412,35 +548,42 @@ class PostgresMetadataStore(MetadataStore):
         data = body.data
         if data is None:
             raise ValueError("an inline commit needs the file's bytes")
-        kept = InlineBody(None, body.checksum)
+        match = _match_json(if_match)
+        put = _InlinePut(name, content_type, etag, body.checksum, bytes(data), if_absent, match)
+        return await self._batched(self._inline_puts).submit(put)
 
-        async def tx(con: Tx) -> CommitResult:
-            current = await _current_pointer(con, name)
-            if current is not None and if_absent:
-                raise PreconditionFailed(f"{name!r} exists")
-            await _check_match(con, name, current, if_match)
-            row = await con.fetchrow(
-                "INSERT INTO versions (name, state, size, etag, content_type, created)"
-                f" VALUES ($1, '{LIVE}', $2, $3, $4, {_NOW}) RETURNING id, created",
-                name,
-                len(data),
-                etag,
-                content_type,
-            )
-            version_id, created = int(row["id"]), row["created"]
-            await con.execute(
-                "INSERT INTO bodies (version_id, checksum, data) VALUES ($1, $2, $3)",
-                version_id,
-                body.checksum,
-                bytes(data),
-            )
-            replaced = await _point(con, name, version_id, current)
+    async def _put_inline_batch(self, puts: list[_InlinePut]) -> list[CommitResult | BaseException]:
+        """Small files' commits in one statement (one transaction, one WAL flush), names
+        locked in sorted order (two batches never wait for each other in a cycle)."""
+        order = sorted(range(len(puts)), key=lambda i: puts[i].name)
+        columns = list(zip(*(dataclasses.astuple(puts[i]) for i in order), strict=True))
+
+        async def tx(con: Tx) -> list[Any]:
+            return list(await con.fetch(_PUT_INLINE_BATCH, *map(list, columns)))
+
+        rows = await self._tx(tx, read=True)
+        outcomes: list[CommitResult | BaseException] = [Conflict("not committed")] * len(puts)
+        for row in rows:
+            at = order[int(row["i"]) - 1]
+            put = puts[at]
+            try:
+                _refused(put.name, row["outcome"])
+            except DstoreError as exc:  # (this one refused: the others stand)
+                outcomes[at] = exc
+                continue
             version = FileVersion(
-                name, version_id, len(data), etag, content_type, created, (), kept
+                put.name,
+                int(row["new_id"]),
+                len(put.data),
+                put.etag,
+                put.content_type,
+                row["new_created"],
+                (),
+                InlineBody(None, put.checksum),
             )
-            return CommitResult(version, replaced, 0, True)
-
-        return await self._tx(tx, durable=True)
+            replaced = None if row["replaced"] is None else int(row["replaced"])
+            outcomes[at] = CommitResult(version, replaced, 0, True)
+        return outcomes
 
     async def abort(self, version_id: int) -> None:
         async def tx(con: Tx) -> None:
@@ -451,19 +594,48 @@ class PostgresMetadataStore(MetadataStore):
     # --- reads ----------------------------------------------------------------------------
 
     async def head(self, name: str) -> FileVersion:
-        return await self._tx(lambda con: _current(con, name, data=False), read=True)
+        async def tx(con: Tx) -> Any:
+            return await con.fetchrow(_CURRENT.format(data="NULL::bytea", where="= $1"), name)
+
+        row = await self._tx(tx, read=True)
+        if row is None:
+            raise FileNotFound(f"no file named {name!r}")
+        return _version(row)
 
     async def lookup(self, name: str, start: int = 0, limit: int | None = None) -> FileVersion:
-        async def tx(con: Tx) -> FileVersion:
-            version = await _current(con, name, data=True)
-            if version.inline is not None:
-                return version
+        version = await self._batched(self._lookups).submit(name)
+        if version.inline is not None:
+            return version
+
+        async def tx(con: Tx) -> tuple[ChunkRef, ...]:
             # (no transaction around the two: a version replaced in between keeps its
             # chunk rows until the reaper purges it, ``gc_grace`` after it died)
-            refs = await _chunk_refs(con, version.version_id, limit=limit, start=start)
-            return dataclasses.replace(version, chunks=refs)
+            return await _chunk_refs(con, version.version_id, limit=limit, start=start)
 
-        return await self._tx(tx, read=True)
+        return dataclasses.replace(version, chunks=await self._tx(tx, read=True))
+
+    async def is_current(self, name: str, version_id: int) -> bool:
+        return await self._batched(self._pointers).submit(name) == version_id
+
+    async def _pointer_batch(self, names: list[str]) -> list[int | BaseException | None]:
+        """The current version ids of several names in one statement."""
+
+        async def tx(con: Tx) -> list[Any]:
+            sql = "SELECT name, version_id FROM files WHERE name = ANY($1::text[])"
+            return list(await con.fetch(sql, sorted(set(names))))
+
+        found = {row["name"]: int(row["version_id"]) for row in await self._tx(tx, read=True)}
+        return [found.get(name) for name in names]
+
+    async def _lookup_batch(self, names: list[str]) -> list[FileVersion | BaseException]:
+        """The current versions of several names in one statement (inline bytes with)."""
+
+        async def tx(con: Tx) -> list[Any]:
+            sql = _CURRENT.format(data="b.data", where="= ANY($1::text[])")
+            return list(await con.fetch(sql, sorted(set(names))))
+
+        found = {row["name"]: _version(row) for row in await self._tx(tx, read=True)}
+        return [found.get(name) or FileNotFound(f"no file named {name!r}") for name in names]
 
     async def chunk_page(self, version_id: int, start: int, limit: int) -> tuple[ChunkRef, ...]:
         return await self._tx(
@@ -499,22 +671,16 @@ class PostgresMetadataStore(MetadataStore):
         return await self._tx(tx, read=True)
 
     async def delete(self, name: str, *, if_match: Sequence[str] | None = None) -> int:
-        async def tx(con: Tx) -> int:
-            current = await _current_pointer(con, name)
-            if current is None:
-                raise FileNotFound(f"no file named {name!r}")
-            await _check_match(con, name, current, if_match)
-            version_id = await con.fetchval(
-                "DELETE FROM files WHERE name = $1 AND generation = $2 RETURNING version_id",
-                name,
-                current[1],
+        async def tx(con: Tx) -> Any:
+            return await con.fetchrow(
+                "SELECT * FROM dstore_delete($1, $2)", name, _match_json(if_match)
             )
-            if version_id is None:
-                raise Conflict(f"{name!r} changed meanwhile")
-            await _kill(con, version_id, LIVE)
-            return int(version_id)
 
-        return await self._tx(tx, durable=True)
+        row = await self._tx(tx, read=True)  # (one statement: its own durable transaction)
+        if row["outcome"] == "missing":
+            raise FileNotFound(f"no file named {name!r}")
+        _refused(name, row["outcome"])
+        return int(row["replaced"])
 
     async def list_files(
         self, prefix: str, start_after: str, limit: int
@@ -850,22 +1016,44 @@ def _replicas(row: Any) -> ChunkReplicas:
     )
 
 
-async def _current(con: Tx, name: str, *, data: bool) -> FileVersion:
-    row = await con.fetchrow(
-        "SELECT v.id, v.size, v.etag, v.content_type, v.created, b.checksum,"
-        f" {'b.data' if data else 'NULL::bytea'} AS data FROM files f"
-        " JOIN versions v ON v.id = f.version_id"
-        " LEFT JOIN bodies b ON b.version_id = v.id WHERE f.name = $1",
-        name,
-    )
-    if row is None:
-        raise FileNotFound(f"no file named {name!r}")
+# the current version of names (``where``: a condition on ``f.name``), with ``data``: the
+# inline bytes or NULL
+_CURRENT = (
+    "SELECT f.name, v.id, v.size, v.etag, v.content_type, v.created, b.checksum,"
+    " {data} AS data FROM files f JOIN versions v ON v.id = f.version_id"
+    " LEFT JOIN bodies b ON b.version_id = v.id WHERE f.name {where}"
+)
+
+# small files' commits, one row of arrays each, in the order given (``_put_inline_batch``)
+_PUT_INLINE_BATCH = (
+    "SELECT a.i, r.* FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[],"
+    " $5::bytea[], $6::boolean[], $7::jsonb[]) WITH ORDINALITY"
+    " AS a(name, content_type, etag, checksum, data, if_absent, if_match, i),"
+    " LATERAL dstore_put_inline(a.name, a.content_type, a.etag, a.checksum, a.data,"
+    " a.if_absent, a.if_match) r ORDER BY a.i"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _InlinePut:
+    """One small file's commit, as ``dstore_put_inline`` takes it (in this order)."""
+
+    name: str
+    content_type: str
+    etag: str
+    checksum: bytes
+    data: bytes
+    if_absent: bool
+    if_match: str | None  # JSON: a list of ETags
+
+
+def _version(row: Any) -> FileVersion:
     inline = None
     if row["checksum"] is not None:
         body = row["data"]
         inline = InlineBody(None if body is None else bytes(body), bytes(row["checksum"]))
     return FileVersion(
-        name,
+        row["name"],
         int(row["id"]),
         int(row["size"]),
         row["etag"],
@@ -873,6 +1061,22 @@ async def _current(con: Tx, name: str, *, data: bool) -> FileVersion:
         row["created"],
         inline=inline,
     )
+
+
+def _match_json(if_match: Sequence[str] | None) -> str | None:
+    return None if if_match is None else orjson.dumps(list(if_match)).decode()
+
+
+def _refused(name: str, outcome: str) -> None:
+    """``PreconditionFailed`` for the outcome of a refused conditional write."""
+    if outcome == "exists":
+        raise PreconditionFailed(f"{name!r} exists")
+    if outcome == "missing":
+        raise PreconditionFailed(f"{name!r} does not exist")
+    if outcome == "mismatch":
+        raise PreconditionFailed(f"{name!r} is at another version than If-Match names")
+    if outcome != "ok":
+        raise Conflict(f"{name!r}: {outcome}")
 
 
 async def _chunk_refs(
@@ -898,53 +1102,6 @@ async def _chunk_refs(
         )
         for r in await con.fetch(sql, *args)
     )
-
-
-async def _current_pointer(con: Tx, name: str) -> tuple[int, int] | None:
-    """The name's (version id, generation), read under a transaction-long advisory lock
-    on the name: writers of one name (commits, deletes, from any gateway) take turns, so
-    none is refused for another's write; the compare-and-swap stays as the guard."""
-    await con.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", name)
-    row = await con.fetchrow("SELECT version_id, generation FROM files WHERE name = $1", name)
-    return None if row is None else (int(row["version_id"]), int(row["generation"]))
-
-
-async def _check_match(
-    con: Tx, name: str, current: tuple[int, int] | None, if_match: Sequence[str] | None
-) -> None:
-    if match_needs_etag(name, current, if_match):
-        assert current is not None and if_match is not None
-        etag = await con.fetchval("SELECT etag FROM versions WHERE id = $1", current[0])
-        check_etag(name, etag, if_match)
-
-
-async def _point(
-    con: Tx, name: str, version_id: int, current: tuple[int, int] | None
-) -> int | None:
-    """Compare-and-swap the name's pointer from ``current`` to ``version_id`` (see the
-    SQLite engine); the version it replaced, now dead."""
-    if current is None:
-        swapped = await con.fetchval(
-            "INSERT INTO files (name, version_id, generation) VALUES ($1, $2, 1)"
-            " ON CONFLICT (name) DO NOTHING RETURNING name",
-            name,
-            version_id,
-        )
-        if swapped is None:
-            raise Conflict(f"{name!r} was created meanwhile")
-        return None
-    replaced, generation = current
-    swapped = await con.fetchval(
-        "UPDATE files SET version_id = $1, generation = generation + 1"
-        " WHERE name = $2 AND generation = $3 RETURNING name",
-        version_id,
-        name,
-        generation,
-    )
-    if swapped is None:
-        raise Conflict(f"{name!r} changed meanwhile")
-    await _kill(con, replaced, LIVE)
-    return replaced
 
 
 async def _kill(con: Tx, version_id: int, expected: str) -> bool:

@@ -309,6 +309,13 @@ class SQLiteMetadataStore(MetadataStore):
 
     # --- reads ----------------------------------------------------------------------------
 
+    async def is_current(self, name: str, version_id: int) -> bool:
+        sql = "SELECT 1 FROM files WHERE name = ? AND version_id = ?"
+        return (
+            await self._submit(lambda db: db.execute(sql, (name, version_id)).fetchone())
+            is not None
+        )
+
     async def head(self, name: str) -> FileVersion:
         return await self._submit(lambda db: _current(db, name, data=False))
 
