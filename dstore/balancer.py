@@ -18,11 +18,13 @@ from dstore.errors import DstoreError
 # what a client or a gateway may leave a connection idle for (the gateway's own timeouts
 # for slow clients are shorter and answer first)
 IDLE = "10m"
-# what only HTTP mode has: a whole request head within 15 s, idle keep-alive 15 s, and a
-# request whose connection failed sent again to another gateway
+# what only HTTP mode has: a whole request head within 15 s, idle keep-alive 15 s, a
+# request whose connection failed sent again to another gateway, and connections to the
+# gateways kept and shared between clients
 HTTP_ONLY = """    timeout http-request 15s
     timeout http-keep-alive 15s
     option redispatch
+    http-reuse always
 """
 
 
@@ -45,9 +47,13 @@ def haproxy_config(port: int, gateways: list[str], *, tls: bool = False) -> str:
         f"    server gateway-{i} {addr} {check}" for i, addr in enumerate(gateways, 1)
     )
     http_only = "" if tls else HTTP_ONLY
+    # one thread (haproxy is a hop, not the work: on a small machine the gateways need
+    # the cores); bodies moved by the kernel (splice), never copied through user space:
+    # one GET of 1 GiB went at 0.86 x its rate without haproxy, 0.56 x with copies
     return f"""# made by dstore up; made again at every start
 global
     maxconn 4096
+    nbthread 1
 
 defaults
     mode {mode}
@@ -56,6 +62,8 @@ defaults
     timeout server {IDLE}
     timeout queue 30s
 {http_only}    retries 2
+    option splice-request
+    option splice-response
 
 frontend dstore
     bind 127.0.0.1:{port}
