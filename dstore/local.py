@@ -79,27 +79,33 @@ def _tls_flags(files: TlsFiles) -> list[str]:
 async def _start_node(
     index: int, data_dir: Path, secret: str, tls: TlsFiles | None = None
 ) -> tuple[asyncio.subprocess.Process, str]:
-    logs = data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    argv = storage_argv(
+        data_dir / f"storage-{index}",
+        "--log-format",
+        "json",
+        *(_tls_flags(tls) if tls is not None else []),
+    )
     env = dict(os.environ, DSTORE_CLUSTER_SECRET=secret)
-    with open(logs / f"storage-{index}.log", "ab") as log_file:
+    proc, line = await _spawn(argv, env, data_dir / "logs" / f"storage-{index}.log", 30)
+    return proc, line.rsplit(" ", 1)[1]
+
+
+async def _spawn(
+    argv: list[str], env: dict[str, str], log: Path, timeout: float
+) -> tuple[asyncio.subprocess.Process, str]:
+    """A server process, its stderr to ``log``; returns once it printed the line that
+    says where it listens (and that line)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as log_file:
         proc = await asyncio.create_subprocess_exec(
-            *storage_argv(
-                data_dir / f"storage-{index}",
-                "--log-format",
-                "json",
-                *(_tls_flags(tls) if tls is not None else []),
-            ),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log_file,
-            env=env,
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env
         )
     assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+    line = (await asyncio.wait_for(proc.stdout.readline(), timeout)).decode().strip()
     if "listening on" not in line:
         proc.kill()
-        raise DstoreError(f"storage node {index} did not start; see {logs}/storage-{index}.log")
-    return proc, line.strip().rsplit(" ", 1)[1]
+        raise DstoreError(f"{log.stem} did not start; see {log}")
+    return proc, line
 
 
 async def run_local_cluster(
@@ -280,8 +286,6 @@ async def _start_gateway(
     index: int, root: Path, storage: list[str], shared: Shared, metadata: str
 ) -> tuple[asyncio.subprocess.Process, str]:
     """One gateway process on a port of its own; the address it listens on."""
-    logs = root / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     env = dict(
         os.environ,
         DSTORE_CLUSTER_SECRET=shared.secret,
@@ -301,13 +305,5 @@ async def _start_gateway(
         env["DSTORE_AUTH_TOKENS"] = f"{shared.admin_token}=" + "+".join(s.value for s in Scope)
     if shared.tls is not None:
         argv += _tls_flags(shared.tls)
-    with open(logs / f"gateway-{index}.log", "ab") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=log_file, env=env
-        )
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-    if "listening on" not in line:
-        proc.kill()
-        raise DstoreError(f"gateway {index} did not start; see {logs}/gateway-{index}.log")
-    return proc, line.strip().rsplit("//", 1)[1]
+    proc, line = await _spawn(argv, env, root / "logs" / f"gateway-{index}.log", 60)
+    return proc, line.rsplit("//", 1)[1]

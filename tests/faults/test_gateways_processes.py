@@ -115,6 +115,47 @@ async def test_a_gateway_killed_mid_upload_while_the_other_serves(pair: Pair) ->
     assert pair.b.stop() == 0
 
 
+async def test_writes_through_both_processes_collide_and_settle(pair: Pair) -> None:
+    """The same name written through both at once, If-None-Match through both at once,
+    and a delete through one during a download through the other: one whole version,
+    exactly one 201, a download that completes; then nothing left behind on the nodes."""
+    urls = (pair.a.url, pair.b.url)
+    async with aiohttp.ClientSession() as session:
+        await wait_for_ready(session, pair.b.url)
+
+        async def put(url: str, name: str, body: bytes, **headers: str) -> int:
+            async with session.put(f"{url}/v1/files/{name}", data=body, headers=headers) as r:
+                return r.status
+
+        bodies = [os.urandom(3 * CHUNK + 1 + i) for i in range(6)]  # 4 chunks each
+        statuses = await asyncio.gather(
+            *(put(urls[i % 2], "hot", body) for i, body in enumerate(bodies))
+        )
+        assert statuses == [201] * 6
+        finals = set()
+        for url in urls:
+            async with session.get(f"{url}/v1/files/hot") as r:
+                finals.add(await r.read())
+        assert len(finals) == 1 and finals.pop() in bodies
+        for round_ in range(5):
+            once = await asyncio.gather(
+                *(put(url, f"once-{round_}", b"x" * 100, **{"If-None-Match": "*"}) for url in urls)
+            )
+            assert sorted(once) == [201, 412]
+        big = os.urandom(16 << 20)  # more than the sockets between hold
+        assert await put(pair.a.url, "big", big) == 201
+        async with session.get(f"{pair.b.url}/v1/files/big") as download:
+            first = await download.content.readexactly(CHUNK)
+            async with session.delete(f"{pair.a.url}/v1/files/big") as r:
+                assert r.status == 204
+            await asyncio.sleep(5)  # past the settle time and a pin's lifetime (2 s)
+            rest = await download.read()
+        assert first + rest == big
+        # what is left on the nodes: the one live version of "hot", 4 chunks, 2 replicas
+        # each (the If-None-Match files are inline); the losers and "big" reclaimed
+        await wait_for(lambda: pair.stored() == 4 * 2, timeout=30)
+
+
 async def test_postgresql_stopped_under_traffic_through_both_gateways(
     pair: Pair, postgres_server: PostgresServer
 ) -> None:
