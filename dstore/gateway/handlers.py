@@ -372,7 +372,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
             # name has moved on, so serve what it is now
             version = await meta.lookup(name, start, limit)
     for _ in range(PIN_ATTEMPTS):
-        if version.inline is not None:
+        if version.inline is not None or request.method == "HEAD":  # (reads no chunk)
             return await _serve(request, version)
         # pinned before a byte is read, so the reaper (on any gateway) keeps its chunks
         if await pins.take(version.version_id):

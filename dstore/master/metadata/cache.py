@@ -14,8 +14,10 @@ puts in what it read only if no write of that name began meanwhile and none is s
 running. Replica changes, and writes whose outcome is unknown (failed, or given up by a
 cancelled caller while the engine may still commit), raise a barrier: lookups begun
 before it put nothing.
-This is exact while this process is the only writer; with several gateways on one
-engine, their changes reach this cache through the name's generation (issue 28).
+This is exact while this process is the only writer. On an engine several gateways
+share (``MetadataStore.shared``), every hit is checked against the name's current version
+in the engine (``is_current``) before it is used, and the gateway keeps inline files
+only (a chunked version's replica list could change behind its back).
 """
 
 from __future__ import annotations
