@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dstore.errors import Forbidden, Unauthorized
 
@@ -114,3 +114,55 @@ class TokenTable:
         if needed not in token.scopes:
             raise Forbidden(f"token {token.name!r} lacks the {needed.value!r} scope")
         return token
+
+
+@dataclass(frozen=True, slots=True)
+class S3Key:
+    """An S3 access key: its id, its secret (SigV4 needs the secret itself, not a
+    digest) and what it may do."""
+
+    access_key: str
+    secret_key: str = field(repr=False)
+    scopes: frozenset[Scope]
+
+    def __repr__(self) -> str:  # never the secret
+        return f"<S3Key {self.access_key} {sorted(s.value for s in self.scopes)}>"
+
+
+def parse_s3_keys(value: object) -> list[S3Key]:
+    """``[[s3.keys]]`` entries (``access_key``, ``secret_key``, ``scopes``), or the string
+    form ``ACCESS:SECRET=read+write,OTHER:SECRET2=read``."""
+    if isinstance(value, str):
+        entries: list[object] = []
+        for i, item in enumerate(p.strip() for p in value.split(",") if p.strip()):
+            pair, sep, scopes = item.rpartition("=")
+            access, colon, secret = pair.partition(":")
+            if not sep or not colon:
+                raise ValueError(f"S3 key {i + 1}: expected ACCESS:SECRET=SCOPE+SCOPE")
+            entries.append(
+                {"access_key": access, "secret_key": secret, "scopes": scopes.split("+")}
+            )
+    elif isinstance(value, list):
+        entries = value
+    else:
+        raise ValueError("expected a list of {access_key, secret_key, scopes} tables")
+    keys = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, S3Key):  # (made by the caller: dstore up)
+            keys.append(entry)
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"S3 key {i + 1}: expected a table")
+        access, secret = str(entry.get("access_key", "")), str(entry.get("secret_key", ""))
+        if not 3 <= len(access) <= 128 or not access.isascii() or not access.isalnum():
+            raise ValueError(f"S3 key {i + 1}: the access key must be 3-128 letters and digits")
+        if len(secret) < 16 or secret != secret.strip():
+            raise ValueError(f"S3 key {access!r}: the secret must be 16 characters or more")
+        try:
+            granted = frozenset(Scope(str(s).strip()) for s in entry.get("scopes", []))
+        except ValueError as exc:
+            raise ValueError(f"S3 key {access!r}: {exc}") from None
+        keys.append(S3Key(access, secret, granted))
+    if len({k.access_key for k in keys}) != len(keys):
+        raise ValueError("an S3 access key is given twice")
+    return keys

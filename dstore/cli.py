@@ -64,6 +64,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="HTTPS and mutual TLS on node links, with a private CA made in DATA_DIR/tls",
     )
     up.add_argument(
+        "--s3-port",
+        type=int,
+        default=None,
+        help="port of the S3 API on 127.0.0.1 (default 9000; with --port 0, a free one;"
+        " -1: off); its key pair is made in DATA_DIR/s3-credentials",
+    )
+    up.add_argument(
         "--gateways",
         type=int,
         default=1,
@@ -119,6 +126,16 @@ def _build_parser() -> argparse.ArgumentParser:
 def _fail(message: str, code: int = 1) -> int:
     print(f"dstore: {message}", file=sys.stderr)
     return code
+
+
+def _s3_port(asked: int | None, port: int, gateways: int) -> int | None:
+    """The S3 port ``dstore up`` serves on: 9000, a free one beside a gateway on a free
+    one, none when asked (-1) or with several gateways (not yet behind haproxy)."""
+    if asked == -1 or gateways > 1:
+        return None
+    if asked is None:
+        return 0 if port == 0 else 9000
+    return asked
 
 
 def keep_private(data_dir: os.PathLike[str] | str) -> None:
@@ -236,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     tls=args.tls,
                     gateways=args.gateways,
                     metadata=args.metadata,
+                    s3_port=_s3_port(args.s3_port, args.port, args.gateways),
                 )
             )
         except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dstore.auth import AuthToken, parse_tokens
+from dstore.auth import AuthToken, S3Key, parse_s3_keys, parse_tokens
 from dstore.errors import ConfigError
 from dstore.tls import TlsFiles
 
@@ -258,6 +258,14 @@ class GatewayConfig:
     auth_tokens_file: Path | None = _opt(
         None, Path, "file of client tokens, one TOKEN=scope+scope per line (out of ps)"
     )
+    s3_listen: str | None = _opt(None, str, "host:port of the S3-compatible API (default: off)")
+    s3_region: str = _opt("us-east-1", str, "the region S3 clients sign for")
+    s3_keys: list[S3Key] | None = _opt(
+        None,
+        parse_s3_keys,
+        "S3 access keys, ACCESS:SECRET=read+write,... ([[s3.keys]] in TOML)",
+        toml="s3.keys",
+    )
     max_object_size: int | None = _opt(None, parse_size, "largest file accepted (default none)")
     lease: float = _opt(60.0, parse_duration, "upload lease, renewed while bytes flow")
     heartbeat: float = _opt(1.0, parse_duration, "interval of node heartbeats")
@@ -374,6 +382,12 @@ class GatewayConfig:
             raise ConfigError("max_connections must be at least 1")
         if self.memory_budget < self.chunk_size * 2:
             raise ConfigError("memory budget must hold at least two chunks")
+        if self.s3_listen is not None:
+            _, colon, s3_port = self.s3_listen.rpartition(":")
+            if not colon or not s3_port.isdigit():
+                raise ConfigError(f"s3_listen must be host:port, not {self.s3_listen!r}")
+            if not self.s3_keys:
+                raise ConfigError("the S3 API needs at least one key (s3_keys, [[s3.keys]])")
         if self.auth_tokens is None:
             self.auth_tokens = []
         if not is_loopback(host) and not self.auth_tokens:

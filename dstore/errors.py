@@ -85,6 +85,14 @@ class ChunkRetired(DstoreError):
     code = "chunk_retired"
 
 
+class NoSuchBucket(DstoreError):
+    code = "no_such_bucket"
+
+
+class BucketNotEmpty(DstoreError):
+    code = "bucket_not_empty"
+
+
 class Fenced(DstoreError):
     """A delete under a leadership epoch older than the newest the node has heard of: the
     gateway asking no longer leads."""

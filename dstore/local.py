@@ -12,17 +12,18 @@ import asyncio
 import os
 import secrets
 import signal
+import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from dstore.auth import AuthToken, Scope
+from dstore.auth import AuthToken, S3Key, Scope
 from dstore.balancer import haproxy_binary, start_haproxy
 from dstore.config import GatewayConfig, load
 from dstore.errors import DstoreError
-from dstore.gateway.app import start_gateway
+from dstore.gateway.app import s3_runner, start_gateway
 from dstore.log import configure
 from dstore.master.metadata.postgres import redacted
 from dstore.pgserver import PostgresServer, free_port
@@ -43,6 +44,24 @@ def cluster_secret(data_dir: Path, name: str = "cluster-secret") -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secret + "\n")
         return secret
+
+
+def s3_key(data_dir: Path) -> S3Key:
+    """The S3 key pair kept in ``data_dir/s3-credentials`` (``ACCESS:SECRET``, 0600),
+    made on first use; it may read and write."""
+    path = data_dir / "s3-credentials"
+    try:
+        access, _, secret = path.read_text().strip().partition(":")
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        access = "DS" + "".join(
+            secrets.choice(string.ascii_uppercase + string.digits) for _ in range(18)
+        )
+        secret = secrets.token_urlsafe(30)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{access}:{secret}\n")
+    return S3Key(access, secret, frozenset({Scope.READ, Scope.WRITE}))
 
 
 def storage_argv(data_dir: Path, *extra: str) -> list[str]:
@@ -118,6 +137,7 @@ async def run_local_cluster(
     tls: bool = False,
     gateways: int = 1,
     metadata: str | None = None,
+    s3_port: int | None = None,
 ) -> int:
     root = Path(data_dir).resolve()
     configure("auto", "info")
@@ -153,6 +173,11 @@ async def run_local_cluster(
                 "replicas": replicas,
                 "cluster_secret": secret,
                 **({"metadata": metadata} if metadata else {}),
+                **(
+                    {"s3_listen": f"127.0.0.1:{s3_port}", "s3_keys": [s3_key(root)]}
+                    if s3_port is not None
+                    else {}
+                ),
                 "auth_tokens": [AuthToken.create(admin_token, [s.value for s in Scope], "admin")]
                 if admin_token
                 else None,
@@ -183,6 +208,15 @@ async def run_local_cluster(
             )
         if admin_token:
             print(f"admin token (all scopes): export DSTORE_TOKEN={admin_token}", flush=True)
+        s3 = s3_runner(runner)
+        if s3 is not None:
+            key = s3_key(root)
+            print(
+                f"S3 API: {config.scheme}://127.0.0.1:{s3.addresses[0][1]}  (export"
+                f" AWS_ACCESS_KEY_ID={key.access_key} AWS_SECRET_ACCESS_KEY={key.secret_key};"
+                f" kept in {root / 's3-credentials'})",
+                flush=True,
+            )
         print(TRY, flush=True)
         await _until_stopped()
         await runner.cleanup()

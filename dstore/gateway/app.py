@@ -73,6 +73,8 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
     app[keys.TOKENS] = tokens
     app[keys.HTTP] = HttpCounters()
     app.on_response_prepare.append(handlers.add_response_headers)
+    app[keys.SIDE_RUNNERS] = []
+    app.on_shutdown.append(_stop_side_runners)
 
     async def services(app: web.Application) -> AsyncIterator[None]:
         engine, lookups = metadata_engine(config)
@@ -306,21 +308,12 @@ class CappedSite(web.BaseSite):
         )
 
 
-async def start_gateway(
-    config: GatewayConfig, *, connector: Connector | None = None
-) -> tuple[web.AppRunner, int]:
-    """Start serving; returns the runner and the bound port (``listen`` may use port 0)."""
-    runner = web.AppRunner(
-        create_app(config, connector=connector),
-        access_log=None,
-        shutdown_timeout=config.grace,
-        # aiohttp closes a connection that has no whole request within this, from its
-        # start and between requests: the header timeout, and the idle one
-        keepalive_timeout=config.header_timeout,
-        handler_cancellation=False,
-    )
-    await runner.setup()
-    host, port = config.host_port
+async def _stop_side_runners(app: web.Application) -> None:
+    for runner in app[keys.SIDE_RUNNERS]:
+        await runner.cleanup()
+
+
+async def _start_site(runner: web.AppRunner, config: GatewayConfig, host: str, port: int) -> None:
     tls = config.tls
     if tls is None and not is_loopback(host):
         log.warning("listening_without_tls", host=host, hint="give --tls-cert and --tls-key")
@@ -333,13 +326,49 @@ async def start_gateway(
         tls=None if tls is None else tls.server(clients="optional" if tls.ca else "none"),
         handshake_timeout=config.header_timeout,
     )
+    await site.start()
+
+
+def _runner(app: web.Application, config: GatewayConfig) -> web.AppRunner:
+    return web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=config.grace,
+        # aiohttp closes a connection that has no whole request within this, from its
+        # start and between requests: the header timeout, and the idle one
+        keepalive_timeout=config.header_timeout,
+        handler_cancellation=False,
+    )
+
+
+async def start_gateway(
+    config: GatewayConfig, *, connector: Connector | None = None
+) -> tuple[web.AppRunner, int]:
+    """Start serving (and the S3 API, with ``s3_listen``); returns the runner and the
+    bound port (``listen`` may use port 0; the S3 runner is ``s3_runner(runner)``)."""
+    runner = _runner(create_app(config, connector=connector), config)
+    await runner.setup()
     try:
-        await site.start()
+        await _start_site(runner, config, *config.host_port)
+        if config.s3_listen is not None:
+            from dstore.s3.app import create_s3_app
+
+            s3 = _runner(create_s3_app(runner.app), config)
+            await s3.setup()
+            runner.app[keys.SIDE_RUNNERS].append(s3)
+            host, _, port = config.s3_listen.rpartition(":")
+            await _start_site(s3, config, host, int(port))
     except BaseException:
         await runner.cleanup()
         raise
     bound = runner.addresses[0][1]
     return runner, bound
+
+
+def s3_runner(runner: web.AppRunner) -> web.AppRunner | None:
+    """The S3 API's runner beside a gateway's, if it serves one."""
+    side = runner.app[keys.SIDE_RUNNERS]
+    return side[0] if side else None
 
 
 async def run_gateway(config: GatewayConfig) -> None:
@@ -351,5 +380,9 @@ async def run_gateway(config: GatewayConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     host, _ = config.host_port
     print(f"dstore gateway listening on {config.scheme}://{host}:{port}", flush=True)
+    s3 = s3_runner(runner)
+    if s3 is not None:
+        s3_host, s3_port = s3.addresses[0][:2]
+        print(f"dstore S3 API listening on {config.scheme}://{s3_host}:{s3_port}", flush=True)
     await stop.wait()
     await runner.cleanup()

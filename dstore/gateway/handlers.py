@@ -90,7 +90,7 @@ _ID_PREFIX = secrets.token_hex(4)
 _ids = itertools.count(1)
 
 
-def _new_trace() -> str:
+def new_trace() -> str:
     """Unique per process run (random prefix) and cheap (no system call per request)."""
     return f"{_ID_PREFIX}-{next(_ids):x}"
 
@@ -124,7 +124,7 @@ def status_of(exc: DstoreError) -> int:
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, errors to JSON, and one canonical log line per request."""
-    trace = request.headers.get("X-Request-Id", "")[:64] or _new_trace()
+    trace = request.headers.get("X-Request-Id", "")[:64] or new_trace()
     request[keys.TRACE] = trace
     started = time.monotonic()
     status = 500
@@ -230,7 +230,7 @@ def _file_headers(version: FileVersion) -> dict[str, str]:
     }
 
 
-async def _body(request: web.Request) -> AsyncIterator[bytes]:
+async def request_body(request: web.Request) -> AsyncIterator[bytes]:
     """The request body as it arrives; a client that goes away becomes ``ClientGone``,
     one that sends nothing for ``body_timeout`` while we wait for it ``BodyTimeout``
     (time the upload spends elsewhere, waiting for memory or nodes, does not count)."""
@@ -331,7 +331,7 @@ async def put_file(request: web.Request) -> web.StreamResponse:
         await _check_preconditions(request, name, conditions)
     result = await app[keys.UPLOADER].upload(
         name,
-        _body(request),
+        request_body(request),
         content_type=request.headers.get("Content-Type", "application/octet-stream"),
         if_absent=if_absent,
         if_match=if_match,
@@ -356,6 +356,12 @@ async def put_file(request: web.Request) -> web.StreamResponse:
 async def get_file(request: web.Request) -> web.StreamResponse:
     name = name_from_raw_path(request.raw_path)
     request[keys.REQUEST_NAME] = name
+    return await serve_file(request, name)
+
+
+async def serve_file(request: web.Request, name: str) -> web.StreamResponse:
+    """GET or HEAD of a file by its name: ranges, conditions, read pins (the S3 API's
+    GetObject too)."""
     app = request.app
     # the chunk list a page at a time, from where the range starts (if it says)
     start = 0  # (with If-Range the whole file may be sent: its list from the start)

@@ -30,6 +30,8 @@ INLINE_SCRUBBER = web.AppKey("inline_scrubber", InlineScrubber)
 RECONCILER = web.AppKey("reconciler", Reconciler)
 REPAIRER = web.AppKey("repairer", Repairer)
 LEADER = web.AppKey("leader", Leader)
+# runners of other listeners over this app's services (the S3 API), stopped before them
+SIDE_RUNNERS = web.AppKey("side_runners", list[web.AppRunner])
 UPLOADER = web.AppKey("uploader", Uploader)
 DOWNLOADER = web.AppKey("downloader", Downloader)
 TOKENS = web.AppKey("tokens", TokenTable)

@@ -46,8 +46,8 @@ def available(sock: socket.socket | None) -> bool:
 
 def unsent(sock: socket.socket | None) -> int:
     """Bytes written to a TCP socket that its peer has not acknowledged yet (Linux's
-    ``SIOCOUTQ``; 0 where it cannot be asked)."""
-    if sock is None or not hasattr(termios, "TIOCOUTQ"):
+    ``SIOCOUTQ``; 0 where it cannot be asked, or once the socket is closed)."""
+    if sock is None or not hasattr(termios, "TIOCOUTQ") or sock.fileno() < 0:
         return 0
     try:
         packed = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")

@@ -61,8 +61,11 @@ RULES = [
      "pipelines and handlers reach the nodes through the door (master.replicas)"),
     ("dstore.master", ["dstore.rpc"], ["dstore.master.replicas", "dstore.master.cluster"],
      "in the chunk master only the door and membership speak to the nodes"),
-    ("dstore", ["aiohttp"], ["dstore.gateway", "dstore.client", "dstore.cli", "dstore.local"],
-     "only the HTTP front and the CLI's client use aiohttp"),
+    ("dstore", ["aiohttp"], ["dstore.gateway", "dstore.client", "dstore.cli", "dstore.local",
+                             "dstore.s3.app"],
+     "only the HTTP fronts and the CLI's client use aiohttp"),
+    ("dstore.s3", ["dstore.rpc", "dstore.protocol", "dstore.storage", "dstore.master"], [],
+     "the S3 API reaches metadata and nodes through the gateway's services"),
 ]  # fmt: skip
 
 

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from dstore.errors import (
+    BucketNotEmpty,
     ConfigError,
     Conflict,
     FileNotFound,
     IllegalTransition,
+    NoSuchBucket,
     PreconditionFailed,
 )
 from dstore.master.metadata import (
@@ -508,3 +510,20 @@ async def test_is_current_names_the_version_a_name_points_at(make_engine: Engine
         *(b.is_current(name, vid + (i % 2)) for i, (name, vid) in enumerate(ids.items()))
     )
     assert answers == [i % 2 == 0 for i in range(20)]
+
+
+async def test_buckets_are_made_once_and_deleted_only_empty(make_engine: Engine) -> None:
+    a, b = await make_engine(), await make_engine()
+    assert await a.create_bucket("photos") and not await b.create_bucket("photos")
+    assert await a.create_bucket("a-first")
+    assert [name for name, _ in await b.buckets()] == ["a-first", "photos"]
+    assert await b.bucket_exists("photos") and not await b.bucket_exists("photo")
+    await put(a, "photos/cat.jpg")
+    await put(a, "photos0")  # (a name just past the bucket's: not in it)
+    with pytest.raises(BucketNotEmpty):
+        await b.delete_bucket("photos")
+    await a.delete("photos/cat.jpg")
+    await b.delete_bucket("photos")
+    assert not await a.bucket_exists("photos")
+    with pytest.raises(NoSuchBucket):
+        await a.delete_bucket("photos")

@@ -421,6 +421,18 @@ class CachedMetadataStore(MetadataStore):
     async def job_state(self, name: str) -> str | None:
         return await self.engine.job_state(name)
 
+    async def create_bucket(self, name: str) -> bool:
+        return await self.engine.create_bucket(name)
+
+    async def delete_bucket(self, name: str) -> None:
+        await self.engine.delete_bucket(name)
+
+    async def buckets(self) -> list[tuple[str, float]]:
+        return await self.engine.buckets()
+
+    async def bucket_exists(self, name: str) -> bool:
+        return await self.engine.bucket_exists(name)
+
     async def request_work(self, request: WorkRequest) -> None:
         await self.engine.request_work(request)
 

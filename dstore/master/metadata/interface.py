@@ -204,6 +204,24 @@ class MetadataStore(abc.ABC):
         """Drop dead versions with no replica left, the inline bytes of every dead
         version, and read pins that ran out."""
 
+    # --- S3 buckets ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_bucket(self, name: str) -> bool:
+        """Record a bucket; False if it exists already."""
+
+    @abc.abstractmethod
+    async def delete_bucket(self, name: str) -> None:
+        """Forget a bucket: ``NoSuchBucket`` if there is none, ``BucketNotEmpty`` while
+        a live file is named ``name/…``."""
+
+    @abc.abstractmethod
+    async def buckets(self) -> list[tuple[str, float]]:
+        """(name, created) of every bucket, in name order."""
+
+    @abc.abstractmethod
+    async def bucket_exists(self, name: str) -> bool: ...
+
     # --- work for the leader ---------------------------------------------------------------
 
     @abc.abstractmethod

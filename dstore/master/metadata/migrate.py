@@ -36,6 +36,9 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("replicas", ("chunk_id", "node_id", "pos")),
     ("identities", ("addr", "node_id")),
     ("members", ("addr", "state")),
+    ("buckets", ("name", "created")),
+    # (repair requests not yet taken; pins, check-ins and job state are only ever fresh)
+    ("work", ("kind", "chunk_id", "node_id", "reason")),
 )
 BATCH = 10_000  # rows read from SQLite and sent at a time
 

@@ -23,11 +23,13 @@ from typing import Any, TypeVar
 import orjson
 
 from dstore.errors import (
+    BucketNotEmpty,
     ConfigError,
     Conflict,
     DstoreError,
     FileNotFound,
     MetadataUnavailable,
+    NoSuchBucket,
     OutOfSpace,
     PreconditionFailed,
 )
@@ -51,7 +53,9 @@ from dstore.master.metadata.model import (
     WorkRequest,
 )
 from dstore.master.metadata.sql import (
+    BUCKET_HOLDS,
     CHECK_IN,
+    CREATE_BUCKET,
     FORGET_GATEWAYS,
     PINNED,
     REQUEST_WORK,
@@ -288,6 +292,13 @@ MIGRATIONS: tuple[str, ...] = (
     # 4: the writes of a name as functions, each one statement (one round trip, its own
     # transaction) instead of one per step; a batch of small files is one statement too
     _NAME_FUNCTIONS,
+    # 5: S3 buckets (bucket B's object K is the file "B/K")
+    """
+    CREATE TABLE buckets (
+        name        TEXT COLLATE "C" PRIMARY KEY,
+        created     DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 LATEST = len(MIGRATIONS)
 
@@ -809,6 +820,38 @@ class PostgresMetadataStore(MetadataStore):
         async def tx(con: Tx) -> str | None:
             state = await con.fetchval("SELECT state FROM jobs WHERE name = $1", name)
             return None if state is None else str(state)
+
+        return await self._tx(tx, read=True)
+
+    async def create_bucket(self, name: str) -> bool:
+        async def tx(con: Tx) -> bool:
+            sql = CREATE_BUCKET.format(name="$1", now=_NOW)
+            return await con.fetchval(sql, name) is not None
+
+        return await self._tx(tx, durable=True)
+
+    async def delete_bucket(self, name: str) -> None:
+        low, high = name + "/", name + "0"  # every "B/…" ("0" follows "/")
+
+        async def tx(con: Tx) -> None:
+            if await con.fetchval("SELECT 1 FROM buckets WHERE name = $1 FOR UPDATE", name) is None:
+                raise NoSuchBucket(f"no bucket named {name!r}")
+            if await con.fetchval(BUCKET_HOLDS.format(low="$1", high="$2"), low, high):
+                raise BucketNotEmpty(f"the bucket {name!r} is not empty")
+            await con.execute("DELETE FROM buckets WHERE name = $1", name)
+
+        await self._tx(tx, durable=True)
+
+    async def buckets(self) -> list[tuple[str, float]]:
+        async def tx(con: Tx) -> list[tuple[str, float]]:
+            rows = await con.fetch("SELECT name, created FROM buckets ORDER BY name")
+            return [(r[0], float(r[1])) for r in rows]
+
+        return await self._tx(tx, read=True)
+
+    async def bucket_exists(self, name: str) -> bool:
+        async def tx(con: Tx) -> bool:
+            return await con.fetchval("SELECT 1 FROM buckets WHERE name = $1", name) is not None
 
         return await self._tx(tx, read=True)
 

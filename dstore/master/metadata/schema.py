@@ -100,6 +100,13 @@ MIGRATIONS: tuple[str, ...] = (
         state       TEXT NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 5: S3 buckets (bucket B's object K is the file "B/K")
+    """
+    CREATE TABLE buckets (
+        name        TEXT PRIMARY KEY,
+        created     REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 LATEST = len(MIGRATIONS)

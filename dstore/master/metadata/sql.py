@@ -50,6 +50,13 @@ def lead_statement(now: str, holder: str, ttl: str, greatest: str) -> str:
     )
 
 
+CREATE_BUCKET = (
+    "INSERT INTO buckets (name, created) VALUES ({name}, {now})"
+    " ON CONFLICT (name) DO NOTHING RETURNING name"
+)
+# a live file in the bucket (names from "B/" up to the first name past every "B/…")
+BUCKET_HOLDS = "SELECT 1 FROM files WHERE name >= {low} AND name < {high} LIMIT 1"
+
 REQUEST_WORK = "INSERT INTO work (kind, chunk_id, node_id, reason) VALUES ({marks})"
 # (SKIP LOCKED on PostgreSQL: two takers at once each get their own requests)
 TAKE_WORK = (

@@ -17,7 +17,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dstore.errors import Conflict, DstoreError, FileNotFound, OutOfSpace, PreconditionFailed
+from dstore.errors import (
+    BucketNotEmpty,
+    Conflict,
+    DstoreError,
+    FileNotFound,
+    NoSuchBucket,
+    OutOfSpace,
+    PreconditionFailed,
+)
 from dstore.master.metadata.interface import MetadataStore
 from dstore.master.metadata.model import (
     ChunkIntent,
@@ -38,7 +46,9 @@ from dstore.master.metadata.model import (
 )
 from dstore.master.metadata.schema import migrate
 from dstore.master.metadata.sql import (
+    BUCKET_HOLDS,
     CHECK_IN,
+    CREATE_BUCKET,
     FORGET_GATEWAYS,
     PINNED,
     REQUEST_WORK,
@@ -487,6 +497,34 @@ class SQLiteMetadataStore(MetadataStore):
             return None if row is None else str(row[0])
 
         return await self._submit(tx)
+
+    async def create_bucket(self, name: str) -> bool:
+        sql = CREATE_BUCKET.format(name="?", now=_NOW)
+        return (
+            await self._submit(lambda db: db.execute(sql, (name,)).fetchone(), durable=True)
+            is not None
+        )
+
+    async def delete_bucket(self, name: str) -> None:
+        low, high = name + "/", name + "0"  # every "B/…" ("0" follows "/")
+
+        def tx(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM buckets WHERE name = ?", (name,)).fetchone() is None:
+                raise NoSuchBucket(f"no bucket named {name!r}")
+            if db.execute(BUCKET_HOLDS.format(low="?", high="?"), (low, high)).fetchone():
+                raise BucketNotEmpty(f"the bucket {name!r} is not empty")
+            db.execute("DELETE FROM buckets WHERE name = ?", (name,))
+
+        await self._submit(tx, durable=True)
+
+    async def buckets(self) -> list[tuple[str, float]]:
+        sql = "SELECT name, created FROM buckets ORDER BY name"
+        rows = await self._submit(lambda db: db.execute(sql).fetchall())
+        return [(str(name), float(created)) for name, created in rows]
+
+    async def bucket_exists(self, name: str) -> bool:
+        sql = "SELECT 1 FROM buckets WHERE name = ?"
+        return await self._submit(lambda db: db.execute(sql, (name,)).fetchone()) is not None
 
     async def request_work(self, request: WorkRequest) -> None:
         sql = REQUEST_WORK.format(marks="?, ?, ?, ?")

@@ -1,0 +1,405 @@
+"""The S3 listener (``--s3-listen``): a second aiohttp application in the gateway's process
+over the same metadata, pipelines and memory budget. Path-style addressing: ``/`` lists
+buckets, ``/B`` is bucket B, ``/B/K`` its object K, which is the file named ``B/K``.
+
+Every request is signed (``sigv4.verify``); errors are S3's XML with S3's codes. Served
+so far: ListBuckets; Create/Head/Delete bucket and GetBucketLocation; Put/Get/Head/Delete
+object (ranges and conditional headers as the native API, a signed payload's SHA-256
+and ``Content-MD5`` checked as the body streams, aws-chunked bodies, signed or with an
+unsigned trailer); ListObjects v1 and v2 with prefix, delimiter, markers, continuation,
+``max-keys`` and ``encoding-type=url``; DeleteObjects.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import re
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import unquote
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from dstore.auth import S3Key, Scope
+from dstore.errors import (
+    BadName,
+    BodyTimeout,
+    BucketNotEmpty,
+    ChecksumMismatch,
+    Conflict,
+    DstoreError,
+    FileNotFound,
+    MetadataUnavailable,
+    NoSuchBucket,
+    NotEnoughNodes,
+    OutOfSpace,
+    Overloaded,
+    PreconditionFailed,
+    RangeNotSatisfiable,
+    TooLarge,
+)
+from dstore.gateway import handlers, keys
+from dstore.gateway.names import validate_name
+from dstore.gateway.upload import Expectations
+from dstore.s3 import xml
+from dstore.s3.chunked import decode
+from dstore.s3.sigv4 import STREAMING, UNSIGNED, SignatureError, Verified, verify
+
+log = structlog.get_logger("dstore.s3")
+
+GATEWAY = web.AppKey("s3_gateway", web.Application)
+KEYS = web.AppKey("s3_keys", dict[str, S3Key])
+VERIFIED = web.RequestKey("s3_verified", Verified)  # the request's checked signature
+UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+MAX_KEYS = 1000
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+# our errors in S3's words: (code, status)
+S3_ERRORS: dict[type[DstoreError], tuple[str, int]] = {
+    FileNotFound: ("NoSuchKey", 404),
+    NoSuchBucket: ("NoSuchBucket", 404),
+    BucketNotEmpty: ("BucketNotEmpty", 409),
+    PreconditionFailed: ("PreconditionFailed", 412),
+    RangeNotSatisfiable: ("InvalidRange", 416),
+    ChecksumMismatch: ("BadDigest", 400),
+    TooLarge: ("EntityTooLarge", 400),
+    BadName: ("InvalidArgument", 400),
+    BodyTimeout: ("RequestTimeout", 400),
+    Conflict: ("OperationAborted", 409),
+    OutOfSpace: ("ServiceUnavailable", 503),
+    NotEnoughNodes: ("ServiceUnavailable", 503),
+    MetadataUnavailable: ("ServiceUnavailable", 503),
+    Overloaded: ("SlowDown", 503),
+}
+
+
+class S3Error(Exception):
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+def create_s3_app(gateway: web.Application) -> web.Application:
+    """The S3 application over a running gateway's services."""
+    config = gateway[keys.CONFIG]
+    app = web.Application(middlewares=[errors, authenticate])
+    app[GATEWAY] = gateway
+    app[KEYS] = {k.access_key: k for k in config.s3_keys or []}
+    app[keys.CONFIG] = config
+    app[keys.HTTP] = gateway[keys.HTTP]
+    app[keys.META] = gateway[keys.META]
+    app[keys.UPLOADER] = gateway[keys.UPLOADER]
+    app[keys.DOWNLOADER] = gateway[keys.DOWNLOADER]
+    app[keys.PINS] = gateway[keys.PINS]
+    app.router.add_route("*", "/{path:.*}", dispatch)
+    return app
+
+
+# --- middlewares -------------------------------------------------------------------------
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, S3's XML errors, one log line per request."""
+    trace = handlers.new_trace()
+    request[keys.TRACE] = trace
+    started = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+    except S3Error as exc:
+        response = _error(request, exc.code, exc.message, exc.status)
+    except SignatureError as exc:
+        response = _error(request, exc.code, exc.message, exc.status)
+    except DstoreError as exc:
+        code, status = next(
+            (S3_ERRORS[cls] for cls in type(exc).__mro__ if cls in S3_ERRORS),
+            ("InternalError", 500),
+        )
+        if status >= 500:
+            log.warning("s3_request_failed", code=exc.code, error=str(exc), trace=trace)
+        response = _error(request, code, str(exc), status)
+    status = response.status
+    response.headers["x-amz-request-id"] = trace
+    log.info(
+        "s3_request",
+        method=request.method,
+        path=request.path[:200],
+        status=status,
+        trace=trace,
+        ms=round((time.monotonic() - started) * 1000, 2),
+    )
+    return response
+
+
+def _error(request: web.Request, code: str, message: str, status: int) -> web.Response:
+    body = (
+        b""
+        if request.method == "HEAD"
+        else xml.error(code, message, request.path, request[keys.TRACE])
+    )
+    return web.Response(status=status, body=body, content_type="application/xml")
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    app = request.app
+    found = app[KEYS]
+    headers: dict[str, list[str]] = {}
+    for name, value in request.headers.items():
+        headers.setdefault(name.lower(), []).append(value)
+    query = [(k, v) for k, v in request.query.items()]
+    verified = verify(
+        request.method,
+        request.raw_path.partition("?")[0],
+        query,
+        headers,
+        lambda access: k.secret_key if (k := found.get(access)) is not None else None,
+        now=time.time(),
+        region=app[keys.CONFIG].s3_region,
+    )
+    request[VERIFIED] = verified
+    scope = Scope.READ if request.method in ("GET", "HEAD") else Scope.WRITE
+    if scope not in found[verified.access_key].scopes:
+        raise S3Error("AccessDenied", f"the key may not {scope.value}", 403)
+    return await handler(request)
+
+
+# --- dispatch ----------------------------------------------------------------------------
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    path = request.raw_path.partition("?")[0]
+    bucket, _, key = path.lstrip("/").partition("/")
+    bucket, key = unquote(bucket), unquote(key)
+    method, query = request.method, request.query
+    if not bucket:
+        if method == "GET":
+            return await list_buckets(request)
+        raise S3Error("MethodNotAllowed", f"{method} / is not allowed", 405)
+    if not key:
+        if method == "PUT":
+            return await create_bucket(request, bucket)
+        if method == "HEAD":
+            await _require_bucket(request, bucket)
+            return web.Response(status=200)
+        if method == "DELETE":
+            await request.app[keys.META].delete_bucket(bucket)
+            return web.Response(status=204)
+        if method == "POST" and "delete" in query:
+            return await delete_objects(request, bucket)
+        if method == "GET":
+            if "location" in query:
+                await _require_bucket(request, bucket)
+                return _xml(xml.location(request.app[keys.CONFIG].s3_region))
+            return await list_objects(request, bucket)
+        raise S3Error("MethodNotAllowed", f"{method} of a bucket is not allowed", 405)
+    if method == "PUT":
+        return await put_object(request, bucket, key)
+    if method in ("GET", "HEAD"):
+        return await get_object(request, bucket, key)
+    if method == "DELETE":
+        await _require_bucket(request, bucket)
+        try:
+            await request.app[keys.META].delete(_name(bucket, key))
+        except FileNotFound:
+            pass  # S3 answers 204 whether the key was there or not
+        return web.Response(status=204)
+    raise S3Error("MethodNotAllowed", f"{method} of an object is not allowed", 405)
+
+
+def _xml(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/xml")
+
+
+def _name(bucket: str, key: str) -> str:
+    try:
+        return validate_name(f"{bucket}/{key}")
+    except BadName as exc:
+        raise S3Error("InvalidArgument", f"an unusable key: {exc}", 400) from None
+
+
+async def _require_bucket(request: web.Request, bucket: str) -> None:
+    if not await request.app[keys.META].bucket_exists(bucket):
+        raise NoSuchBucket(f"no bucket named {bucket!r}")
+
+
+# --- buckets -----------------------------------------------------------------------------
+
+
+def valid_bucket(name: str) -> bool:
+    """S3's rules: 3-63 of lower-case letters, digits, dots and hyphens, beginning and
+    ending with a letter or digit, no two dots together, not an IP address."""
+    if not _BUCKET.match(name) or ".." in name or name.startswith("xn--"):
+        return False
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return True
+    return False
+
+
+async def list_buckets(request: web.Request) -> web.StreamResponse:
+    buckets = await request.app[keys.META].buckets()
+    return _xml(xml.list_buckets(buckets, request[VERIFIED].access_key))
+
+
+async def create_bucket(request: web.Request, bucket: str) -> web.StreamResponse:
+    if not valid_bucket(bucket):
+        raise S3Error("InvalidBucketName", f"{bucket!r} is not a valid bucket name", 400)
+    await request.read()  # (a CreateBucketConfiguration: the one region there is)
+    # made now, or made before: 200 either way, as us-east-1 answers its owner
+    await request.app[keys.META].create_bucket(bucket)
+    return web.Response(status=200, headers={"Location": f"/{bucket}"})
+
+
+# --- objects -----------------------------------------------------------------------------
+
+
+async def put_object(request: web.Request, bucket: str, key: str) -> web.StreamResponse:
+    await _require_bucket(request, bucket)
+    name = _name(bucket, key)
+    verified: Verified = request[VERIFIED]
+    md5 = request.headers.get("Content-MD5")
+    sha = (
+        verified.payload
+        if verified.payload not in (UNSIGNED, STREAMING, UNSIGNED_TRAILER)
+        else None
+    )
+    try:
+        expect = Expectations.from_headers(md5, sha)
+    except DstoreError:
+        raise S3Error("InvalidDigest", "the Content-MD5 you specified was invalid", 400) from None
+    body: AsyncIterator[bytes] = handlers.request_body(request)
+    length = request.content_length
+    chunked = verified.payload in (STREAMING, UNSIGNED_TRAILER)
+    if chunked or "aws-chunked" in request.headers.get("Content-Encoding", ""):
+        decoded = request.headers.get("x-amz-decoded-content-length")
+        length = int(decoded) if decoded and decoded.isdigit() else None
+        signed = verified if verified.payload == STREAMING else None
+        body = decode(body, signed=signed, decoded_length=length)
+    content_type = request.headers.get("Content-Type", "binary/octet-stream")
+    result = await request.app[keys.UPLOADER].upload(
+        name,
+        body,
+        content_type=content_type,
+        expect=expect,
+        trace=request[keys.TRACE],
+        length=length,
+    )
+    return web.Response(status=200, headers={"ETag": result.version.etag})
+
+
+async def get_object(request: web.Request, bucket: str, key: str) -> web.StreamResponse:
+    await _require_bucket(request, bucket)
+    response = await handlers.serve_file(request, _name(bucket, key))
+    if response.status == 416:  # (the native answer is JSON)
+        raise S3Error("InvalidRange", "the requested range is not satisfiable", 416)
+    return response
+
+
+async def delete_objects(request: web.Request, bucket: str) -> web.StreamResponse:
+    await _require_bucket(request, bucket)
+    document = await request.content.read(xml.MAX_REQUEST_XML + 1)
+    try:
+        names, quiet = xml.parse_delete(document)
+    except ValueError as exc:
+        raise S3Error("MalformedXML", str(exc), 400) from None
+    md5 = request.headers.get("Content-MD5")
+    if md5 is not None:
+        if base64.b64encode(hashlib.md5(document).digest()).decode() != md5.strip():
+            raise S3Error("BadDigest", "the Content-MD5 does not match the body", 400)
+    meta = request.app[keys.META]
+    deleted: list[str] = []
+    failed: list[tuple[str, str, str]] = []
+    for key in names:
+        try:
+            await meta.delete(_name(bucket, key))
+        except FileNotFound:
+            pass
+        except S3Error as exc:
+            failed.append((key, exc.code, exc.message))
+            continue
+        except DstoreError as exc:
+            failed.append((key, "InternalError", str(exc)))
+            continue
+        deleted.append(key)
+    return _xml(xml.delete_result([] if quiet else deleted, failed))
+
+
+async def list_objects(request: web.Request, bucket: str) -> web.StreamResponse:
+    await _require_bucket(request, bucket)
+    query = request.query
+    v2 = query.get("list-type") == "2"
+    prefix, delimiter = query.get("prefix", ""), query.get("delimiter", "")
+    try:
+        max_keys = min(MAX_KEYS, max(0, int(query.get("max-keys", MAX_KEYS))))
+    except ValueError:
+        raise S3Error("InvalidArgument", "max-keys must be a number", 400) from None
+    url = query.get("encoding-type") == "url"
+    token = query.get("continuation-token") if v2 else None
+    rolled = False  # resuming after a common prefix: skip every key under it
+    if token is not None:
+        try:
+            kind, after = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
+        except ValueError:
+            raise S3Error("InvalidArgument", "the continuation token is not valid", 400) from None
+        rolled = kind == "p"
+    else:
+        after = query.get("start-after", "") if v2 else query.get("marker", "")
+        rolled = not v2 and bool(delimiter) and after.endswith(delimiter)
+    entries, prefixes, truncated, last = await _walk(
+        request, bucket, prefix, delimiter, after + ("\U0010ffff" if rolled else ""), max_keys
+    )
+    listing = xml.Listing(bucket, prefix, delimiter, max_keys, entries, prefixes, truncated, url)
+    if v2:
+        next_token = None
+        if truncated and last:
+            kind = "p" if prefixes and prefixes[-1] == last else "k"
+            next_token = base64.urlsafe_b64encode(f"{kind}:{last}".encode()).decode()
+        return _xml(xml.list_objects_v2(listing, token, next_token, query.get("start-after")))
+    next_marker = last if truncated and delimiter else None
+    return _xml(xml.list_objects_v1(listing, query.get("marker", ""), next_marker))
+
+
+async def _walk(
+    request: web.Request, bucket: str, prefix: str, delimiter: str, after: str, max_keys: int
+) -> tuple[list[xml.Entry], list[str], bool, str]:
+    """Up to ``max_keys`` keys and common prefixes after ``after``, in key order; whether
+    more follow; the last key or prefix returned."""
+    meta = request.app[keys.META]
+    base = f"{bucket}/"
+    entries: list[xml.Entry] = []
+    prefixes: list[str] = []
+    cursor = base + after if after else ""
+    last = ""
+    while len(entries) + len(prefixes) < max_keys:
+        files, more = await meta.list_files(base + prefix, cursor, MAX_KEYS)
+        for info in files:
+            key = info.name[len(base) :]
+            cut = key.find(delimiter, len(prefix)) if delimiter else -1
+            if cut >= 0:
+                common = key[: cut + len(delimiter)]
+                if common != last:
+                    if len(entries) + len(prefixes) == max_keys:
+                        return entries, prefixes, True, last
+                    prefixes.append(common)
+                    last = common
+                # skip every key under this common prefix
+                cursor = base + common + "\U0010ffff"
+                break
+            if len(entries) + len(prefixes) == max_keys:
+                return entries, prefixes, True, last
+            entries.append(xml.Entry(key, info.size, info.etag, info.created))
+            last = key
+            cursor = info.name
+        else:
+            if more is None:
+                return entries, prefixes, False, last
+            continue
+    files, _ = await meta.list_files(base + prefix, cursor, 1)
+    return entries, prefixes, bool(files), last
