@@ -115,6 +115,12 @@ def _build_parser() -> argparse.ArgumentParser:
     get.add_argument("-o", "--output", default=None, help="FILE or - for stdout")
     ls = client_command("ls", "list files")
     ls.add_argument("prefix", nargs="?", default="")
+    ls.add_argument(
+        "-d",
+        "--delimiter",
+        default="",
+        help="roll names up to the next DELIMITER into folders (-d / lists one level)",
+    )
     rm = client_command("rm", "delete a file")
     rm.add_argument("name")
     stat = client_command("stat", "show a file's metadata")
@@ -210,9 +216,11 @@ async def _client_main(args: argparse.Namespace) -> int:
         elif args.command == "ls":
             after = ""
             while True:
-                page = await client.list(args.prefix, after)
-                for f in page["files"]:
-                    print(f"{f['size']:>14}  {f['name']}")
+                page = await client.list(args.prefix, after, delimiter=args.delimiter)
+                rows: list[tuple[str, str]] = [(p, "DIR") for p in page.get("prefixes", [])]
+                rows += [(f["name"], str(f["size"])) for f in page["files"]]
+                for entry, shown in sorted(rows):  # (folders among the names, in order)
+                    print(f"{shown:>14}  {entry}")
                 if not page["next"]:
                     break
                 after = page["next"]

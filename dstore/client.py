@@ -163,8 +163,12 @@ class Client:
     async def delete(self, name: str) -> None:
         await self._request("DELETE", file_url(self.url, name))
 
-    async def list(self, prefix: str = "", start_after: str = "", limit: int = 1000) -> Any:
+    async def list(
+        self, prefix: str = "", start_after: str = "", limit: int = 1000, delimiter: str = ""
+    ) -> Any:
         params = {"prefix": prefix, "start_after": start_after, "limit": str(limit)}
+        if delimiter:
+            params["delimiter"] = delimiter
         return await self._request("GET", f"{self.url}/v1/files", params=params)
 
     async def cluster(self) -> Any:

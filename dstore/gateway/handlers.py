@@ -46,6 +46,7 @@ from dstore.gateway.cache import inline_key
 from dstore.gateway.conditions import NONE as NO_CONDITIONS
 from dstore.gateway.conditions import Outcome, Preconditions, Validators, strong_tags
 from dstore.gateway.download import SpanFeed
+from dstore.gateway.listing import walk
 from dstore.gateway.names import name_from_raw_path
 from dstore.gateway.ranges import parse_range
 from dstore.gateway.upload import Expectations
@@ -587,13 +588,21 @@ async def list_files(request: web.Request) -> web.StreamResponse:
     limit = _int_param(request, "limit", 1000, 1, 10000)
     prefix = request.query.get("prefix", "")
     start_after = request.query.get("start_after", "")
-    files, next_name = await request.app[keys.META].list_files(prefix, start_after, limit)
+    delimiter = request.query.get("delimiter", "")
+    prefixes: list[str] = []
+    if delimiter:  # names past the delimiter rolled up into common prefixes (folders)
+        found = await walk(request.app[keys.META], prefix, delimiter, start_after, limit)
+        files, prefixes = found.files, found.prefixes
+        next_name = found.resume if found.truncated else None
+    else:
+        files, next_name = await request.app[keys.META].list_files(prefix, start_after, limit)
     return json_response(
         {
             "files": [
                 {"name": f.name, "size": f.size, "etag": f.etag, "created": f.created}
                 for f in files
             ],
+            "prefixes": prefixes,
             "next": next_name,
         }
     )

@@ -78,6 +78,42 @@ class Expectations:
         return cls(md5, sha)
 
 
+class Md5Chain:
+    """The MD5 of a body, a chunk at a time, in order, in a worker thread: it runs while
+    the next chunk is read and earlier ones are stored (hashlib lets go of the GIL for
+    large buffers), instead of on the event loop. A chunk's pieces are views of the
+    bytes received, which nothing changes."""
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.md5()
+        self._last: asyncio.Future[None] | None = None
+
+    def add(self, pieces: Sequence[memoryview | bytes]) -> None:
+        self._last = asyncio.ensure_future(self._after(self._last, list(pieces)))
+
+    async def _after(
+        self, previous: asyncio.Future[None] | None, pieces: list[memoryview | bytes]
+    ) -> None:
+        if previous is not None:
+            await previous
+        await asyncio.to_thread(self._update, pieces)
+
+    def _update(self, pieces: list[memoryview | bytes]) -> None:
+        for piece in pieces:
+            self.hasher.update(piece)
+
+    async def digest(self) -> bytes:
+        if self._last is not None:
+            await self._last
+        return self.hasher.digest()
+
+    def discard(self) -> None:
+        """Give up (the upload failed): nothing left waiting or unretrieved."""
+        if self._last is not None:
+            self._last.cancel()
+            self._last.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
 def etag_of(checksums: list[bytes]) -> str:
     """A file's ETag: derived from its chunks' xxh3-128 checksums, so it costs nothing
     extra (a whole-file MD5 would halve upload throughput)."""
@@ -145,10 +181,13 @@ class Uploader:
         expect: Expectations | None = None,
         trace: str = "",
         length: int | None = None,
+        md5_etag: bool = False,
     ) -> CommitResult:
         """Store ``body`` as the new version of ``name``. ``length``: the body's size if
         the client declared it (a small body then takes only its size of the memory
-        budget while it is read, not a whole chunk's)."""
+        budget while it is read, not a whole chunk's). ``md5_etag``: the ETag is the MD5
+        of the bytes, as S3 clients expect (else it comes from the chunks' checksums, at
+        no cost)."""
         if self.cluster.up_count() < self.settings.replicas:
             raise NotEnoughNodes(
                 f"{self.cluster.up_count()} storage nodes up, {self.settings.replicas} needed"
@@ -157,10 +196,10 @@ class Uploader:
         upload = _Upload(name, content_type)
         started = time.monotonic()
         try:
-            size, checksums = await self._store_body(
-                upload, body, expect or Expectations(), trace, length
+            size, checksums, md5 = await self._store_body(
+                upload, body, expect or Expectations(), trace, length, md5_etag
             )
-            etag = etag_of(checksums)
+            etag = f'"{md5.hex()}"' if md5 is not None and md5_etag else etag_of(checksums)
             if upload.inline is not None:
                 result = await self.meta.commit_inline(
                     name, content_type, upload.inline, etag, if_absent=if_absent, if_match=if_match
@@ -234,7 +273,10 @@ class Uploader:
         expect: Expectations,
         trace: str,
         length: int | None,
-    ) -> tuple[int, list[bytes]]:
+        md5_etag: bool = False,
+    ) -> tuple[int, list[bytes], bytes | None]:
+        """(size, the chunks' checksums, the MD5 of the bytes if it was asked for or
+        ``expect`` needs it)."""
         settings = self.settings
         # each chunk's share of the memory budget, taken before its first byte is read:
         # a whole chunk's, but for a first chunk the declared length says is smaller
@@ -245,7 +287,7 @@ class Uploader:
             return first if index == 0 else settings.chunk_size
 
         chunker = Chunker(settings.chunk_size)
-        md5 = hashlib.md5() if expect.md5 is not None else None
+        md5 = Md5Chain() if expect.md5 is not None or md5_etag else None
         sha = hashlib.sha256() if expect.sha256 is not None else None
         window = asyncio.Semaphore(settings.window)
         checksums: dict[int, bytes] = {}
@@ -262,6 +304,8 @@ class Uploader:
                         intent = await self._begin(upload, chunk, held)
                     assert upload.version_id is not None
                     checksums[chunk.index] = chunk.checksum
+                    if md5 is not None:
+                        md5.add(chunk.pieces)
                     replicate = self._replicate(upload.version_id, chunk, trace, held, intent)
                     if here:
                         holding = 0
@@ -298,8 +342,6 @@ class Uploader:
                         chunker.total + len(piece) > settings.max_object_size
                     ):
                         raise TooLarge(f"file exceeds {settings.max_object_size} bytes")
-                    if md5 is not None:
-                        md5.update(piece)
                     if sha is not None:
                         sha.update(piece)
                     for chunk in chunker.feed(piece):
@@ -316,23 +358,32 @@ class Uploader:
                     else:
                         upload.inline = InlineBody(b"".join(last.pieces), last.checksum)
                         checksums[0] = last.checksum
+                        if md5 is not None:
+                            md5.add(last.pieces)
                 elif last is not None:
                     await hold(last.index, last.size)
                     # the only chunk (most small files) is stored right here, no task
                     await hand_on(last, here=upload.version_id is None)
         except BaseExceptionGroup as group_error:
+            if md5 is not None:
+                md5.discard()
             raise _first_error(group_error) from None
+        except BaseException:
+            if md5 is not None:
+                md5.discard()
+            raise
         finally:
             if holding:
                 self._give_slot(window, holding)
             # every task is done: what no put took over (one cancelled before its first
             # step, an intent never recorded) is given back here
             held.release_all()
-        if md5 is not None and md5.digest() != expect.md5:
+        digest = None if md5 is None else await md5.digest()
+        if expect.md5 is not None and digest != expect.md5:
             raise ChecksumMismatch("body does not match Content-MD5")
         if sha is not None and sha.digest() != expect.sha256:
             raise ChecksumMismatch("body does not match X-Checksum-Sha256")
-        return chunker.total, [checksums[i] for i in range(len(checksums))]
+        return chunker.total, [checksums[i] for i in range(len(checksums))], digest
 
     async def _take_slot(self, window: asyncio.Semaphore, share: int) -> None:
         await window.acquire()

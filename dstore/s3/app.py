@@ -43,10 +43,11 @@ from dstore.errors import (
     TooLarge,
 )
 from dstore.gateway import handlers, keys
+from dstore.gateway.listing import BEYOND, walk
 from dstore.gateway.names import validate_name
 from dstore.gateway.upload import Expectations
-from dstore.s3 import xml
-from dstore.s3.chunked import decode
+from dstore.s3 import checksums, xml
+from dstore.s3.chunked import Decoded, decode
 from dstore.s3.sigv4 import STREAMING, UNSIGNED, SignatureError, Verified, verify
 
 log = structlog.get_logger("dstore.s3")
@@ -95,8 +96,13 @@ def create_s3_app(gateway: web.Application) -> web.Application:
     app[keys.UPLOADER] = gateway[keys.UPLOADER]
     app[keys.DOWNLOADER] = gateway[keys.DOWNLOADER]
     app[keys.PINS] = gateway[keys.PINS]
+    app.on_response_prepare.append(_request_id)
     app.router.add_route("*", "/{path:.*}", dispatch)
     return app
+
+
+async def _request_id(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["x-amz-request-id"] = request.get(keys.TRACE, "")
 
 
 # --- middlewares -------------------------------------------------------------------------
@@ -108,7 +114,6 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     trace = handlers.new_trace()
     request[keys.TRACE] = trace
     started = time.monotonic()
-    status = 500
     try:
         response = await handler(request)
     except S3Error as exc:
@@ -124,7 +129,6 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             log.warning("s3_request_failed", code=exc.code, error=str(exc), trace=trace)
         response = _error(request, code, str(exc), status)
     status = response.status
-    response.headers["x-amz-request-id"] = trace
     log.info(
         "s3_request",
         method=request.method,
@@ -274,14 +278,18 @@ async def put_object(request: web.Request, bucket: str, key: str) -> web.StreamR
         expect = Expectations.from_headers(md5, sha)
     except DstoreError:
         raise S3Error("InvalidDigest", "the Content-MD5 you specified was invalid", 400) from None
+    announced = checksums.wanted(request.headers)  # (x-amz-checksum-*: checked as it streams)
     body: AsyncIterator[bytes] = handlers.request_body(request)
     length = request.content_length
+    seen = Decoded()
     chunked = verified.payload in (STREAMING, UNSIGNED_TRAILER)
     if chunked or "aws-chunked" in request.headers.get("Content-Encoding", ""):
         decoded = request.headers.get("x-amz-decoded-content-length")
         length = int(decoded) if decoded and decoded.isdigit() else None
         signed = verified if verified.payload == STREAMING else None
-        body = decode(body, signed=signed, decoded_length=length)
+        body = decode(body, signed=signed, decoded_length=length, out=seen)
+    if announced is not None:
+        body = checksums.checked(body, *announced, seen.trailers)
     content_type = request.headers.get("Content-Type", "binary/octet-stream")
     result = await request.app[keys.UPLOADER].upload(
         name,
@@ -290,6 +298,7 @@ async def put_object(request: web.Request, bucket: str, key: str) -> web.StreamR
         expect=expect,
         trace=request[keys.TRACE],
         length=length,
+        md5_etag=True,  # (what S3 clients check an upload against)
     )
     return web.Response(status=200, headers={"ETag": result.version.etag})
 
@@ -352,54 +361,18 @@ async def list_objects(request: web.Request, bucket: str) -> web.StreamResponse:
     else:
         after = query.get("start-after", "") if v2 else query.get("marker", "")
         rolled = not v2 and bool(delimiter) and after.endswith(delimiter)
-    entries, prefixes, truncated, last = await _walk(
-        request, bucket, prefix, delimiter, after + ("\U0010ffff" if rolled else ""), max_keys
-    )
+    base = f"{bucket}/"
+    start = base + after + (BEYOND if rolled else "") if after else ""
+    found = await walk(request.app[keys.META], base + prefix, delimiter, start, max_keys)
+    entries = [xml.Entry(f.name[len(base) :], f.size, f.etag, f.created) for f in found.files]
+    prefixes = [p[len(base) :] for p in found.prefixes]
+    truncated, last = found.truncated, found.last[len(base) :]
     listing = xml.Listing(bucket, prefix, delimiter, max_keys, entries, prefixes, truncated, url)
     if v2:
         next_token = None
         if truncated and last:
-            kind = "p" if prefixes and prefixes[-1] == last else "k"
+            kind = "p" if found.last_is_prefix else "k"
             next_token = base64.urlsafe_b64encode(f"{kind}:{last}".encode()).decode()
         return _xml(xml.list_objects_v2(listing, token, next_token, query.get("start-after")))
     next_marker = last if truncated and delimiter else None
     return _xml(xml.list_objects_v1(listing, query.get("marker", ""), next_marker))
-
-
-async def _walk(
-    request: web.Request, bucket: str, prefix: str, delimiter: str, after: str, max_keys: int
-) -> tuple[list[xml.Entry], list[str], bool, str]:
-    """Up to ``max_keys`` keys and common prefixes after ``after``, in key order; whether
-    more follow; the last key or prefix returned."""
-    meta = request.app[keys.META]
-    base = f"{bucket}/"
-    entries: list[xml.Entry] = []
-    prefixes: list[str] = []
-    cursor = base + after if after else ""
-    last = ""
-    while len(entries) + len(prefixes) < max_keys:
-        files, more = await meta.list_files(base + prefix, cursor, MAX_KEYS)
-        for info in files:
-            key = info.name[len(base) :]
-            cut = key.find(delimiter, len(prefix)) if delimiter else -1
-            if cut >= 0:
-                common = key[: cut + len(delimiter)]
-                if common != last:
-                    if len(entries) + len(prefixes) == max_keys:
-                        return entries, prefixes, True, last
-                    prefixes.append(common)
-                    last = common
-                # skip every key under this common prefix
-                cursor = base + common + "\U0010ffff"
-                break
-            if len(entries) + len(prefixes) == max_keys:
-                return entries, prefixes, True, last
-            entries.append(xml.Entry(key, info.size, info.etag, info.created))
-            last = key
-            cursor = info.name
-        else:
-            if more is None:
-                return entries, prefixes, False, last
-            continue
-    files, _ = await meta.list_files(base + prefix, cursor, 1)
-    return entries, prefixes, bool(files), last

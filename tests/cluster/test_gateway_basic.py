@@ -208,3 +208,35 @@ async def test_metrics_in_prometheus_text_format(cluster: LocalCluster) -> None:
         samples["dstore_metadata_transactions_total"],
     )
     assert ops >= 4 and 0 < transactions <= ops
+
+
+async def test_a_listing_with_a_delimiter_rolls_names_up_into_folders(
+    cluster: LocalCluster,
+) -> None:
+    for name in ("a/1", "a/2", "a/b/3", "a/c/4", "a/c/5", "a/d", "a0", "top", "z/9"):
+        assert (await cluster.put(name, b"x" * 10)).status == 201
+    assert cluster.session is not None
+
+    async def page(**params: str) -> dict[str, object]:
+        async with cluster.session.get(f"{cluster.url}/v1/files", params=params) as r:  # type: ignore[union-attr]
+            assert r.status == 200
+            return dict(await r.json())
+
+    top = await page(delimiter="/")
+    assert [f["name"] for f in top["files"]] == ["a0", "top"]  # type: ignore[union-attr,index]
+    assert top["prefixes"] == ["a/", "z/"] and top["next"] is None
+    inside = await page(prefix="a/", delimiter="/")
+    assert [f["name"] for f in inside["files"]] == ["a/1", "a/2", "a/d"]  # type: ignore[union-attr,index]
+    assert inside["prefixes"] == ["a/b/", "a/c/"]
+    # a page at a time: one entry each, a folder counted once, in name order
+    seen: list[str] = []
+    after = ""
+    while True:
+        one = await page(prefix="a/", delimiter="/", limit="1", start_after=after)
+        seen += [f["name"] for f in one["files"]] + list(one["prefixes"])  # type: ignore[union-attr,call-overload]
+        if one["next"] is None:
+            break
+        after = str(one["next"])
+    assert seen == ["a/1", "a/2", "a/b/", "a/c/", "a/d"]
+    flat = await page(prefix="a/c/")
+    assert [f["name"] for f in flat["files"]] == ["a/c/4", "a/c/5"] and flat["prefixes"] == []  # type: ignore[union-attr,index]

@@ -6,6 +6,7 @@ gets. boto3 is synchronous: each call runs in a thread, the gateway on the loop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -86,10 +87,15 @@ async def test_buckets_objects_and_listings_through_boto3(s3: S3) -> None:
     await s3("put_object", Bucket="photos", Key="top.txt", Body=b"top")
     got = await s3("get_object", Bucket="photos", Key="a/big.bin")
     assert got["Body"] == big and got["ContentLength"] == len(big)
+    assert got["ResponseMetadata"]["RequestId"]  # (x-amz-request-id, streamed answers too)
     ranged = await s3("get_object", Bucket="photos", Key="a/big.bin", Range="bytes=10-19")
     assert ranged["Body"] == big[10:20]
     head = await s3("head_object", Bucket="photos", Key="a/small.txt")
     assert head["ContentLength"] == len(small) and head["ETag"] == put["ETag"]
+    # a single-part object's ETag is the MD5 of its bytes, small or chunked
+    assert put["ETag"] == f'"{hashlib.md5(small).hexdigest()}"'
+    big_head = await s3("head_object", Bucket="photos", Key="a/big.bin")
+    assert big_head["ETag"] == f'"{hashlib.md5(big).hexdigest()}"'
     assert await _code(s3("get_object", Bucket="photos", Key="missing")) == "NoSuchKey"
     assert (
         await _code(s3("get_object", Bucket="photos", Key="a/small.txt", IfMatch='"nope"'))
@@ -136,6 +142,21 @@ async def test_one_namespace_with_the_native_api(s3: S3) -> None:
     assert got["Body"] == b"from the native API"
     listed = await s3("list_objects_v2", Bucket="shared")
     assert [c["Key"] for c in listed["Contents"]] == ["dir/file ü.txt", "native.bin"]
+
+
+async def test_a_checksum_the_body_does_not_have_stores_nothing(s3: S3) -> None:
+    import base64
+    import hashlib
+
+    await s3("create_bucket", Bucket="sums")
+    body = os.urandom(200_000)
+    good = base64.b64encode(hashlib.sha256(body).digest()).decode()
+    await s3("put_object", Bucket="sums", Key="good", Body=body, ChecksumSHA256=good)
+    wrong = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    code = await _code(s3("put_object", Bucket="sums", Key="bad", Body=body, ChecksumSHA256=wrong))
+    assert code == "BadDigest"
+    assert await _code(s3("head_object", Bucket="sums", Key="bad")) == "404"
+    assert (await s3("get_object", Bucket="sums", Key="good"))["Body"] == body
 
 
 async def test_wrong_keys_and_signatures_are_refused(s3: S3) -> None:
