@@ -392,7 +392,7 @@ async def serve_file(request: web.Request, name: str) -> web.StreamResponse:
     raise Conflict(f"{name!r} changes faster than it can be read")
 
 
-async def _inline_bytes(app: web.Application, version: FileVersion) -> bytes:
+async def inline_bytes(app: web.Application, version: FileVersion) -> bytes:
     """An inline file's bytes, verified: from its lookup, the read cache (which holds
     verified bytes only) or the metadata store."""
     assert version.inline is not None
@@ -457,7 +457,7 @@ async def _serve(request: web.Request, version: FileVersion) -> web.StreamRespon
         await response.write_eof()
         return response
     if version.inline is not None:  # a small file kept in the metadata store
-        data = await _inline_bytes(request.app, version)
+        data = await inline_bytes(request.app, version)
         part = data if end - start == len(data) else data[start:end]
         request[keys.REQUEST_BYTES_OUT] = len(part)
         return web.Response(status=status, headers=headers, body=part)

@@ -12,6 +12,7 @@ unsigned trailer); ListObjects v1 and v2 with prefix, delimiter, markers, contin
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import ipaddress
@@ -43,9 +44,11 @@ from dstore.errors import (
     TooLarge,
 )
 from dstore.gateway import handlers, keys
+from dstore.gateway.download import SpanFeed
 from dstore.gateway.listing import BEYOND, walk
 from dstore.gateway.names import validate_name
 from dstore.gateway.upload import Expectations
+from dstore.master.metadata import FileVersion
 from dstore.s3 import checksums, xml
 from dstore.s3.chunked import Decoded, decode
 from dstore.s3.sigv4 import STREAMING, UNSIGNED, SignatureError, Verified, verify
@@ -203,6 +206,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             return await list_objects(request, bucket)
         raise S3Error("MethodNotAllowed", f"{method} of a bucket is not allowed", 405)
     if method == "PUT":
+        if "x-amz-copy-source" in request.headers:
+            return await copy_object(request, bucket, key)
         return await put_object(request, bucket, key)
     if method in ("GET", "HEAD"):
         return await get_object(request, bucket, key)
@@ -301,6 +306,74 @@ async def put_object(request: web.Request, bucket: str, key: str) -> web.StreamR
         md5_etag=True,  # (what S3 clients check an upload against)
     )
     return web.Response(status=200, headers={"ETag": result.version.etag})
+
+
+async def copy_object(request: web.Request, bucket: str, key: str) -> web.StreamResponse:
+    """CopyObject: the source's bytes read from its nodes and written as a new version
+    by this gateway, never through the client; the content type kept unless
+    ``x-amz-metadata-directive: REPLACE``."""
+    await _require_bucket(request, bucket)
+    source = unquote(request.headers["x-amz-copy-source"].partition("?")[0]).lstrip("/")
+    source_bucket, _, source_key = source.partition("/")
+    if not source_bucket or not source_key:
+        raise S3Error("InvalidArgument", "x-amz-copy-source must be BUCKET/KEY", 400)
+    await _require_bucket(request, source_bucket)
+    app = request.app
+    meta, pins = app[keys.META], app[keys.PINS]
+    version = await meta.lookup(_name(source_bucket, source_key))
+    directive = request.headers.get("x-amz-metadata-directive", "COPY").upper()
+    if directive not in ("COPY", "REPLACE"):
+        raise S3Error("InvalidArgument", "x-amz-metadata-directive is COPY or REPLACE", 400)
+    content_type = version.content_type
+    if directive == "REPLACE":
+        content_type = request.headers.get("Content-Type", "binary/octet-stream")
+    if version.inline is None and not await pins.take(version.version_id):
+        raise S3Error("OperationAborted", "the source changed while it was read", 409)
+    try:
+        result = await app[keys.UPLOADER].upload(
+            _name(bucket, key),
+            _read_version(request, version),
+            content_type=content_type,
+            trace=request[keys.TRACE],
+            length=version.size,
+            md5_etag=True,
+        )
+    finally:
+        if version.inline is None:
+            pins.release(version.version_id)
+    made = result.version
+    return _xml(xml.copy_result(made.etag, made.created))
+
+
+async def _read_version(request: web.Request, version: FileVersion) -> AsyncIterator[bytes]:
+    """A version's bytes, from its nodes through the download pipeline (its read-ahead
+    and memory budget), one piece handed on at a time."""
+    if version.inline is not None:
+        yield await handlers.inline_bytes(request.app, version)
+        return
+    meta, version_id = request.app[keys.META], version.version_id
+    feed = SpanFeed(
+        version.chunks, 0, version.size, lambda at: meta.chunk_page(version_id, at, handlers.PAGE)
+    )
+    pieces: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
+
+    async def write(piece: memoryview) -> None:
+        await pieces.put(bytes(piece))  # (the pipeline's buffer is not ours to keep)
+
+    async def produce() -> None:
+        try:
+            await request.app[keys.DOWNLOADER].stream(feed, write, trace=request[keys.TRACE])
+        finally:
+            await pieces.put(None)
+
+    producer = asyncio.create_task(produce())
+    try:
+        while (piece := await pieces.get()) is not None:
+            yield piece
+        await producer  # (its failure is the body's: the copy is not committed)
+    finally:
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
 
 
 async def get_object(request: web.Request, bucket: str, key: str) -> web.StreamResponse:

@@ -132,6 +132,13 @@ def list_objects_v1(listing: Listing, marker: str, next_marker: str | None) -> b
     )
 
 
+def copy_result(etag: str, modified: float) -> bytes:
+    return (
+        f'{HEAD}<CopyObjectResult xmlns="{NS}">{_el("LastModified", iso(modified))}'
+        f"{_el('ETag', etag)}</CopyObjectResult>"
+    ).encode()
+
+
 def delete_result(deleted: Iterable[str], errors: Iterable[tuple[str, str, str]]) -> bytes:
     items = "".join(f"<Deleted>{_el('Key', key)}</Deleted>" for key in deleted)
     items += "".join(

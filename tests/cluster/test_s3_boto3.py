@@ -159,6 +159,38 @@ async def test_a_checksum_the_body_does_not_have_stores_nothing(s3: S3) -> None:
     assert (await s3("get_object", Bucket="sums", Key="good"))["Body"] == body
 
 
+async def test_copy_object_inside_the_cluster(s3: S3) -> None:
+    await s3("create_bucket", Bucket="src")
+    await s3("create_bucket", Bucket="dst")
+    big, small = os.urandom(700_000), b"tiny"  # chunked (64 KiB chunks), and inline
+    await s3("put_object", Bucket="src", Key="big.bin", Body=big, ContentType="image/png")
+    await s3("put_object", Bucket="src", Key="small", Body=small)
+    copied = await s3(
+        "copy_object",
+        Bucket="dst",
+        Key="copy ü.bin",
+        CopySource={"Bucket": "src", "Key": "big.bin"},
+    )
+    assert copied["CopyObjectResult"]["ETag"] == f'"{hashlib.md5(big).hexdigest()}"'
+    got = await s3("get_object", Bucket="dst", Key="copy ü.bin")
+    assert got["Body"] == big and got["ContentType"] == "image/png"  # (metadata copied)
+    await s3(
+        "copy_object",
+        Bucket="dst",
+        Key="small",
+        CopySource="src/small",
+        MetadataDirective="REPLACE",
+        ContentType="text/plain",
+    )
+    got = await s3("get_object", Bucket="dst", Key="small")
+    assert got["Body"] == small and got["ContentType"] == "text/plain"
+    missing = s3("copy_object", Bucket="dst", Key="x", CopySource="src/none")
+    assert await _code(missing) == "NoSuchKey"
+    # the source is untouched, and deleting it leaves the copy whole
+    await s3("delete_object", Bucket="src", Key="big.bin")
+    assert (await s3("get_object", Bucket="dst", Key="copy ü.bin"))["Body"] == big
+
+
 async def test_wrong_keys_and_signatures_are_refused(s3: S3) -> None:
     stranger = s3.make("NOBODY1", "whatever-whatever-whatever")
     with pytest.raises(ClientError) as caught:

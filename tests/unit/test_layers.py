@@ -64,8 +64,9 @@ RULES = [
     ("dstore", ["aiohttp"], ["dstore.gateway", "dstore.client", "dstore.cli", "dstore.local",
                              "dstore.s3.app"],
      "only the HTTP fronts and the CLI's client use aiohttp"),
-    ("dstore.s3", ["dstore.rpc", "dstore.protocol", "dstore.storage", "dstore.master"], [],
-     "the S3 API reaches metadata and nodes through the gateway's services"),
+    ("dstore.s3", ["dstore.rpc", "dstore.protocol", "dstore.storage", "dstore.master.cluster",
+                   "dstore.master.replicas"], [],
+     "the S3 API reaches the nodes through the gateway's pipelines"),
 ]  # fmt: skip
 
 
