@@ -51,7 +51,7 @@ from dstore.gateway.upload import Expectations
 from dstore.master.metadata import FileVersion
 from dstore.s3 import checksums, xml
 from dstore.s3.chunked import Decoded, decode
-from dstore.s3.sigv4 import STREAMING, UNSIGNED, SignatureError, Verified, verify
+from dstore.s3.sigv4 import STREAMING, UNSIGNED, S3Error, Verified, verify
 
 log = structlog.get_logger("dstore.s3")
 
@@ -79,12 +79,6 @@ S3_ERRORS: dict[type[DstoreError], tuple[str, int]] = {
     MetadataUnavailable: ("ServiceUnavailable", 503),
     Overloaded: ("SlowDown", 503),
 }
-
-
-class S3Error(Exception):
-    def __init__(self, code: str, message: str, status: int) -> None:
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
 
 
 def create_s3_app(gateway: web.Application) -> web.Application:
@@ -120,8 +114,6 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
     except S3Error as exc:
-        response = _error(request, exc.code, exc.message, exc.status)
-    except SignatureError as exc:
         response = _error(request, exc.code, exc.message, exc.status)
     except DstoreError as exc:
         code, status = next(

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import structlog
 
-from dstore.s3.sigv4 import SignatureError
+from dstore.s3.sigv4 import S3Error
 
 log = structlog.get_logger("dstore.s3")
 
@@ -54,7 +54,7 @@ def wanted(headers: Mapping[str, str]) -> tuple[str, str | None] | None:
         return trailer.removeprefix("x-amz-checksum-"), None
     algorithm = headers.get("x-amz-sdk-checksum-algorithm", "").strip().lower()
     if algorithm and algorithm not in (*ALGORITHMS, *UNCHECKED):
-        raise SignatureError("InvalidRequest", f"unknown checksum algorithm {algorithm!r}", 400)
+        raise S3Error("InvalidRequest", f"unknown checksum algorithm {algorithm!r}", 400)
     return None
 
 
@@ -69,7 +69,7 @@ async def checked(
     make = ALGORITHMS.get(algorithm)
     if make is None:
         if algorithm not in UNCHECKED:
-            raise SignatureError("InvalidRequest", f"unknown checksum algorithm {algorithm!r}", 400)
+            raise S3Error("InvalidRequest", f"unknown checksum algorithm {algorithm!r}", 400)
         log.info("s3_checksum_not_checked", algorithm=algorithm)
         async for piece in body:
             yield piece
@@ -82,8 +82,8 @@ async def checked(
     if value is None:
         value = (trailers or {}).get(f"x-amz-checksum-{algorithm}")
         if value is None:
-            raise SignatureError("InvalidRequest", "the announced checksum trailer is missing", 400)
+            raise S3Error("InvalidRequest", "the announced checksum trailer is missing", 400)
     if base64.b64encode(hasher.digest()).decode() != value:
-        raise SignatureError(
+        raise S3Error(
             "BadDigest", f"the {algorithm.upper()} you specified did not match the body", 400
         )

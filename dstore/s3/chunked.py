@@ -16,14 +16,14 @@ import hmac
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from dstore.s3.sigv4 import SignatureError, Verified, chunk_signature
+from dstore.s3.sigv4 import S3Error, Verified, chunk_signature
 
 MAX_LINE = 4096  # a chunk header or trailer line, at most
 MAX_CHUNK = 64 << 20  # a chunk's announced size, at most (clients send 8 KiB to 8 MiB)
 
 
-def _bad(message: str) -> SignatureError:
-    return SignatureError("IncompleteBody", message, 400)
+def _bad(message: str) -> S3Error:
+    return S3Error("IncompleteBody", message, 400)
 
 
 @dataclass
@@ -81,7 +81,7 @@ async def decode(
         if signed is not None:
             name, _, claimed = extension.partition("=")
             if name.strip() != "chunk-signature" or not claimed:
-                raise SignatureError("SignatureDoesNotMatch", "a chunk has no signature")
+                raise S3Error("SignatureDoesNotMatch", "a chunk has no signature")
         digest = hashlib.sha256() if signed is not None else None
         left = size
         while left:
@@ -101,7 +101,7 @@ async def decode(
                 signed.key, signed.amz_date, signed.scope, previous, digest.hexdigest()
             )
             if not hmac.compare_digest(expected, claimed.strip()):
-                raise SignatureError("SignatureDoesNotMatch", "a chunk's signature is wrong")
+                raise S3Error("SignatureDoesNotMatch", "a chunk's signature is wrong")
             previous = expected
         if size == 0:
             break

@@ -10,7 +10,7 @@
   ``UNSIGNED-PAYLOAD``, or ``STREAMING-AWS4-HMAC-SHA256-PAYLOAD`` with a seed signature
   that chains through ``chunk_signature``).
 
-Errors are ``SignatureError`` with S3's code and status, so the handlers answer in S3's
+Errors are ``S3Error`` with S3's code and status, so the handlers answer in S3's
 words. The test vectors are AWS's published examples (tests/unit/test_sigv4.py).
 """
 
@@ -32,8 +32,9 @@ MAX_EXPIRES = 7 * 24 * 3600  # a presigned URL lives at most this long
 _UNRESERVED = "-_.~"  # with letters and digits: the characters never %-encoded
 
 
-class SignatureError(Exception):
-    """A request S3 refuses for its signature: ``code`` and ``status`` as S3 answers."""
+class S3Error(Exception):
+    """A request S3 refuses (for its signature, its body, its arguments): ``code`` and
+    ``status`` as S3 answers. The one error of the S3 layer, from here up."""
 
     def __init__(self, code: str, message: str, status: int = 403) -> None:
         super().__init__(message)
@@ -71,7 +72,7 @@ def canonical_headers(headers: Mapping[str, Sequence[str]], signed: Sequence[str
     for name in signed:
         values = headers.get(name)
         if values is None:
-            raise SignatureError(
+            raise S3Error(
                 "SignatureDoesNotMatch", f"the signed header {name!r} is not in the request"
             )
         lines.append(f"{name}:{','.join(' '.join(v.split()) for v in values)}\n")
@@ -158,9 +159,7 @@ class Credential:
     def parse(cls, text: str) -> Credential:
         parts = text.split("/")
         if len(parts) != 5 or parts[4] != "aws4_request" or not parts[0]:
-            raise SignatureError(
-                "AuthorizationHeaderMalformed", f"a malformed credential: {text!r}", 400
-            )
+            raise S3Error("AuthorizationHeaderMalformed", f"a malformed credential: {text!r}", 400)
         access_key, date, region, service, _ = parts
         return cls(access_key, date, region, service)
 
@@ -181,32 +180,30 @@ def parse_authorization(header: str, amz_date: str | None) -> Claim:
     Signature=…`` header, with the request's ``X-Amz-Date`` (or ``Date``)."""
     algorithm, _, rest = header.strip().partition(" ")
     if algorithm != ALGORITHM:
-        raise SignatureError(
-            "AuthorizationHeaderMalformed", f"unsupported algorithm {algorithm!r}", 400
-        )
+        raise S3Error("AuthorizationHeaderMalformed", f"unsupported algorithm {algorithm!r}", 400)
     fields: dict[str, str] = {}
     for item in rest.split(","):
         name, eq, value = item.strip().partition("=")
         if not eq:
-            raise SignatureError("AuthorizationHeaderMalformed", f"bad field {item!r}", 400)
+            raise S3Error("AuthorizationHeaderMalformed", f"bad field {item!r}", 400)
         fields[name] = value
     try:
         credential = Credential.parse(fields["Credential"])
         signed = tuple(fields["SignedHeaders"].split(";"))
         sig = fields["Signature"]
     except KeyError as exc:
-        raise SignatureError(
+        raise S3Error(
             "AuthorizationHeaderMalformed", f"the Authorization header lacks {exc}", 400
         ) from None
     if amz_date is None:
-        raise SignatureError("AccessDenied", "the request has no X-Amz-Date")
+        raise S3Error("AccessDenied", "the request has no X-Amz-Date")
     return Claim(credential, amz_date, signed, sig)
 
 
 def parse_presigned(query: Mapping[str, str]) -> Claim:
     """The ``X-Amz-*`` parameters of a presigned URL."""
     if query.get("X-Amz-Algorithm") != ALGORITHM:
-        raise SignatureError(
+        raise S3Error(
             "AuthorizationQueryParametersError", "X-Amz-Algorithm must be AWS4-HMAC-SHA256", 400
         )
     try:
@@ -216,11 +213,11 @@ def parse_presigned(query: Mapping[str, str]) -> Claim:
         sig = query["X-Amz-Signature"]
         expires = int(query["X-Amz-Expires"])
     except (KeyError, ValueError) as exc:
-        raise SignatureError(
+        raise S3Error(
             "AuthorizationQueryParametersError", f"a presigned URL lacks or garbles {exc}", 400
         ) from None
     if not 0 < expires <= MAX_EXPIRES:
-        raise SignatureError(
+        raise S3Error(
             "AuthorizationQueryParametersError",
             f"X-Amz-Expires must be between 1 and {MAX_EXPIRES} seconds",
             400,
@@ -232,7 +229,7 @@ def request_time(amz_date: str) -> float:
     try:
         when = datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     except ValueError:
-        raise SignatureError("AccessDenied", f"a malformed X-Amz-Date: {amz_date!r}") from None
+        raise S3Error("AccessDenied", f"a malformed X-Amz-Date: {amz_date!r}") from None
     return when.timestamp()
 
 
@@ -275,41 +272,39 @@ def verify(
     else:
         auth = headers.get("authorization")
         if not auth:
-            raise SignatureError("AccessDenied", "the request is not signed")
+            raise S3Error("AccessDenied", "the request is not signed")
         date = headers.get("x-amz-date") or headers.get("date")
         claim = parse_authorization(auth[0], date[0] if date else None)
         signed_query = list(query)
         sha = headers.get("x-amz-content-sha256")
         payload = sha[0] if sha else EMPTY_SHA256
         if payload not in (UNSIGNED, STREAMING) and not _is_sha256(payload):
-            raise SignatureError(
-                "InvalidArgument", "x-amz-content-sha256 must be a SHA-256 in hex", 400
-            )
+            raise S3Error("InvalidArgument", "x-amz-content-sha256 must be a SHA-256 in hex", 400)
     credential = claim.credential
     if "host" not in claim.signed_headers:
-        raise SignatureError("AccessDenied", "the Host header must be signed")
+        raise S3Error("AccessDenied", "the Host header must be signed")
     if credential.service != "s3" or credential.region != region:
-        raise SignatureError(
+        raise S3Error(
             "AuthorizationHeaderMalformed",
             f"the credential is for {credential.region}/{credential.service}; this is {region}/s3",
             400,
         )
     when = request_time(claim.amz_date)
     if claim.amz_date[:8] != credential.date:
-        raise SignatureError("SignatureDoesNotMatch", "the credential's date is not the request's")
+        raise S3Error("SignatureDoesNotMatch", "the credential's date is not the request's")
     if claim.expires is None:
         if abs(now - when) > MAX_SKEW:
-            raise SignatureError(
+            raise S3Error(
                 "RequestTimeTooSkewed",
                 "the difference between the request time and the server's time is too large",
             )
     elif now > when + claim.expires:
-        raise SignatureError("AccessDenied", "Request has expired")
+        raise S3Error("AccessDenied", "Request has expired")
     elif when - now > MAX_SKEW:
-        raise SignatureError("AccessDenied", "the presigned URL is dated in the future")
+        raise S3Error("AccessDenied", "the presigned URL is dated in the future")
     secret = secret_of(credential.access_key)
     if secret is None:
-        raise SignatureError(
+        raise S3Error(
             "InvalidAccessKeyId", "the access key ID you provided does not exist in our records"
         )
     key = signing_key(secret, credential.date, credential.region, credential.service)
@@ -318,7 +313,7 @@ def verify(
     )
     expected = signature(key, string_to_sign(claim.amz_date, credential.scope, request))
     if not hmac.compare_digest(expected, claim.signature):
-        raise SignatureError(
+        raise S3Error(
             "SignatureDoesNotMatch",
             "the request signature we calculated does not match the signature you provided",
         )

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from dstore.s3.chunked import Decoded, decode
-from dstore.s3.sigv4 import SignatureError, Verified, scope, signing_key
+from dstore.s3.sigv4 import S3Error, Verified, scope, signing_key
 
 SEED = "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9"
 SIGNATURES = [
@@ -59,21 +59,21 @@ async def test_awss_streaming_example_decodes_in_pieces_of_any_size(seed: int) -
 async def test_a_flipped_byte_or_a_wrong_signature_is_refused() -> None:
     data = bytearray(body())
     data[100] = ord("b")
-    with pytest.raises(SignatureError) as caught:
+    with pytest.raises(S3Error) as caught:
         await collect(pieces(bytes(data), 1), signed=SIGNED, decoded_length=None)
     assert caught.value.code == "SignatureDoesNotMatch"
     wrong = body([SIGNATURES[0], "0" * 64, SIGNATURES[2]])
-    with pytest.raises(SignatureError, match="signature"):
+    with pytest.raises(S3Error, match="signature"):
         await collect(pieces(wrong, 2), signed=SIGNED, decoded_length=None)
 
 
 async def test_a_cut_or_overlong_body_is_refused() -> None:
-    with pytest.raises(SignatureError) as caught:
+    with pytest.raises(S3Error) as caught:
         await collect(pieces(body()[:40000], 3), signed=SIGNED, decoded_length=None)
     assert caught.value.code == "IncompleteBody"
-    with pytest.raises(SignatureError, match="decoded"):
+    with pytest.raises(S3Error, match="decoded"):
         await collect(pieces(body(), 3), signed=SIGNED, decoded_length=66561)
-    with pytest.raises(SignatureError, match="malformed"):
+    with pytest.raises(S3Error, match="malformed"):
         await collect(pieces(b"zz;chunk-signature=x\r\n", 3), signed=SIGNED, decoded_length=None)
 
 

@@ -15,7 +15,7 @@ from dstore.s3.sigv4 import (
     MAX_SKEW,
     STREAMING,
     UNSIGNED,
-    SignatureError,
+    S3Error,
     canonical_request,
     chunk_signature,
     request_time,
@@ -223,7 +223,7 @@ def test_verify_refuses(change: str, code: str) -> None:
         region = "eu-west-1"
     elif change == "unsigned":
         del headers["authorization"]
-    with pytest.raises(SignatureError) as caught:
+    with pytest.raises(S3Error) as caught:
         verify(method, "/test.txt", [], headers, secrets, now=now, region=region)
     assert caught.value.code == code
 
@@ -231,10 +231,10 @@ def test_verify_refuses(change: str, code: str) -> None:
 def test_a_presigned_url_expires_and_lives_at_most_a_week() -> None:
     presigned = [*PRESIGNED, ("X-Amz-Signature", PRESIGNED_SIGNATURE)]
     headers = h(host="examplebucket.s3.amazonaws.com")
-    with pytest.raises(SignatureError, match="expired"):
+    with pytest.raises(S3Error, match="expired"):
         verify("GET", "/test.txt", presigned, headers, secrets, now=NOW + 86401,
                region="us-east-1")  # fmt: skip
     week = [(k, "604801" if k == "X-Amz-Expires" else v) for k, v in presigned]
-    with pytest.raises(SignatureError) as caught:
+    with pytest.raises(S3Error) as caught:
         verify("GET", "/test.txt", week, headers, secrets, now=NOW, region="us-east-1")
     assert caught.value.code == "AuthorizationQueryParametersError"
