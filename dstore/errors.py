@@ -93,6 +93,30 @@ class BucketNotEmpty(DstoreError):
     code = "bucket_not_empty"
 
 
+class NoSuchUpload(DstoreError):
+    """An S3 multipart upload that was never begun, or is completed, aborted or expired."""
+
+    code = "no_such_upload"
+
+
+class InvalidPart(DstoreError):
+    """A multipart completion names a part not uploaded, or with another ETag."""
+
+    code = "invalid_part"
+
+
+class EntityTooSmall(DstoreError):
+    """A multipart upload's part, not its last, under the 5 MiB S3 asks for."""
+
+    code = "entity_too_small"
+
+
+class MetadataTooLarge(DstoreError):
+    """More user metadata (``x-amz-meta-*``) than a version keeps."""
+
+    code = "metadata_too_large"
+
+
 class Fenced(DstoreError):
     """A delete under a leadership epoch older than the newest the node has heard of: the
     gateway asking no longer leads."""

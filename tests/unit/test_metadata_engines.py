@@ -17,9 +17,12 @@ from dstore.errors import (
     BucketNotEmpty,
     ConfigError,
     Conflict,
+    EntityTooSmall,
     FileNotFound,
     IllegalTransition,
+    InvalidPart,
     NoSuchBucket,
+    NoSuchUpload,
     PreconditionFailed,
 )
 from dstore.master.metadata import (
@@ -527,3 +530,113 @@ async def test_buckets_are_made_once_and_deleted_only_empty(make_engine: Engine)
     assert not await a.bucket_exists("photos")
     with pytest.raises(NoSuchBucket):
         await a.delete_bucket("photos")
+
+
+async def _part(meta: MetadataStore, upload: str, number: int, chunks: int, etag: str) -> int:
+    version_id = await pending(meta, "b/big", chunks)
+    await meta.seal_part(upload, number, version_id, 10 * chunks, etag)
+    return version_id
+
+
+async def test_a_multipart_upload_completes_by_moving_its_parts_chunks(
+    make_engine: Engine,
+) -> None:
+    a, b = await make_engine(), await make_engine()
+    made = await a.create_multipart("u1", "b/big", "text/plain\nx-amz-meta-a: 1", 3600)
+    assert (await b.multipart("u1")) == made
+    await _part(a, "u1", 2, 2, '"p2"')
+    replaced = await _part(b, "u1", 1, 1, '"old"')
+    first = await _part(a, "u1", 1, 3, '"p1"')  # (uploaded again: the old part is dropped)
+    skipped = await _part(b, "u1", 5, 1, '"p5"')
+    assert [(p.number, p.size, p.etag) for p in await a.parts("u1", 0, 10)] == [
+        (1, 30, '"p1"'),
+        (2, 20, '"p2"'),
+        (5, 10, '"p5"'),
+    ]
+    assert [p.number for p in await b.parts("u1", 1, 1)] == [2]
+    assert {v for v in await a.version_ids(state=VersionState.DEAD)} == {replaced}
+    result = await b.complete_multipart("u1", "b/big", [(1, "p1"), (2, '"p2"')], '"x-2"', 20)
+    version = await a.lookup("b/big")
+    assert version.version_id == result.version.version_id and result.chunks == 5
+    assert version.size == 50 and version.etag == '"x-2"'
+    assert version.content_type == "text/plain\nx-amz-meta-a: 1"
+    assert [(c.index, c.offset) for c in version.chunks] == [(i, 10 * i) for i in range(5)]
+    dead = set(await a.version_ids(state=VersionState.DEAD))
+    assert {replaced, first, skipped} <= dead  # (the part not listed: its chunks reclaimed)
+    assert [c.chunk_id for c in await a.dead_chunks(0, 10) if c.version_id == first] == []
+    assert {c.version_id for c in await a.dead_chunks(0, 10)} == {replaced, skipped}
+    with pytest.raises(NoSuchUpload):
+        await a.multipart("u1")
+    with pytest.raises(NoSuchUpload):
+        await b.complete_multipart("u1", "b/big", [(1, "p1")], '"x-1"', 0)
+
+
+async def test_a_completion_is_refused_for_wrong_or_small_parts(make_engine: Engine) -> None:
+    a = await make_engine()
+    await a.create_multipart("u2", "b/big", "", 3600)
+    await _part(a, "u2", 1, 1, '"p1"')
+    await _part(a, "u2", 2, 1, '"p2"')
+    with pytest.raises(InvalidPart):
+        await a.complete_multipart("u2", "b/big", [(1, "p1"), (3, "p3")], '"x"', 0)
+    with pytest.raises(InvalidPart):
+        await a.complete_multipart("u2", "b/big", [(1, "p1"), (2, "wrong")], '"x"', 0)
+    with pytest.raises(EntityTooSmall):  # (10 bytes, not the last)
+        await a.complete_multipart("u2", "b/big", [(1, "p1"), (2, "p2")], '"x"', 11)
+    with pytest.raises(NoSuchUpload):  # (another name's upload)
+        await a.complete_multipart("u2", "b/other", [(1, "p1")], '"x"', 0)
+    with pytest.raises(FileNotFound):
+        await a.lookup("b/big")
+    # refused completions changed nothing: it still completes
+    await a.complete_multipart("u2", "b/big", [(1, "p1"), (2, "p2")], '"x"', 10)
+    assert (await a.lookup("b/big")).size == 20
+
+
+async def test_abort_and_expiry_end_an_upload_and_reclaim_its_parts(make_engine: Engine) -> None:
+    a, b = await make_engine(), await make_engine()
+    await a.create_multipart("gone", "b/big", "", 3600)
+    aborted = await _part(a, "gone", 1, 2, '"p"')
+    await b.abort_multipart("gone")
+    with pytest.raises(NoSuchUpload):
+        await a.parts("gone", 0, 10)
+    with pytest.raises(NoSuchUpload):
+        await a.abort_multipart("gone")
+    late = await pending(a, "b/big")
+    with pytest.raises(NoSuchUpload):  # a part finished after the abort: its caller aborts it
+        await a.seal_part("gone", 2, late, 10, '"late"')
+    assert aborted in await a.version_ids(state=VersionState.DEAD)
+    # an upload given 0.3 s: its part's lease ends with it, and the reaper's expiry takes both
+    await a.create_multipart("short", "b/s", "", 0.3)
+    await a.create_multipart("long", "b/l", "", 3600)
+    part = await _part(a, "short", 1, 1, '"p"')
+    assert [u.upload_id for u in await b.multipart_uploads("b/", ("", ""), 10)] == [
+        "long",
+        "short",
+    ]
+    assert [u.upload_id for u in await b.multipart_uploads("b/s", ("", ""), 10)] == ["short"]
+    assert [u.upload_id for u in await b.multipart_uploads("", ("b/l", "long"), 10)] == ["short"]
+    assert part not in await a.expire_leases()
+
+    async def expired() -> bool:
+        return part in await b.expire_leases()
+
+    await wait_for(expired, timeout=5)
+    with pytest.raises(NoSuchUpload):
+        await a.multipart("short")
+    assert [u.upload_id for u in await b.multipart_uploads("", ("", ""), 10)] == ["long"]
+
+
+async def test_parts_sealed_at_once_leave_one_per_number(make_engine: Engine) -> None:
+    """Two gateways storing part 1 at once, many times: one part stays per number, every
+    other version is given up, and the completion has exactly the sealed part's chunks."""
+    a, b = await make_engine(), await make_engine()
+    await a.create_multipart("race", "b/big", "", 3600)
+    versions = [await pending(x, "b/big", 2) for x in (a, b) * 4]
+    await asyncio.gather(
+        *((a, b)[i % 2].seal_part("race", 1, v, 20, f'"v{v}"') for i, v in enumerate(versions))
+    )
+    (kept,) = await a.parts("race", 0, 10)
+    pending_now = set(await a.version_ids(state=VersionState.PENDING))
+    assert pending_now & set(versions) == {kept.version_id}
+    result = await b.complete_multipart("race", "b/big", [(1, kept.etag)], '"r"', 0)
+    assert result.version.version_id in set(await a.version_ids(state=VersionState.LIVE))
+    assert len((await a.lookup("b/big")).chunks) == 2

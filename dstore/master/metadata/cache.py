@@ -40,6 +40,8 @@ from dstore.master.metadata.model import (
     Leadership,
     MemberRecord,
     MemberState,
+    MultipartUpload,
+    Part,
     Purged,
     VersionState,
     WorkRequest,
@@ -432,6 +434,41 @@ class CachedMetadataStore(MetadataStore):
 
     async def bucket_exists(self, name: str) -> bool:
         return await self.engine.bucket_exists(name)
+
+    async def create_multipart(
+        self, upload_id: str, name: str, content_type: str, expiry: float
+    ) -> MultipartUpload:
+        return await self.engine.create_multipart(upload_id, name, content_type, expiry)
+
+    async def multipart(self, upload_id: str) -> MultipartUpload:
+        return await self.engine.multipart(upload_id)
+
+    async def seal_part(
+        self, upload_id: str, number: int, version_id: int, size: int, etag: str
+    ) -> None:
+        await self.engine.seal_part(upload_id, number, version_id, size, etag)
+
+    async def parts(self, upload_id: str, after: int, limit: int) -> list[Part]:
+        return await self.engine.parts(upload_id, after, limit)
+
+    async def multipart_uploads(
+        self, prefix: str, after: tuple[str, str], limit: int
+    ) -> list[MultipartUpload]:
+        return await self.engine.multipart_uploads(prefix, after, limit)
+
+    async def complete_multipart(
+        self,
+        upload_id: str,
+        name: str,
+        parts: Sequence[tuple[int, str]],
+        etag: str,
+        min_part: int,
+    ) -> CommitResult:
+        call = self.engine.complete_multipart(upload_id, name, parts, etag, min_part)
+        return await self._write_of(name, call, keeps=False)
+
+    async def abort_multipart(self, upload_id: str) -> None:
+        await self.engine.abort_multipart(upload_id)
 
     async def request_work(self, request: WorkRequest) -> None:
         await self.engine.request_work(request)

@@ -25,6 +25,8 @@ from dstore.master.metadata.model import (
     Leadership,
     MemberRecord,
     MemberState,
+    MultipartUpload,
+    Part,
     Purged,
     VersionState,
     WorkRequest,
@@ -56,7 +58,8 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def renew_leases(self, version_ids: Sequence[int], lease: float) -> None:
-        """Extend the leases of uploads still pending to ``lease`` seconds from now."""
+        """Extend the leases of uploads still pending to ``lease`` seconds from now (never
+        shortening one: a multipart upload's part holds the upload's)."""
 
     @abc.abstractmethod
     async def add_chunk(self, version_id: int, intent: ChunkIntent) -> None:
@@ -173,7 +176,9 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def expire_leases(self) -> list[int]:
-        """Abort pending versions whose lease ran out (on the engine's clock); their ids."""
+        """Abort pending versions whose lease ran out (on the engine's clock), and end
+        the multipart uploads that expired (their parts' leases run out with them); the
+        versions' ids."""
 
     @abc.abstractmethod
     async def dead_chunks(self, settle: float, limit: int) -> list[DeadChunk]:
@@ -221,6 +226,63 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def bucket_exists(self, name: str) -> bool: ...
+
+    # --- S3 multipart uploads --------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_multipart(
+        self, upload_id: str, name: str, content_type: str, expiry: float
+    ) -> MultipartUpload:
+        """Begin a multipart upload of ``name``, given up ``expiry`` seconds from now
+        unless completed or aborted first."""
+
+    @abc.abstractmethod
+    async def multipart(self, upload_id: str) -> MultipartUpload:
+        """An upload in progress, or ``NoSuchUpload`` (never begun, or completed, aborted
+        or expired)."""
+
+    @abc.abstractmethod
+    async def seal_part(
+        self, upload_id: str, number: int, version_id: int, size: int, etag: str
+    ) -> None:
+        """A pending version, stored whole, becomes part ``number`` of the upload: it
+        stays pending until the upload completes or expires (its lease runs to the
+        upload's expiry). A part stored before under that number is given up.
+        ``NoSuchUpload`` if the upload is not in progress (the caller aborts the
+        version); ``Conflict`` if the version is no longer pending."""
+
+    @abc.abstractmethod
+    async def parts(self, upload_id: str, after: int, limit: int) -> list[Part]:
+        """An upload's parts numbered above ``after``, in order, at most ``limit``;
+        ``NoSuchUpload`` as for ``multipart``."""
+
+    @abc.abstractmethod
+    async def multipart_uploads(
+        self, prefix: str, after: tuple[str, str], limit: int
+    ) -> list[MultipartUpload]:
+        """Uploads in progress of names starting with ``prefix``, in (name, upload id)
+        order after ``after``, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def complete_multipart(
+        self,
+        upload_id: str,
+        name: str,
+        parts: Sequence[tuple[int, str]],
+        etag: str,
+        min_part: int,
+    ) -> CommitResult:
+        """Make the upload's object, in one transaction: a new version of ``name`` whose
+        chunks are the chunks of the listed parts ((number, ETag), in ascending order),
+        moved to it in that order, not copied; it becomes current as a commit does. The
+        parts not listed are given up, and the upload ends. ``NoSuchUpload`` if it is not
+        in progress for ``name``; ``InvalidPart`` for a part not stored or with another
+        ETag; ``EntityTooSmall`` for a part but the last under ``min_part`` bytes."""
+
+    @abc.abstractmethod
+    async def abort_multipart(self, upload_id: str) -> None:
+        """End an upload and give up its parts (their chunks are reclaimed);
+        ``NoSuchUpload`` as for ``multipart``."""
 
     # --- work for the leader ---------------------------------------------------------------
 

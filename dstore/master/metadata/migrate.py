@@ -37,6 +37,8 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("identities", ("addr", "node_id")),
     ("members", ("addr", "state")),
     ("buckets", ("name", "created")),
+    ("uploads", ("id", "name", "content_type", "created", "expires")),
+    ("parts", ("upload_id", "number", "version_id", "size", "etag", "created")),
     # (repair requests not yet taken; pins, check-ins and job state are only ever fresh)
     ("work", ("kind", "chunk_id", "node_id", "reason")),
 )

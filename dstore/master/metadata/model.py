@@ -99,6 +99,29 @@ class FileInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class MultipartUpload:
+    """An S3 multipart upload in progress: the name it completes, and the content headers
+    its object will have (as ``FileVersion.content_type``)."""
+
+    upload_id: str
+    name: str
+    content_type: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """A multipart upload's part: a pending version of the upload's name, stored whole,
+    whose chunks become the object's when the upload completes."""
+
+    number: int
+    version_id: int
+    size: int
+    etag: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
 class DeadChunk:
     version_id: int
     chunk_id: str

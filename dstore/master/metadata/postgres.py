@@ -30,6 +30,7 @@ from dstore.errors import (
     FileNotFound,
     MetadataUnavailable,
     NoSuchBucket,
+    NoSuchUpload,
     OutOfSpace,
     PreconditionFailed,
 )
@@ -48,6 +49,8 @@ from dstore.master.metadata.model import (
     Leadership,
     MemberRecord,
     MemberState,
+    MultipartUpload,
+    Part,
     Purged,
     VersionState,
     WorkRequest,
@@ -57,11 +60,13 @@ from dstore.master.metadata.sql import (
     CHECK_IN,
     CREATE_BUCKET,
     FORGET_GATEWAYS,
+    MULTIPART_TABLES,
     PINNED,
     REQUEST_WORK,
     SAVE_JOB,
     SEEN,
     TAKE_WORK,
+    chosen_parts,
     lead_statement,
     pin_statement,
     prefix_end,
@@ -299,6 +304,10 @@ MIGRATIONS: tuple[str, ...] = (
         created     DOUBLE PRECISION NOT NULL
     );
     """,
+    # 6: S3 multipart uploads and their parts
+    MULTIPART_TABLES.format(
+        collate='COLLATE "C"', real="DOUBLE PRECISION", integer="BIGINT", rowid=""
+    ),
 )
 LATEST = len(MIGRATIONS)
 
@@ -475,7 +484,7 @@ class PostgresMetadataStore(MetadataStore):
     async def renew_leases(self, version_ids: Sequence[int], lease: float) -> None:
         async def tx(con: Tx) -> None:
             await con.execute(
-                f"UPDATE versions SET lease_expires = {_NOW} + $1"
+                f"UPDATE versions SET lease_expires = GREATEST(lease_expires, {_NOW} + $1)"
                 f" WHERE id = ANY($2::bigint[]) AND state = '{PENDING}'",
                 lease,
                 list(version_ids),
@@ -767,6 +776,11 @@ class PostgresMetadataStore(MetadataStore):
                 f"UPDATE versions SET state = '{DEAD}', dead_since = {_NOW}, lease_expires = NULL"
                 f" WHERE state = '{PENDING}' AND lease_expires < {_NOW} RETURNING id"
             )
+            await con.execute(
+                "DELETE FROM parts WHERE upload_id IN"
+                f" (SELECT id FROM uploads WHERE expires <= {_NOW})"
+            )
+            await con.execute(f"DELETE FROM uploads WHERE expires <= {_NOW}")
             return sorted(int(r["id"]) for r in rows)
 
         return await self._tx(tx)
@@ -854,6 +868,166 @@ class PostgresMetadataStore(MetadataStore):
             return await con.fetchval("SELECT 1 FROM buckets WHERE name = $1", name) is not None
 
         return await self._tx(tx, read=True)
+
+    # --- S3 multipart uploads --------------------------------------------------------------
+
+    async def create_multipart(
+        self, upload_id: str, name: str, content_type: str, expiry: float
+    ) -> MultipartUpload:
+        async def tx(con: Tx) -> MultipartUpload:
+            created = await con.fetchval(
+                "INSERT INTO uploads (id, name, content_type, created, expires)"
+                f" VALUES ($1, $2, $3, {_NOW}, {_NOW} + $4) RETURNING created",
+                upload_id,
+                name,
+                content_type,
+                expiry,
+            )
+            return MultipartUpload(upload_id, name, content_type, float(created))
+
+        return await self._tx(tx, durable=True)
+
+    async def multipart(self, upload_id: str) -> MultipartUpload:
+        async def tx(con: Tx) -> MultipartUpload:
+            return (await _upload(con, upload_id))[0]
+
+        return await self._tx(tx, read=True)
+
+    async def seal_part(
+        self, upload_id: str, number: int, version_id: int, size: int, etag: str
+    ) -> None:
+        async def tx(con: Tx) -> None:
+            # (the upload's row locked: its seals, completion and abort take turns)
+            _, expires = await _upload(con, upload_id, lock=True)
+            sealed = await con.fetchval(
+                "UPDATE versions SET size = $1, etag = $2, lease_expires = $3"
+                f" WHERE id = $4 AND state = '{PENDING}' RETURNING id",
+                size,
+                etag,
+                expires,
+                version_id,
+            )
+            if sealed is None:
+                raise Conflict(f"part {number}'s version {version_id} is no longer pending")
+            before = await con.fetchval(
+                "SELECT version_id FROM parts WHERE upload_id = $1 AND number = $2",
+                upload_id,
+                number,
+            )
+            if before is not None:
+                await _kill(con, before, PENDING)
+            await con.execute(
+                "INSERT INTO parts (upload_id, number, version_id, size, etag, created)"
+                f" VALUES ($1, $2, $3, $4, $5, {_NOW}) ON CONFLICT (upload_id, number) DO UPDATE"
+                " SET version_id = excluded.version_id, size = excluded.size,"
+                " etag = excluded.etag, created = excluded.created",
+                upload_id,
+                number,
+                version_id,
+                size,
+                etag,
+            )
+
+        await self._tx(tx, durable=True)
+
+    async def parts(self, upload_id: str, after: int, limit: int) -> list[Part]:
+        async def tx(con: Tx) -> list[Part]:
+            await _upload(con, upload_id)
+            rows = await con.fetch(
+                "SELECT number, version_id, size, etag, created FROM parts"
+                " WHERE upload_id = $1 AND number > $2 ORDER BY number LIMIT $3",
+                upload_id,
+                after,
+                limit,
+            )
+            return [Part(r[0], int(r[1]), int(r[2]), r[3], float(r[4])) for r in rows]
+
+        return await self._tx(tx, read=True)
+
+    async def multipart_uploads(
+        self, prefix: str, after: tuple[str, str], limit: int
+    ) -> list[MultipartUpload]:
+        end = prefix_end(prefix) if prefix else None
+
+        async def tx(con: Tx) -> list[MultipartUpload]:
+            rows = await con.fetch(
+                "SELECT id, name, content_type, created FROM uploads"
+                f" WHERE name >= $1 AND ($2::text IS NULL OR name < $2) AND expires > {_NOW}"
+                " AND (name, id) > ($3, $4) ORDER BY name, id LIMIT $5",
+                prefix,
+                end,
+                after[0],
+                after[1],
+                limit,
+            )
+            return [MultipartUpload(r[0], r[1], r[2], float(r[3])) for r in rows]
+
+        return await self._tx(tx, read=True)
+
+    async def complete_multipart(
+        self,
+        upload_id: str,
+        name: str,
+        parts: Sequence[tuple[int, str]],
+        etag: str,
+        min_part: int,
+    ) -> CommitResult:
+        async def tx(con: Tx) -> CommitResult:
+            upload, _ = await _upload(con, upload_id, name, lock=True)
+            rows = await con.fetch(
+                "SELECT number, version_id, size, etag FROM parts WHERE upload_id = $1",
+                upload_id,
+            )
+            stored = {r[0]: (int(r[1]), int(r[2]), r[3]) for r in rows}
+            chosen = chosen_parts(upload_id, stored, parts, min_part)
+            version_id = await con.fetchval(
+                "INSERT INTO versions (name, state, content_type, created, lease_expires)"
+                f" VALUES ($1, '{PENDING}', $2, {_NOW}, {_NOW} + 60) RETURNING id",
+                name,
+                upload.content_type,
+            )
+            index = offset = 0
+            for part_version, size in chosen:  # its chunks become the object's, in order
+                moved = await con.execute(
+                    "UPDATE chunks SET version_id = $1, idx = idx + $2,"
+                    " first_byte = first_byte + $3 WHERE version_id = $4",
+                    version_id,
+                    index,
+                    offset,
+                    part_version,
+                )
+                index += int(moved.rpartition(" ")[2])
+                offset += size
+            await con.execute(
+                f"UPDATE versions SET state = '{DEAD}', dead_since = {_NOW}, lease_expires = NULL"
+                f" WHERE id = ANY($1::bigint[]) AND state = '{PENDING}'",
+                [v for v, _, _ in stored.values()],
+            )
+            await _end_upload(con, upload_id)
+            row = await con.fetchrow(
+                "SELECT * FROM dstore_commit($1, $2, $3, FALSE, NULL)", version_id, offset, etag
+            )
+            _refused(name, row["outcome"])
+            version = FileVersion(
+                name, version_id, offset, etag, row["content_type"], row["created"]
+            )
+            replaced = None if row["replaced"] is None else int(row["replaced"])
+            return CommitResult(version, replaced, index)
+
+        return await self._tx(tx, durable=True)
+
+    async def abort_multipart(self, upload_id: str) -> None:
+        async def tx(con: Tx) -> None:
+            await _upload(con, upload_id, lock=True)
+            await con.execute(
+                f"UPDATE versions SET state = '{DEAD}', dead_since = {_NOW}, lease_expires = NULL"
+                f" WHERE id IN (SELECT version_id FROM parts WHERE upload_id = $1)"
+                f" AND state = '{PENDING}'",
+                upload_id,
+            )
+            await _end_upload(con, upload_id)
+
+        await self._tx(tx, durable=True)
 
     async def request_work(self, request: WorkRequest) -> None:
         sql = REQUEST_WORK.format(marks="$1, $2, $3, $4")
@@ -1108,6 +1282,26 @@ def _version(row: Any) -> FileVersion:
 
 def _match_json(if_match: Sequence[str] | None) -> str | None:
     return None if if_match is None else orjson.dumps(list(if_match)).decode()
+
+
+async def _upload(
+    con: Tx, upload_id: str, name: str | None = None, *, lock: bool = False
+) -> tuple[MultipartUpload, float]:
+    """A multipart upload in progress (for ``name``, if given) and its expiry, or
+    ``NoSuchUpload``; ``lock``: its row locked for the transaction."""
+    row = await con.fetchrow(
+        "SELECT id, name, content_type, created, expires FROM uploads"
+        f" WHERE id = $1 AND expires > {_NOW}" + (" FOR UPDATE" if lock else ""),
+        upload_id,
+    )
+    if row is None or (name is not None and row[1] != name):
+        raise NoSuchUpload(f"no multipart upload {upload_id!r} in progress")
+    return MultipartUpload(row[0], row[1], row[2], float(row[3])), float(row[4])
+
+
+async def _end_upload(con: Tx, upload_id: str) -> None:
+    await con.execute("DELETE FROM parts WHERE upload_id = $1", upload_id)
+    await con.execute("DELETE FROM uploads WHERE id = $1", upload_id)
 
 
 def _refused(name: str, outcome: str) -> None:

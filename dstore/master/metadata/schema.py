@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 
 from dstore.errors import ConfigError
+from dstore.master.metadata.sql import MULTIPART_TABLES
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: files, versions, chunks, inline bodies, replicas, node identities and members
@@ -107,6 +108,8 @@ MIGRATIONS: tuple[str, ...] = (
         created     REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 6: S3 multipart uploads and their parts
+    MULTIPART_TABLES.format(collate="", real="REAL", integer="INTEGER", rowid=" WITHOUT ROWID"),
 )
 
 LATEST = len(MIGRATIONS)

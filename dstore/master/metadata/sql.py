@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dstore.errors import PreconditionFailed
+from dstore.errors import EntityTooSmall, InvalidPart, PreconditionFailed
 
 
 def prefix_end(prefix: str) -> str | None:
@@ -56,6 +56,51 @@ CREATE_BUCKET = (
 )
 # a live file in the bucket (names from "B/" up to the first name past every "B/…")
 BUCKET_HOLDS = "SELECT 1 FROM files WHERE name >= {low} AND name < {high} LIMIT 1"
+
+# S3 multipart uploads and their parts (a part is a pending version of the upload's name)
+MULTIPART_TABLES = """
+    CREATE TABLE uploads (
+        id            TEXT PRIMARY KEY,
+        name          TEXT {collate} NOT NULL,
+        content_type  TEXT NOT NULL,
+        created       {real} NOT NULL,
+        expires       {real} NOT NULL
+    ){rowid};
+    CREATE INDEX uploads_name ON uploads (name, id);
+    CREATE INDEX uploads_expires ON uploads (expires);
+    CREATE TABLE parts (
+        upload_id     TEXT NOT NULL,
+        number        INTEGER NOT NULL,
+        version_id    {integer} NOT NULL,
+        size          {integer} NOT NULL,
+        etag          TEXT NOT NULL,
+        created       {real} NOT NULL,
+        PRIMARY KEY (upload_id, number)
+    ){rowid};
+"""
+
+
+def chosen_parts(
+    upload_id: str,
+    stored: dict[int, tuple[int, int, str]],
+    listed: Sequence[tuple[int, str]],
+    min_part: int,
+) -> list[tuple[int, int]]:
+    """(version id, size) of the parts a completion lists, in its order, checked against
+    the parts stored (number → (version id, size, ETag)): ``InvalidPart`` for one not
+    stored or stored with another ETag, ``EntityTooSmall`` for one but the last under
+    ``min_part`` bytes. (ETags compare without their quotes, which clients may drop.)"""
+    chosen: list[tuple[int, int]] = []
+    for number, etag in listed:
+        found = stored.get(number)
+        if found is None or found[2].strip('"') != etag.strip().strip('"'):
+            raise InvalidPart(f"part {number} of upload {upload_id} is not stored with that ETag")
+        chosen.append((found[0], found[1]))
+    for (number, _), (_, size) in zip(listed[:-1], chosen[:-1], strict=True):
+        if size < min_part:
+            raise EntityTooSmall(f"part {number} is {size} bytes; all but the last need {min_part}")
+    return chosen
+
 
 REQUEST_WORK = "INSERT INTO work (kind, chunk_id, node_id, reason) VALUES ({marks})"
 # (SKIP LOCKED on PostgreSQL: two takers at once each get their own requests)

@@ -23,6 +23,7 @@ from dstore.errors import (
     DstoreError,
     FileNotFound,
     NoSuchBucket,
+    NoSuchUpload,
     OutOfSpace,
     PreconditionFailed,
 )
@@ -40,6 +41,8 @@ from dstore.master.metadata.model import (
     Leadership,
     MemberRecord,
     MemberState,
+    MultipartUpload,
+    Part,
     Purged,
     VersionState,
     WorkRequest,
@@ -56,6 +59,7 @@ from dstore.master.metadata.sql import (
     SEEN,
     TAKE_WORK,
     check_etag,
+    chosen_parts,
     lead_statement,
     match_needs_etag,
     pin_statement,
@@ -208,7 +212,7 @@ class SQLiteMetadataStore(MetadataStore):
     async def renew_leases(self, version_ids: Sequence[int], lease: float) -> None:
         def tx(db: sqlite3.Connection) -> None:
             db.executemany(
-                f"UPDATE versions SET lease_expires = {_NOW} + ?"
+                f"UPDATE versions SET lease_expires = MAX(lease_expires, {_NOW} + ?)"
                 f" WHERE id = ? AND state = '{PENDING}'",
                 [(lease, version_id) for version_id in version_ids],
             )
@@ -242,37 +246,7 @@ class SQLiteMetadataStore(MetadataStore):
         keep_chunks: int = 0,
     ) -> CommitResult:
         def tx(db: sqlite3.Connection) -> CommitResult:
-            row = db.execute(
-                "SELECT name, content_type FROM versions WHERE id = ? AND state = ?",
-                (version_id, PENDING),
-            ).fetchone()
-            if row is None:
-                raise Conflict(f"upload {version_id} is no longer pending")
-            name, content_type = row
-            current = _current_pointer(db, name)
-            if current is not None and if_absent:
-                raise PreconditionFailed(f"{name!r} exists")
-            _check_match(db, name, current, if_match)
-            # pending -> live, guarded by the state read above
-            moved = db.execute(
-                f"UPDATE versions SET state = '{LIVE}', size = ?, etag = ?, created = {_NOW},"
-                " lease_expires = NULL WHERE id = ? AND state = ? RETURNING created",
-                (size, etag, version_id, PENDING),
-            ).fetchone()
-            if moved is None:
-                raise Conflict(f"upload {version_id} is no longer pending")
-            replaced = _point(db, name, version_id, current)
-            version = FileVersion(name, version_id, size, etag, content_type, moved[0])
-            # one read of the rows: a small file's chunk list (one more than asked for, at
-            # most) also counts its chunks; only a larger file is counted apart
-            refs = _chunk_refs(db, version_id, limit=keep_chunks + 1)
-            chunks = len(refs)
-            if chunks > keep_chunks:
-                (chunks,) = db.execute(
-                    "SELECT COUNT(*) FROM chunks WHERE version_id = ?", (version_id,)
-                ).fetchone()
-                return CommitResult(version, replaced, chunks)
-            return CommitResult(dataclasses.replace(version, chunks=refs), replaced, chunks, True)
+            return _commit(db, version_id, size, etag, if_absent, if_match, keep_chunks)
 
         return await self._submit(tx, durable=True)
 
@@ -454,6 +428,11 @@ class SQLiteMetadataStore(MetadataStore):
                 f"UPDATE versions SET state = '{DEAD}', dead_since = {_NOW}, lease_expires = NULL"
                 f" WHERE state = '{PENDING}' AND lease_expires < {_NOW} RETURNING id"
             ).fetchall()
+            db.execute(
+                "DELETE FROM parts WHERE upload_id IN"
+                f" (SELECT id FROM uploads WHERE expires <= {_NOW})"
+            )
+            db.execute(f"DELETE FROM uploads WHERE expires <= {_NOW}")
             return sorted(int(row[0]) for row in rows)
 
         return await self._submit(tx)
@@ -525,6 +504,131 @@ class SQLiteMetadataStore(MetadataStore):
     async def bucket_exists(self, name: str) -> bool:
         sql = "SELECT 1 FROM buckets WHERE name = ?"
         return await self._submit(lambda db: db.execute(sql, (name,)).fetchone()) is not None
+
+    # --- S3 multipart uploads --------------------------------------------------------------
+
+    async def create_multipart(
+        self, upload_id: str, name: str, content_type: str, expiry: float
+    ) -> MultipartUpload:
+        def tx(db: sqlite3.Connection) -> MultipartUpload:
+            (created,) = db.execute(
+                "INSERT INTO uploads (id, name, content_type, created, expires)"
+                f" VALUES (?, ?, ?, {_NOW}, {_NOW} + ?) RETURNING created",
+                (upload_id, name, content_type, expiry),
+            ).fetchone()
+            return MultipartUpload(upload_id, name, content_type, created)
+
+        return await self._submit(tx, durable=True)
+
+    async def multipart(self, upload_id: str) -> MultipartUpload:
+        return await self._submit(lambda db: _upload(db, upload_id))
+
+    async def seal_part(
+        self, upload_id: str, number: int, version_id: int, size: int, etag: str
+    ) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            (expires,) = db.execute(
+                "SELECT expires FROM uploads WHERE id = ?", (_upload(db, upload_id).upload_id,)
+            ).fetchone()
+            sealed = db.execute(
+                "UPDATE versions SET size = ?, etag = ?, lease_expires = ?"
+                f" WHERE id = ? AND state = '{PENDING}' RETURNING id",
+                (size, etag, expires, version_id),
+            ).fetchone()
+            if sealed is None:
+                raise Conflict(f"part {number}'s version {version_id} is no longer pending")
+            before = db.execute(
+                "SELECT version_id FROM parts WHERE upload_id = ? AND number = ?",
+                (upload_id, number),
+            ).fetchone()
+            if before is not None:
+                _kill(db, before[0], PENDING)
+            db.execute(
+                "INSERT INTO parts (upload_id, number, version_id, size, etag, created)"
+                f" VALUES (?, ?, ?, ?, ?, {_NOW}) ON CONFLICT (upload_id, number) DO UPDATE"
+                " SET version_id = excluded.version_id, size = excluded.size,"
+                " etag = excluded.etag, created = excluded.created",
+                (upload_id, number, version_id, size, etag),
+            )
+
+        await self._submit(tx, durable=True)
+
+    async def parts(self, upload_id: str, after: int, limit: int) -> list[Part]:
+        def tx(db: sqlite3.Connection) -> list[Part]:
+            _upload(db, upload_id)
+            rows = db.execute(
+                "SELECT number, version_id, size, etag, created FROM parts"
+                " WHERE upload_id = ? AND number > ? ORDER BY number LIMIT ?",
+                (upload_id, after, limit),
+            ).fetchall()
+            return [Part(*row) for row in rows]
+
+        return await self._submit(tx)
+
+    async def multipart_uploads(
+        self, prefix: str, after: tuple[str, str], limit: int
+    ) -> list[MultipartUpload]:
+        end = prefix_end(prefix) if prefix else None
+
+        def tx(db: sqlite3.Connection) -> list[MultipartUpload]:
+            rows = db.execute(
+                "SELECT id, name, content_type, created FROM uploads"
+                f" WHERE name >= ? AND (? IS NULL OR name < ?) AND expires > {_NOW}"
+                " AND (name > ? OR (name = ? AND id > ?)) ORDER BY name, id LIMIT ?",
+                (prefix, end, end, after[0], after[0], after[1], limit),
+            ).fetchall()
+            return [MultipartUpload(*row) for row in rows]
+
+        return await self._submit(tx)
+
+    async def complete_multipart(
+        self,
+        upload_id: str,
+        name: str,
+        parts: Sequence[tuple[int, str]],
+        etag: str,
+        min_part: int,
+    ) -> CommitResult:
+        def tx(db: sqlite3.Connection) -> CommitResult:
+            upload = _upload(db, upload_id, name)
+            stored = {
+                number: (version_id, size, tag)
+                for number, version_id, size, tag in db.execute(
+                    "SELECT number, version_id, size, etag FROM parts WHERE upload_id = ?",
+                    (upload_id,),
+                )
+            }
+            chosen = chosen_parts(upload_id, stored, parts, min_part)
+            (version_id,) = db.execute(
+                "INSERT INTO versions (name, state, content_type, created, lease_expires)"
+                f" VALUES (?, '{PENDING}', ?, {_NOW}, {_NOW} + 60) RETURNING id",
+                (name, upload.content_type),
+            ).fetchone()
+            index = offset = 0
+            for part_version, size in chosen:  # its chunks become the object's, in order
+                index += db.execute(
+                    "UPDATE chunks SET version_id = ?, idx = idx + ?, first_byte = first_byte + ?"
+                    " WHERE version_id = ?",
+                    (version_id, index, offset, part_version),
+                ).rowcount
+                offset += size
+            for part_version, _, _ in stored.values():
+                _kill(db, part_version, PENDING)  # (emptied, or not listed: reclaimed)
+            _end_upload(db, upload_id)
+            return _commit(db, version_id, offset, etag, False, None, 0)
+
+        return await self._submit(tx, durable=True)
+
+    async def abort_multipart(self, upload_id: str) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            _upload(db, upload_id)
+            for (part_version,) in db.execute(
+                "SELECT version_id FROM parts WHERE upload_id = ?", (upload_id,)
+            ).fetchall():
+                _kill(db, part_version, PENDING)
+            _end_upload(db, upload_id)
+
+        await self._submit(tx, durable=True)
 
     async def request_work(self, request: WorkRequest) -> None:
         sql = REQUEST_WORK.format(marks="?, ?, ?, ?")
@@ -755,6 +859,49 @@ def _chunk_refs(
     )
 
 
+def _commit(
+    db: sqlite3.Connection,
+    version_id: int,
+    size: int,
+    etag: str,
+    if_absent: bool,
+    if_match: Sequence[str] | None,
+    keep_chunks: int,
+) -> CommitResult:
+    """``MetadataStore.commit`` inside a transaction."""
+    row = db.execute(
+        "SELECT name, content_type FROM versions WHERE id = ? AND state = ?",
+        (version_id, PENDING),
+    ).fetchone()
+    if row is None:
+        raise Conflict(f"upload {version_id} is no longer pending")
+    name, content_type = row
+    current = _current_pointer(db, name)
+    if current is not None and if_absent:
+        raise PreconditionFailed(f"{name!r} exists")
+    _check_match(db, name, current, if_match)
+    # pending -> live, guarded by the state read above
+    moved = db.execute(
+        f"UPDATE versions SET state = '{LIVE}', size = ?, etag = ?, created = {_NOW},"
+        " lease_expires = NULL WHERE id = ? AND state = ? RETURNING created",
+        (size, etag, version_id, PENDING),
+    ).fetchone()
+    if moved is None:
+        raise Conflict(f"upload {version_id} is no longer pending")
+    replaced = _point(db, name, version_id, current)
+    version = FileVersion(name, version_id, size, etag, content_type, moved[0])
+    # one read of the rows: a small file's chunk list (one more than asked for, at
+    # most) also counts its chunks; only a larger file is counted apart
+    refs = _chunk_refs(db, version_id, limit=keep_chunks + 1)
+    chunks = len(refs)
+    if chunks > keep_chunks:
+        (chunks,) = db.execute(
+            "SELECT COUNT(*) FROM chunks WHERE version_id = ?", (version_id,)
+        ).fetchone()
+        return CommitResult(version, replaced, chunks)
+    return CommitResult(dataclasses.replace(version, chunks=refs), replaced, chunks, True)
+
+
 def _current_pointer(db: sqlite3.Connection, name: str) -> tuple[int, int] | None:
     """(version id, generation) of the name's row, if it has one."""
     row = db.execute("SELECT version_id, generation FROM files WHERE name = ?", (name,)).fetchone()
@@ -801,6 +948,22 @@ def _point(
         raise Conflict(f"{name!r} changed meanwhile")
     _kill(db, replaced, LIVE)
     return replaced
+
+
+def _upload(db: sqlite3.Connection, upload_id: str, name: str | None = None) -> MultipartUpload:
+    """A multipart upload in progress (for ``name``, if given), or ``NoSuchUpload``."""
+    row = db.execute(
+        f"SELECT id, name, content_type, created FROM uploads WHERE id = ? AND expires > {_NOW}",
+        (upload_id,),
+    ).fetchone()
+    if row is None or (name is not None and row[1] != name):
+        raise NoSuchUpload(f"no multipart upload {upload_id!r} in progress")
+    return MultipartUpload(*row)
+
+
+def _end_upload(db: sqlite3.Connection, upload_id: str) -> None:
+    db.execute("DELETE FROM parts WHERE upload_id = ?", (upload_id,))
+    db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
 
 
 def _kill(db: sqlite3.Connection, version_id: int, expected: str) -> bool:
