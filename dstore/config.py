@@ -266,6 +266,12 @@ class GatewayConfig:
         "S3 access keys, ACCESS:SECRET=read+write,... ([[s3.keys]] in TOML)",
         toml="s3.keys",
     )
+    s3_domain: str | None = _opt(
+        None, str, "serve virtual-hosted style too: BUCKET.DOMAIN (default: path style only)"
+    )
+    s3_multipart_expiry: float = _opt(
+        86400.0, parse_duration, "how long an S3 multipart upload may stay unfinished"
+    )
     max_object_size: int | None = _opt(None, parse_size, "largest file accepted (default none)")
     lease: float = _opt(60.0, parse_duration, "upload lease, renewed while bytes flow")
     heartbeat: float = _opt(1.0, parse_duration, "interval of node heartbeats")

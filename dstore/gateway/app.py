@@ -72,6 +72,7 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
     app[keys.CONFIG] = config
     app[keys.TOKENS] = tokens
     app[keys.HTTP] = HttpCounters()
+    app[keys.S3_HTTP] = HttpCounters()
     app.on_response_prepare.append(handlers.add_response_headers)
     app[keys.SIDE_RUNNERS] = []
     app.on_shutdown.append(_stop_side_runners)

@@ -7,7 +7,7 @@ import functools
 import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.utils import formatdate
 from typing import Any
 
@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 
 from dstore.auth import Scope
 from dstore.chunk import checksum
@@ -30,6 +31,7 @@ from dstore.errors import (
     FileNotFound,
     Forbidden,
     InlineReclaimed,
+    MetadataTooLarge,
     MetadataUnavailable,
     NodeUnavailable,
     NotEnoughNodes,
@@ -41,7 +43,7 @@ from dstore.errors import (
     TooLarge,
     Unauthorized,
 )
-from dstore.gateway import keys
+from dstore.gateway import content, keys
 from dstore.gateway.cache import inline_key
 from dstore.gateway.conditions import NONE as NO_CONDITIONS
 from dstore.gateway.conditions import Outcome, Preconditions, Validators, strong_tags
@@ -64,6 +66,7 @@ STATUS: dict[type[DstoreError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     ChecksumMismatch: 400,
+    MetadataTooLarge: 400,
     FileNotFound: 404,
     PreconditionFailed: 412,
     TooLarge: 413,
@@ -150,7 +153,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         finally:
             bytes_in = request.get(keys.REQUEST_BYTES_IN, 0)
-            bytes_out = _body_bytes(request, response)
+            bytes_out = body_bytes(request, response)
             request.app[keys.HTTP].observe(request.method, status, bytes_in, bytes_out)
             log.info(
                 "http_request",
@@ -166,7 +169,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
 
 
-def _body_bytes(request: web.Request, response: web.StreamResponse | None) -> int:
+def body_bytes(request: web.Request, response: web.StreamResponse | None) -> int:
     """Response body bytes, never the status line and headers: as counted by the file
     handlers, else the whole body of a reply sent in one piece (JSON; not yet sent when
     the handler returns)."""
@@ -222,13 +225,21 @@ async def add_response_headers(request: web.Request, response: web.StreamRespons
     response.headers["X-Content-Type-Options"] = "nosniff"
 
 
-def _file_headers(version: FileVersion) -> dict[str, str]:
-    return {
-        "ETag": version.etag,
-        "Last-Modified": _http_date(version.created),
-        "Content-Type": version.content_type or "application/octet-stream",
-        "Accept-Ranges": "bytes",
-    }
+def _file_headers(version: FileVersion, overrides: Mapping[str, str] | None) -> CIMultiDict[str]:
+    stored = version.content_type
+    if overrides:
+        stored = content.overridden(stored, overrides)
+    content_type, kept = content.unpack(stored)
+    headers = CIMultiDict(
+        {
+            "ETag": version.etag,
+            "Last-Modified": _http_date(version.created),
+            "Content-Type": content_type or "application/octet-stream",
+            "Accept-Ranges": "bytes",
+        }
+    )
+    headers.extend(kept)
+    return headers
 
 
 async def request_body(request: web.Request) -> AsyncIterator[bytes]:
@@ -360,9 +371,12 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     return await serve_file(request, name)
 
 
-async def serve_file(request: web.Request, name: str) -> web.StreamResponse:
+async def serve_file(
+    request: web.Request, name: str, overrides: Mapping[str, str] | None = None
+) -> web.StreamResponse:
     """GET or HEAD of a file by its name: ranges, conditions, read pins (the S3 API's
-    GetObject too)."""
+    GetObject too). ``overrides``: content headers to send instead of the stored ones
+    (lower-case names; S3's ``response-*``)."""
     app = request.app
     # the chunk list a page at a time, from where the range starts (if it says)
     start = 0  # (with If-Range the whole file may be sent: its list from the start)
@@ -373,18 +387,18 @@ async def serve_file(request: web.Request, name: str) -> web.StreamResponse:
     version = await meta.lookup(name, start, limit)
     if version.inline is not None:  # no chunks for the reaper to keep: nothing to pin
         try:
-            return await _serve(request, version)
+            return await _serve(request, version, overrides)
         except InlineReclaimed:
             # replaced and reclaimed between its lookup and the read of its bytes: the
             # name has moved on, so serve what it is now
             version = await meta.lookup(name, start, limit)
     for _ in range(PIN_ATTEMPTS):
         if version.inline is not None or request.method == "HEAD":  # (reads no chunk)
-            return await _serve(request, version)
+            return await _serve(request, version, overrides)
         # pinned before a byte is read, so the reaper (on any gateway) keeps its chunks
         if await pins.take(version.version_id):
             try:
-                return await _serve(request, version)
+                return await _serve(request, version, overrides)
             finally:
                 pins.release(version.version_id)
         # dead for so long that the reaper may be deleting it: what is the name now?
@@ -422,8 +436,10 @@ def _range_start(header: str | None) -> int:
     return int(first) if first.isascii() and first.isdigit() and len(first) < 20 else 0
 
 
-async def _serve(request: web.Request, version: FileVersion) -> web.StreamResponse:
-    headers = _file_headers(version)
+async def _serve(
+    request: web.Request, version: FileVersion, overrides: Mapping[str, str] | None
+) -> web.StreamResponse:
+    headers = _file_headers(version, overrides)
     conditions = Preconditions.from_headers(request.headers)
     range_header = request.headers.get("Range")
     if conditions is not NO_CONDITIONS:

@@ -20,6 +20,7 @@ from dstore.master.repair import Repairer
 
 CONFIG = web.AppKey("config", GatewayConfig)
 HTTP = web.AppKey("http_counters", HttpCounters)
+S3_HTTP = web.AppKey("s3_http_counters", HttpCounters)  # (the S3 listener's requests)
 META = web.AppKey("meta", MetadataStore)
 LOOKUP_CACHE = web.AppKey("lookup_cache", LookupCache)
 CLUSTER = web.AppKey("cluster", Cluster)

@@ -45,6 +45,15 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         "dstore_http_received_bytes_total", "counter", "request body bytes", [("", http.bytes_in)]
     )
     metric("dstore_http_sent_bytes_total", "counter", "response body bytes", [("", http.bytes_out)])
+    s3 = app[keys.S3_HTTP]
+    metric(
+        "dstore_s3_requests_total",
+        "counter",
+        "S3 API requests by method and status",
+        [(f'{{method="{m}",status="{s}"}}', n) for (m, s), n in sorted(s3.requests.items())],
+    )
+    metric("dstore_s3_received_bytes_total", "counter", "S3 body bytes in", [("", s3.bytes_in)])
+    metric("dstore_s3_sent_bytes_total", "counter", "S3 body bytes out", [("", s3.bytes_out)])
     metric("dstore_files", "gauge", "files stored", [("", files)])
     metric("dstore_file_bytes", "gauge", "bytes of files stored (one copy)", [("", size)])
     members = list(cluster.members.values())

@@ -24,7 +24,7 @@ import asyncio
 import base64
 import hashlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -142,6 +142,7 @@ class _Upload:
     content_type: str
     version_id: int | None = None  # set once the version is begun
     inline: InlineBody | None = None  # set instead for a small file kept inline
+    may_inline: bool = True  # (not a multipart upload's part: its chunks are moved later)
 
 
 class Uploader:
@@ -223,6 +224,46 @@ class Uploader:
         if result.replaced is not None:
             self.reaper.wake()
         return result
+
+    async def upload_part(
+        self,
+        name: str,
+        body: AsyncIterator[bytes],
+        seal: Callable[[int, int, str], Awaitable[None]],
+        *,
+        expect: Expectations | None = None,
+        trace: str = "",
+        length: int | None = None,
+    ) -> tuple[int, str]:
+        """Store ``body`` in chunks as a pending version of ``name`` and hand it to
+        ``seal(version id, size, ETag)`` instead of committing it: an S3 multipart
+        upload's part, whose chunks become the object's when the upload completes. The
+        ETag is the MD5 of the bytes. (size, ETag); the version is given up if ``seal``
+        fails."""
+        if self.cluster.up_count() < self.settings.replicas:
+            raise NotEnoughNodes(
+                f"{self.cluster.up_count()} storage nodes up, {self.settings.replicas} needed"
+            )
+        upload = _Upload(name, "", may_inline=False)
+        started = time.monotonic()
+        try:
+            size, _, md5 = await self._store_body(
+                upload, body, expect or Expectations(), trace, length, md5_etag=True
+            )
+            if upload.version_id is None:  # an empty part: a version with no chunk
+                upload.version_id = await self.meta.begin_upload(name, "", self.settings.lease)
+            assert md5 is not None
+            etag = f'"{md5.hex()}"'
+            # no more renewals from here: its lease becomes the upload's
+            self.active.discard(upload.version_id)
+            await seal(upload.version_id, size, etag)
+        except BaseException as exc:
+            await asyncio.shield(self._abort(upload.version_id, name, exc, started))
+            raise
+        finally:
+            if upload.version_id is not None:
+                self.active.discard(upload.version_id)
+        return size, etag
 
     async def _begin(self, upload: _Upload, first: Chunk, held: _Held) -> ChunkIntent:
         """Begin the version, with the intent for its first chunk (placed here; its
@@ -351,7 +392,11 @@ class Uploader:
                     if chunker.pending and holding < settings.chunk_size:
                         await hold(chunker.total // settings.chunk_size, chunker.pending)
                 last = chunker.finish()
-                if upload.version_id is None and chunker.total <= settings.inline_max:
+                if (
+                    upload.version_id is None
+                    and upload.may_inline
+                    and chunker.total <= settings.inline_max
+                ):
                     # the whole file, and small: kept inline, with its version
                     if last is None:  # empty
                         upload.inline = InlineBody(b"", checksum_of(b""))

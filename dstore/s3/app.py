@@ -2,23 +2,23 @@
 over the same metadata, pipelines and memory budget. Path-style addressing: ``/`` lists
 buckets, ``/B`` is bucket B, ``/B/K`` its object K, which is the file named ``B/K``.
 
-Every request is signed (``sigv4.verify``); errors are S3's XML with S3's codes. Served
-so far: ListBuckets; Create/Head/Delete bucket and GetBucketLocation; Put/Get/Head/Delete
-object (ranges and conditional headers as the native API, a signed payload's SHA-256
-and ``Content-MD5`` checked as the body streams, aws-chunked bodies, signed or with an
-unsigned trailer); ListObjects v1 and v2 with prefix, delimiter, markers, continuation,
-``max-keys`` and ``encoding-type=url``; DeleteObjects.
+Every request is signed (``sigv4.verify``); errors are S3's XML with S3's codes. Served:
+ListBuckets; Create/Head/Delete bucket and GetBucketLocation; Put/Get/Head/Delete object
+(ranges and conditional headers as the native API, ``response-*`` overrides, the content
+headers and ``x-amz-meta-*`` kept, a signed payload's SHA-256, ``Content-MD5`` and
+``x-amz-checksum-*`` checked as the body streams, aws-chunked bodies, signed or with an
+unsigned trailer); CopyObject; ListObjects v1 and v2 with prefix, delimiter, markers,
+continuation, ``max-keys`` and ``encoding-type=url``; DeleteObjects; and multipart
+uploads (``dstore.s3.multipart``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import ipaddress
 import re
 import time
-from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
 import structlog
@@ -31,11 +31,16 @@ from dstore.errors import (
     BodyTimeout,
     BucketNotEmpty,
     ChecksumMismatch,
+    ClientGone,
     Conflict,
     DstoreError,
+    EntityTooSmall,
     FileNotFound,
+    InvalidPart,
+    MetadataTooLarge,
     MetadataUnavailable,
     NoSuchBucket,
+    NoSuchUpload,
     NotEnoughNodes,
     OutOfSpace,
     Overloaded,
@@ -43,23 +48,28 @@ from dstore.errors import (
     RangeNotSatisfiable,
     TooLarge,
 )
-from dstore.gateway import handlers, keys
-from dstore.gateway.download import SpanFeed
+from dstore.gateway import content, handlers, keys
 from dstore.gateway.listing import BEYOND, walk
-from dstore.gateway.names import validate_name
-from dstore.gateway.upload import Expectations
-from dstore.master.metadata import FileVersion
-from dstore.s3 import checksums, xml
-from dstore.s3.chunked import Decoded, decode
-from dstore.s3.sigv4 import STREAMING, UNSIGNED, S3Error, Verified, verify
+from dstore.s3 import multipart, xml
+from dstore.s3.request import (
+    VERIFIED,
+    body_of,
+    content_headers,
+    copy_source,
+    object_name,
+    read_version,
+    require_bucket,
+    xml_reply,
+)
+from dstore.s3.sigv4 import S3Error, verify
 
 log = structlog.get_logger("dstore.s3")
 
 GATEWAY = web.AppKey("s3_gateway", web.Application)
 KEYS = web.AppKey("s3_keys", dict[str, S3Key])
-VERIFIED = web.RequestKey("s3_verified", Verified)  # the request's checked signature
-UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
 MAX_KEYS = 1000
+# GetObject's query parameters that set a response header (``response-cache-control``…)
+_OVERRIDES = frozenset(f"response-{h}" for h in ("content-type", *content.KEPT))
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 # our errors in S3's words: (code, status)
@@ -67,12 +77,17 @@ S3_ERRORS: dict[type[DstoreError], tuple[str, int]] = {
     FileNotFound: ("NoSuchKey", 404),
     NoSuchBucket: ("NoSuchBucket", 404),
     BucketNotEmpty: ("BucketNotEmpty", 409),
+    NoSuchUpload: ("NoSuchUpload", 404),
+    InvalidPart: ("InvalidPart", 400),
+    EntityTooSmall: ("EntityTooSmall", 400),
+    MetadataTooLarge: ("MetadataTooLarge", 400),
     PreconditionFailed: ("PreconditionFailed", 412),
     RangeNotSatisfiable: ("InvalidRange", 416),
     ChecksumMismatch: ("BadDigest", 400),
     TooLarge: ("EntityTooLarge", 400),
     BadName: ("InvalidArgument", 400),
     BodyTimeout: ("RequestTimeout", 400),
+    ClientGone: ("IncompleteBody", 400),
     Conflict: ("OperationAborted", 409),
     OutOfSpace: ("ServiceUnavailable", 503),
     NotEnoughNodes: ("ServiceUnavailable", 503),
@@ -124,12 +139,17 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             log.warning("s3_request_failed", code=exc.code, error=str(exc), trace=trace)
         response = _error(request, code, str(exc), status)
     status = response.status
+    bytes_in = request.get(keys.REQUEST_BYTES_IN, 0)
+    bytes_out = handlers.body_bytes(request, response)
+    request.app[GATEWAY][keys.S3_HTTP].observe(request.method, status, bytes_in, bytes_out)
     log.info(
         "s3_request",
         method=request.method,
         path=request.path[:200],
         status=status,
         trace=trace,
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
         ms=round((time.monotonic() - started) * 1000, 2),
     )
     return response
@@ -171,10 +191,24 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
 # --- dispatch ----------------------------------------------------------------------------
 
 
-async def dispatch(request: web.Request) -> web.StreamResponse:
+def _addressed(request: web.Request) -> tuple[str, str]:
+    """(bucket, key) a request names: ``/B/K`` (path style), or ``/K`` on host
+    ``B.DOMAIN`` when ``--s3-domain`` is DOMAIN (virtual-hosted style)."""
     path = request.raw_path.partition("?")[0]
+    domain = request.app[keys.CONFIG].s3_domain
+    if domain:
+        host = (request.host or "").lower().rpartition(":")[0] or (request.host or "").lower()
+        if request.host and "]" in request.host:  # (an IPv6 literal: never a bucket)
+            host = ""
+        suffix = "." + domain.lower().strip(".")
+        if host.endswith(suffix) and len(host) > len(suffix):
+            return host[: -len(suffix)], unquote(path.lstrip("/"))
     bucket, _, key = path.lstrip("/").partition("/")
-    bucket, key = unquote(bucket), unquote(key)
+    return unquote(bucket), unquote(key)
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    bucket, key = _addressed(request)
     method, query = request.method, request.query
     if not bucket:
         if method == "GET":
@@ -184,7 +218,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         if method == "PUT":
             return await create_bucket(request, bucket)
         if method == "HEAD":
-            await _require_bucket(request, bucket)
+            await require_bucket(request, bucket)
             return web.Response(status=200)
         if method == "DELETE":
             await request.app[keys.META].delete_bucket(bucket)
@@ -192,11 +226,24 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         if method == "POST" and "delete" in query:
             return await delete_objects(request, bucket)
         if method == "GET":
+            if "uploads" in query:
+                return await multipart.list_uploads(request, bucket)
             if "location" in query:
-                await _require_bucket(request, bucket)
-                return _xml(xml.location(request.app[keys.CONFIG].s3_region))
+                await require_bucket(request, bucket)
+                return xml_reply(xml.location(request.app[keys.CONFIG].s3_region))
             return await list_objects(request, bucket)
         raise S3Error("MethodNotAllowed", f"{method} of a bucket is not allowed", 405)
+    if "uploadId" in query:
+        if method == "PUT":
+            return await multipart.upload_part(request, bucket, key)
+        if method == "POST":
+            return await multipart.complete(request, bucket, key)
+        if method == "GET":
+            return await multipart.list_parts(request, bucket, key)
+        if method == "DELETE":
+            return await multipart.abort(request, bucket, key)
+    if method == "POST" and "uploads" in query:
+        return await multipart.create(request, bucket, key)
     if method == "PUT":
         if "x-amz-copy-source" in request.headers:
             return await copy_object(request, bucket, key)
@@ -204,29 +251,13 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if method in ("GET", "HEAD"):
         return await get_object(request, bucket, key)
     if method == "DELETE":
-        await _require_bucket(request, bucket)
+        await require_bucket(request, bucket)
         try:
-            await request.app[keys.META].delete(_name(bucket, key))
+            await request.app[keys.META].delete(object_name(bucket, key))
         except FileNotFound:
             pass  # S3 answers 204 whether the key was there or not
         return web.Response(status=204)
     raise S3Error("MethodNotAllowed", f"{method} of an object is not allowed", 405)
-
-
-def _xml(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/xml")
-
-
-def _name(bucket: str, key: str) -> str:
-    try:
-        return validate_name(f"{bucket}/{key}")
-    except BadName as exc:
-        raise S3Error("InvalidArgument", f"an unusable key: {exc}", 400) from None
-
-
-async def _require_bucket(request: web.Request, bucket: str) -> None:
-    if not await request.app[keys.META].bucket_exists(bucket):
-        raise NoSuchBucket(f"no bucket named {bucket!r}")
 
 
 # --- buckets -----------------------------------------------------------------------------
@@ -246,7 +277,7 @@ def valid_bucket(name: str) -> bool:
 
 async def list_buckets(request: web.Request) -> web.StreamResponse:
     buckets = await request.app[keys.META].buckets()
-    return _xml(xml.list_buckets(buckets, request[VERIFIED].access_key))
+    return xml_reply(xml.list_buckets(buckets, request[VERIFIED].access_key))
 
 
 async def create_bucket(request: web.Request, bucket: str) -> web.StreamResponse:
@@ -262,39 +293,16 @@ async def create_bucket(request: web.Request, bucket: str) -> web.StreamResponse
 
 
 async def put_object(request: web.Request, bucket: str, key: str) -> web.StreamResponse:
-    await _require_bucket(request, bucket)
-    name = _name(bucket, key)
-    verified: Verified = request[VERIFIED]
-    md5 = request.headers.get("Content-MD5")
-    sha = (
-        verified.payload
-        if verified.payload not in (UNSIGNED, STREAMING, UNSIGNED_TRAILER)
-        else None
-    )
-    try:
-        expect = Expectations.from_headers(md5, sha)
-    except DstoreError:
-        raise S3Error("InvalidDigest", "the Content-MD5 you specified was invalid", 400) from None
-    announced = checksums.wanted(request.headers)  # (x-amz-checksum-*: checked as it streams)
-    body: AsyncIterator[bytes] = handlers.request_body(request)
-    length = request.content_length
-    seen = Decoded()
-    chunked = verified.payload in (STREAMING, UNSIGNED_TRAILER)
-    if chunked or "aws-chunked" in request.headers.get("Content-Encoding", ""):
-        decoded = request.headers.get("x-amz-decoded-content-length")
-        length = int(decoded) if decoded and decoded.isdigit() else None
-        signed = verified if verified.payload == STREAMING else None
-        body = decode(body, signed=signed, decoded_length=length, out=seen)
-    if announced is not None:
-        body = checksums.checked(body, *announced, seen.trailers)
-    content_type = request.headers.get("Content-Type", "binary/octet-stream")
+    await require_bucket(request, bucket)
+    name = object_name(bucket, key)
+    body = body_of(request)
     result = await request.app[keys.UPLOADER].upload(
         name,
-        body,
-        content_type=content_type,
-        expect=expect,
+        body.stream,
+        content_type=content_headers(request),
+        expect=body.expect,
         trace=request[keys.TRACE],
-        length=length,
+        length=body.length,
         md5_etag=True,  # (what S3 clients check an upload against)
     )
     return web.Response(status=200, headers={"ETag": result.version.etag})
@@ -304,27 +312,24 @@ async def copy_object(request: web.Request, bucket: str, key: str) -> web.Stream
     """CopyObject: the source's bytes read from its nodes and written as a new version
     by this gateway, never through the client; the content type kept unless
     ``x-amz-metadata-directive: REPLACE``."""
-    await _require_bucket(request, bucket)
-    source = unquote(request.headers["x-amz-copy-source"].partition("?")[0]).lstrip("/")
-    source_bucket, _, source_key = source.partition("/")
-    if not source_bucket or not source_key:
-        raise S3Error("InvalidArgument", "x-amz-copy-source must be BUCKET/KEY", 400)
-    await _require_bucket(request, source_bucket)
+    await require_bucket(request, bucket)
+    source_bucket, source = copy_source(request.headers["x-amz-copy-source"])
+    await require_bucket(request, source_bucket)
     app = request.app
     meta, pins = app[keys.META], app[keys.PINS]
-    version = await meta.lookup(_name(source_bucket, source_key))
+    version = await meta.lookup(source)
     directive = request.headers.get("x-amz-metadata-directive", "COPY").upper()
     if directive not in ("COPY", "REPLACE"):
         raise S3Error("InvalidArgument", "x-amz-metadata-directive is COPY or REPLACE", 400)
-    content_type = version.content_type
+    content_type = version.content_type  # (the stored content headers, all of them)
     if directive == "REPLACE":
-        content_type = request.headers.get("Content-Type", "binary/octet-stream")
+        content_type = content_headers(request)
     if version.inline is None and not await pins.take(version.version_id):
         raise S3Error("OperationAborted", "the source changed while it was read", 409)
     try:
         result = await app[keys.UPLOADER].upload(
-            _name(bucket, key),
-            _read_version(request, version),
+            object_name(bucket, key),
+            read_version(request, version),
             content_type=content_type,
             trace=request[keys.TRACE],
             length=version.size,
@@ -334,50 +339,24 @@ async def copy_object(request: web.Request, bucket: str, key: str) -> web.Stream
         if version.inline is None:
             pins.release(version.version_id)
     made = result.version
-    return _xml(xml.copy_result(made.etag, made.created))
-
-
-async def _read_version(request: web.Request, version: FileVersion) -> AsyncIterator[bytes]:
-    """A version's bytes, from its nodes through the download pipeline (its read-ahead
-    and memory budget), one piece handed on at a time."""
-    if version.inline is not None:
-        yield await handlers.inline_bytes(request.app, version)
-        return
-    meta, version_id = request.app[keys.META], version.version_id
-    feed = SpanFeed(
-        version.chunks, 0, version.size, lambda at: meta.chunk_page(version_id, at, handlers.PAGE)
-    )
-    pieces: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
-
-    async def write(piece: memoryview) -> None:
-        await pieces.put(bytes(piece))  # (the pipeline's buffer is not ours to keep)
-
-    async def produce() -> None:
-        try:
-            await request.app[keys.DOWNLOADER].stream(feed, write, trace=request[keys.TRACE])
-        finally:
-            await pieces.put(None)
-
-    producer = asyncio.create_task(produce())
-    try:
-        while (piece := await pieces.get()) is not None:
-            yield piece
-        await producer  # (its failure is the body's: the copy is not committed)
-    finally:
-        producer.cancel()
-        await asyncio.gather(producer, return_exceptions=True)
+    return xml_reply(xml.copy_result(made.etag, made.created))
 
 
 async def get_object(request: web.Request, bucket: str, key: str) -> web.StreamResponse:
-    await _require_bucket(request, bucket)
-    response = await handlers.serve_file(request, _name(bucket, key))
+    await require_bucket(request, bucket)
+    overrides = {
+        name[len("response-") :]: value
+        for name, value in request.query.items()
+        if name in _OVERRIDES
+    }
+    response = await handlers.serve_file(request, object_name(bucket, key), overrides)
     if response.status == 416:  # (the native answer is JSON)
         raise S3Error("InvalidRange", "the requested range is not satisfiable", 416)
     return response
 
 
 async def delete_objects(request: web.Request, bucket: str) -> web.StreamResponse:
-    await _require_bucket(request, bucket)
+    await require_bucket(request, bucket)
     document = await request.content.read(xml.MAX_REQUEST_XML + 1)
     try:
         names, quiet = xml.parse_delete(document)
@@ -392,7 +371,7 @@ async def delete_objects(request: web.Request, bucket: str) -> web.StreamRespons
     failed: list[tuple[str, str, str]] = []
     for key in names:
         try:
-            await meta.delete(_name(bucket, key))
+            await meta.delete(object_name(bucket, key))
         except FileNotFound:
             pass
         except S3Error as exc:
@@ -402,11 +381,11 @@ async def delete_objects(request: web.Request, bucket: str) -> web.StreamRespons
             failed.append((key, "InternalError", str(exc)))
             continue
         deleted.append(key)
-    return _xml(xml.delete_result([] if quiet else deleted, failed))
+    return xml_reply(xml.delete_result([] if quiet else deleted, failed))
 
 
 async def list_objects(request: web.Request, bucket: str) -> web.StreamResponse:
-    await _require_bucket(request, bucket)
+    await require_bucket(request, bucket)
     query = request.query
     v2 = query.get("list-type") == "2"
     prefix, delimiter = query.get("prefix", ""), query.get("delimiter", "")
@@ -438,6 +417,6 @@ async def list_objects(request: web.Request, bucket: str) -> web.StreamResponse:
         if truncated and last:
             kind = "p" if found.last_is_prefix else "k"
             next_token = base64.urlsafe_b64encode(f"{kind}:{last}".encode()).decode()
-        return _xml(xml.list_objects_v2(listing, token, next_token, query.get("start-after")))
+        return xml_reply(xml.list_objects_v2(listing, token, next_token, query.get("start-after")))
     next_marker = last if truncated and delimiter else None
-    return _xml(xml.list_objects_v1(listing, query.get("marker", ""), next_marker))
+    return xml_reply(xml.list_objects_v1(listing, query.get("marker", ""), next_marker))

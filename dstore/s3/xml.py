@@ -174,3 +174,146 @@ def _parse(document: bytes) -> ET.Element:
         return ET.fromstring(document)
     except ET.ParseError as exc:
         raise ValueError(f"malformed XML: {exc}") from None
+
+
+# --- multipart uploads ---------------------------------------------------------------------
+
+
+def _owner(tag: str, owner: str) -> str:
+    return f"<{tag}>{_el('ID', owner)}{_el('DisplayName', owner)}</{tag}>"
+
+
+def initiated(bucket: str, key: str, upload_id: str) -> bytes:
+    return (
+        f'{HEAD}<InitiateMultipartUploadResult xmlns="{NS}">{_el("Bucket", bucket)}'
+        f"{_el('Key', key)}{_el('UploadId', upload_id)}</InitiateMultipartUploadResult>"
+    ).encode()
+
+
+def copy_part_result(etag: str, modified: float) -> bytes:
+    return (
+        f'{HEAD}<CopyPartResult xmlns="{NS}">{_el("LastModified", iso(modified))}'
+        f"{_el('ETag', etag)}</CopyPartResult>"
+    ).encode()
+
+
+def completed(location: str, bucket: str, key: str, etag: str) -> bytes:
+    return (
+        f'{HEAD}<CompleteMultipartUploadResult xmlns="{NS}">{_el("Location", location)}'
+        f"{_el('Bucket', bucket)}{_el('Key', key)}{_el('ETag', etag)}"
+        "</CompleteMultipartUploadResult>"
+    ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class PartEntry:
+    number: int
+    etag: str
+    size: int
+    modified: float
+
+
+def list_parts(
+    bucket: str,
+    key: str,
+    upload_id: str,
+    owner: str,
+    marker: int,
+    max_parts: int,
+    parts: Sequence[PartEntry],
+    truncated: bool,
+) -> bytes:
+    items = "".join(
+        "<Part>"
+        + _el("PartNumber", p.number)
+        + _el("LastModified", iso(p.modified))
+        + _el("ETag", p.etag)
+        + _el("Size", p.size)
+        + "</Part>"
+        for p in parts
+    )
+    following = _el("NextPartNumberMarker", parts[-1].number) if parts else ""
+    return (
+        f'{HEAD}<ListPartsResult xmlns="{NS}">{_el("Bucket", bucket)}{_el("Key", key)}'
+        f"{_el('UploadId', upload_id)}{_owner('Initiator', owner)}{_owner('Owner', owner)}"
+        f"{_el('StorageClass', 'STANDARD')}{_el('PartNumberMarker', marker)}{following}"
+        f"{_el('MaxParts', max_parts)}{_el('IsTruncated', 'true' if truncated else 'false')}"
+        f"{items}</ListPartsResult>"
+    ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class UploadEntry:
+    key: str
+    upload_id: str
+    initiated: float
+
+
+@dataclass(frozen=True, slots=True)
+class UploadListing:
+    bucket: str
+    prefix: str
+    delimiter: str
+    key_marker: str
+    upload_id_marker: str
+    max_uploads: int
+    uploads: Sequence[UploadEntry]
+    prefixes: Sequence[str]
+    truncated: bool
+    url: bool
+
+
+def list_uploads(listing: UploadListing, owner: str) -> bytes:
+    url = listing.url
+    out = [
+        _el("Bucket", listing.bucket),
+        _el("KeyMarker", _key(listing.key_marker, url)),
+        _el("UploadIdMarker", listing.upload_id_marker),
+        _el("Prefix", _key(listing.prefix, url)),
+        _el("MaxUploads", listing.max_uploads),
+        _el("IsTruncated", "true" if listing.truncated else "false"),
+    ]
+    if listing.delimiter:
+        out.append(_el("Delimiter", _key(listing.delimiter, url)))
+    if url:
+        out.append(_el("EncodingType", "url"))
+    if listing.truncated and listing.uploads:
+        last = listing.uploads[-1]
+        out.append(_el("NextKeyMarker", _key(last.key, url)))
+        out.append(_el("NextUploadIdMarker", last.upload_id))
+    for u in listing.uploads:
+        out.append(
+            "<Upload>"
+            + _el("Key", _key(u.key, url))
+            + _el("UploadId", u.upload_id)
+            + _owner("Initiator", owner)
+            + _owner("Owner", owner)
+            + _el("StorageClass", "STANDARD")
+            + _el("Initiated", iso(u.initiated))
+            + "</Upload>"
+        )
+    out.extend(
+        f"<CommonPrefixes>{_el('Prefix', _key(p, url))}</CommonPrefixes>" for p in listing.prefixes
+    )
+    return (
+        f'{HEAD}<ListMultipartUploadsResult xmlns="{NS}">{"".join(out)}'
+        "</ListMultipartUploadsResult>"
+    ).encode()
+
+
+MAX_PARTS = 10_000
+
+
+def parse_complete(document: bytes) -> list[tuple[int, str]]:
+    """A CompleteMultipartUpload request: its (part number, ETag) pairs, in its order."""
+    root = _parse(document)
+    found: list[tuple[int, str]] = []
+    for part in [*root.iter(_q("Part")), *root.iter("Part")]:
+        number = part.findtext(_q("PartNumber")) or part.findtext("PartNumber") or ""
+        etag = part.findtext(_q("ETag")) or part.findtext("ETag") or ""
+        if not number.strip().isdigit() or not etag.strip():
+            raise ValueError("every Part needs a PartNumber and an ETag")
+        found.append((int(number), etag.strip()))
+    if not 1 <= len(found) <= MAX_PARTS:
+        raise ValueError(f"a completion lists 1 to {MAX_PARTS} parts")
+    return found

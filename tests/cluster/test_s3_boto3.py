@@ -216,3 +216,104 @@ async def test_a_presigned_url_reads_and_then_expires(s3: S3) -> None:
         async with session.get(url.replace("Signature=", "Signature=0")) as response:
             assert response.status == 403
             assert b"SignatureDoesNotMatch" in await response.read()
+
+
+async def test_user_metadata_and_content_headers_are_kept(s3: S3) -> None:
+    """x-amz-meta-* and the standard content headers come back from GET and HEAD, through
+    S3 and the native API; response-* overrides them for one GET; a copy keeps them
+    unless told to replace them."""
+    await s3("create_bucket", Bucket="meta")
+    await s3(
+        "put_object",
+        Bucket="meta",
+        Key="page.html",
+        Body=b"<p>hello</p>",
+        ContentType="text/html",
+        CacheControl="max-age=60",
+        ContentDisposition='attachment; filename="page.html"',
+        ContentLanguage="de",
+        Metadata={"Owner": "ada", "colour": "green"},
+    )
+    head = await s3("head_object", Bucket="meta", Key="page.html")
+    assert head["ContentType"] == "text/html" and head["CacheControl"] == "max-age=60"
+    assert head["ContentDisposition"] == 'attachment; filename="page.html"'
+    assert head["ContentLanguage"] == "de"
+    assert head["Metadata"] == {"owner": "ada", "colour": "green"}
+    response, _ = await s3.cluster.get("meta/page.html")
+    assert response.headers["Cache-Control"] == "max-age=60"
+    assert response.headers["x-amz-meta-owner"] == "ada"
+    got = await s3(
+        "get_object",
+        Bucket="meta",
+        Key="page.html",
+        ResponseContentType="text/plain",
+        ResponseCacheControl="no-store",
+    )
+    assert got["Body"] == b"<p>hello</p>"
+    assert got["ContentType"] == "text/plain" and got["CacheControl"] == "no-store"
+    assert got["Metadata"]["owner"] == "ada"
+    await s3("copy_object", Bucket="meta", Key="kept", CopySource="meta/page.html")
+    assert (await s3("head_object", Bucket="meta", Key="kept"))["Metadata"]["owner"] == "ada"
+    await s3(
+        "copy_object",
+        Bucket="meta",
+        Key="replaced",
+        CopySource="meta/page.html",
+        MetadataDirective="REPLACE",
+        Metadata={"new": "1"},
+    )
+    replaced = await s3("head_object", Bucket="meta", Key="replaced")
+    assert replaced["Metadata"] == {"new": "1"} and "CacheControl" not in replaced
+    too_much = {f"k{i}": "v" * 100 for i in range(30)}
+    put = s3("put_object", Bucket="meta", Key="big-meta", Body=b"x", Metadata=too_much)
+    assert await _code(put) == "MetadataTooLarge"
+    # the S3 listener's requests are counted apart from the native API's
+    assert s3.cluster.session is not None
+    async with s3.cluster.session.get(f"{s3.cluster.url}/metrics") as response:
+        text = await response.text()
+    assert 'dstore_s3_requests_total{method="PUT",status="400"} 1' in text
+    assert 'dstore_s3_requests_total{method="HEAD",status="200"} 3' in text
+
+
+async def test_virtual_hosted_style_with_an_s3_domain(
+    make_cluster: Callable[..., Awaitable[LocalCluster]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--s3-domain``, bucket B is also reached as host ``B.DOMAIN`` (boto3's default
+    addressing); path style keeps working. (The test's resolver sends every name under
+    the domain to 127.0.0.1, as a wildcard DNS record would.)"""
+    import socket
+
+    domain = "s3.dstore.test"
+    resolve = socket.getaddrinfo
+
+    def wildcard(host: Any, *args: Any, **kw: Any) -> Any:
+        if isinstance(host, str) and (host == domain or host.endswith("." + domain)):
+            host = "127.0.0.1"
+        return resolve(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", wildcard)
+    cluster = await make_cluster(s3_listen="127.0.0.1:0", s3_keys=KEYS, s3_domain=domain)
+    s3 = S3(cluster)
+    port = s3.url.rpartition(":")[2]
+    virtual = boto3.client(
+        "s3",
+        endpoint_url=f"http://{domain}:{port}",
+        aws_access_key_id=ACCESS,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+        config=Config(signature_version="s3v4", s3={"addressing_style": "virtual"}),
+    )
+
+    def through_the_host() -> tuple[bytes, list[str]]:
+        virtual.create_bucket(Bucket="vhost")
+        virtual.put_object(Bucket="vhost", Key="a/b c.txt", Body=b"virtual")
+        body = virtual.get_object(Bucket="vhost", Key="a/b c.txt")["Body"].read()
+        listed = virtual.list_objects_v2(Bucket="vhost", Prefix="a/")
+        return body, [c["Key"] for c in listed["Contents"]]
+
+    body, keys_listed = await asyncio.to_thread(through_the_host)
+    assert body == b"virtual" and keys_listed == ["a/b c.txt"]
+    got = await s3("get_object", Bucket="vhost", Key="a/b c.txt")  # (path style still)
+    assert got["Body"] == b"virtual"
+    response, native = await cluster.get("vhost/a/b c.txt")
+    assert response.status == 200 and native == b"virtual"

@@ -62,7 +62,7 @@ RULES = [
     ("dstore.master", ["dstore.rpc"], ["dstore.master.replicas", "dstore.master.cluster"],
      "in the chunk master only the door and membership speak to the nodes"),
     ("dstore", ["aiohttp"], ["dstore.gateway", "dstore.client", "dstore.cli", "dstore.local",
-                             "dstore.s3.app"],
+                             "dstore.s3.app", "dstore.s3.request", "dstore.s3.multipart"],
      "only the HTTP fronts and the CLI's client use aiohttp"),
     ("dstore.s3", ["dstore.rpc", "dstore.protocol", "dstore.storage", "dstore.master.cluster",
                    "dstore.master.replicas"], [],
