@@ -37,8 +37,16 @@ def haproxy_binary() -> str:
     return found
 
 
-def haproxy_config(port: int, gateways: list[str], *, tls: bool = False) -> str:
-    """The configuration: ``port`` on 127.0.0.1 in front of ``gateways`` (host:port)."""
+def haproxy_config(
+    port: int,
+    gateways: list[str],
+    *,
+    tls: bool = False,
+    s3: tuple[int, list[str]] | None = None,
+) -> str:
+    """The configuration: ``port`` on 127.0.0.1 in front of ``gateways`` (host:port);
+    ``s3``: a port in front of the gateways' S3 listeners (host:port, in the same order),
+    each checked on its gateway's ``/readyz``."""
     if tls:
         mode, check = "tcp", "check check-ssl verify none"
     else:
@@ -46,6 +54,25 @@ def haproxy_config(port: int, gateways: list[str], *, tls: bool = False) -> str:
     servers = "\n".join(
         f"    server gateway-{i} {addr} {check}" for i, addr in enumerate(gateways, 1)
     )
+    s3_part = ""
+    if s3 is not None:
+        s3_port, listeners = s3
+        s3_servers = "\n".join(
+            f"    server s3-{i} {addr} {check} port {native.rpartition(':')[2]}"
+            for i, (addr, native) in enumerate(zip(listeners, gateways, strict=True), 1)
+        )
+        s3_part = f"""
+frontend s3
+    bind 127.0.0.1:{s3_port}
+    default_backend s3
+
+backend s3
+    balance leastconn
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server inter 1s fall 2 rise 2
+{s3_servers}
+"""
     http_only = "" if tls else HTTP_ONLY
     # one thread (haproxy is a hop, not the work: on a small machine the gateways need
     # the cores); bodies moved by the kernel (splice), never copied through user space:
@@ -75,17 +102,22 @@ backend gateways
     http-check expect status 200
     default-server inter 1s fall 2 rise 2
 {servers}
-"""
+{s3_part}"""
 
 
 async def start_haproxy(
-    folder: Path, port: int, gateways: list[str], *, tls: bool = False
+    folder: Path,
+    port: int,
+    gateways: list[str],
+    *,
+    tls: bool = False,
+    s3: tuple[int, list[str]] | None = None,
 ) -> asyncio.subprocess.Process:
     """haproxy in the foreground as a child process, its configuration and log in
-    ``folder``; returns once its port accepts connections."""
+    ``folder`` (``haproxy_config``); returns once its port accepts connections."""
     binary = haproxy_binary()
     config = folder / "haproxy.cfg"
-    config.write_text(haproxy_config(port, gateways, tls=tls))
+    config.write_text(haproxy_config(port, gateways, tls=tls, s3=s3))
     log_path = folder / "logs" / "haproxy.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:

@@ -134,10 +134,10 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _s3_port(asked: int | None, port: int, gateways: int) -> int | None:
-    """The S3 port ``dstore up`` serves on: 9000, a free one beside a gateway on a free
-    one, none when asked (-1) or with several gateways (not yet behind haproxy)."""
-    if asked == -1 or gateways > 1:
+def _s3_port(asked: int | None, port: int) -> int | None:
+    """The S3 port ``dstore up`` serves on (with several gateways, haproxy does): 9000, a
+    free one beside a gateway on a free one, none when asked (-1)."""
+    if asked == -1:
         return None
     if asked is None:
         return 0 if port == 0 else 9000
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     tls=args.tls,
                     gateways=args.gateways,
                     metadata=args.metadata,
-                    s3_port=_s3_port(args.s3_port, args.port, args.gateways),
+                    s3_port=_s3_port(args.s3_port, args.port),
                 )
             )
         except KeyboardInterrupt:

@@ -162,6 +162,7 @@ async def run_local_cluster(
                 gateways,
                 metadata,
                 procs,
+                s3_port,
             )
         # the rest of the gateway's settings come from DSTORE_* variables, as for serve
         config = load(
@@ -210,19 +211,22 @@ async def run_local_cluster(
             print(f"admin token (all scopes): export DSTORE_TOKEN={admin_token}", flush=True)
         s3 = s3_runner(runner)
         if s3 is not None:
-            key = s3_key(root)
-            print(
-                f"S3 API: {config.scheme}://127.0.0.1:{s3.addresses[0][1]}  (export"
-                f" AWS_ACCESS_KEY_ID={key.access_key} AWS_SECRET_ACCESS_KEY={key.secret_key};"
-                f" kept in {root / 's3-credentials'})",
-                flush=True,
-            )
+            _say_s3(config.scheme, s3.addresses[0][1], root)
         print(TRY, flush=True)
         await _until_stopped()
         await runner.cleanup()
         return 0
     finally:
         await _stop_all(procs)
+
+
+def _say_s3(scheme: str, port: int, root: Path) -> None:
+    key = s3_key(root)
+    print(
+        f"S3 API: {scheme}://127.0.0.1:{port}  (export AWS_ACCESS_KEY_ID={key.access_key}"
+        f" AWS_SECRET_ACCESS_KEY={key.secret_key}; kept in {root / 's3-credentials'})",
+        flush=True,
+    )
 
 
 TRY = "try: dstore put README.md && dstore ls && dstore get README.md -o -"
@@ -268,11 +272,15 @@ async def _run_behind_haproxy(
     gateways: int,
     metadata: str | None,
     procs: list[asyncio.subprocess.Process],
+    s3_port: int | None = None,
 ) -> int:
     """N gateway processes on one PostgreSQL database and haproxy in front of them on
-    ``port``; runs until SIGTERM or SIGINT. ``procs``: the running children, which this
-    adds to (the caller stops them)."""
+    ``port`` (and of their S3 listeners on ``s3_port``, unless None); runs until SIGTERM
+    or SIGINT. ``procs``: the running children, which this adds to (the caller stops
+    them)."""
     port = port or free_port()  # (haproxy would not say which port 0 gave it)
+    if s3_port is not None:
+        s3_port = s3_port or free_port()
     server: PostgresServer | None = None
     if metadata is None:
         if os.geteuid() == 0:
@@ -285,12 +293,17 @@ async def _run_behind_haproxy(
     else:
         where = "PostgreSQL at " + redacted(metadata)
     try:
+        key = s3_key(root) if s3_port is not None else None
         started = await asyncio.gather(
-            *(_start_gateway(i, root, storage, shared, metadata) for i in range(1, gateways + 1))
+            *(
+                _start_gateway(i, root, storage, shared, metadata, key)
+                for i in range(1, gateways + 1)
+            )
         )
-        procs.extend(proc for proc, _ in started)
-        addrs = [addr for _, addr in started]
-        procs.append(await start_haproxy(root, port, addrs, tls=shared.tls is not None))
+        procs.extend(proc for proc, _, _ in started)
+        addrs = [addr for _, addr, _ in started]
+        s3 = None if s3_port is None else (s3_port, [a for _, _, a in started if a is not None])
+        procs.append(await start_haproxy(root, port, addrs, tls=shared.tls is not None, s3=s3))
         scheme = "https" if shared.tls is not None else "http"
         print(
             f"dstore is up: {scheme}://127.0.0.1:{port}  (haproxy in front of {gateways}"
@@ -307,6 +320,8 @@ async def _run_behind_haproxy(
             )
         if shared.admin_token:
             print(f"admin token (all scopes): export DSTORE_TOKEN={shared.admin_token}", flush=True)
+        if s3_port is not None:
+            _say_s3(scheme, s3_port, root)
         print(TRY, flush=True)
         await _until_stopped()
         return 0
@@ -317,9 +332,10 @@ async def _run_behind_haproxy(
 
 
 async def _start_gateway(
-    index: int, root: Path, storage: list[str], shared: Shared, metadata: str
-) -> tuple[asyncio.subprocess.Process, str]:
-    """One gateway process on a port of its own; the address it listens on."""
+    index: int, root: Path, storage: list[str], shared: Shared, metadata: str, s3: S3Key | None
+) -> tuple[asyncio.subprocess.Process, str, str | None]:
+    """One gateway process on a port of its own (and its S3 listener on another, with
+    key ``s3``); the addresses they listen on."""
     env = dict(
         os.environ,
         DSTORE_CLUSTER_SECRET=shared.secret,
@@ -339,5 +355,17 @@ async def _start_gateway(
         env["DSTORE_AUTH_TOKENS"] = f"{shared.admin_token}=" + "+".join(s.value for s in Scope)
     if shared.tls is not None:
         argv += _tls_flags(shared.tls)
-    proc, line = await _spawn(argv, env, root / "logs" / f"gateway-{index}.log", 60)
-    return proc, line.rsplit("//", 1)[1]
+    if s3 is not None:
+        argv += ["--s3-listen", "127.0.0.1:0"]
+        env["DSTORE_S3_KEYS"] = f"{s3.access_key}:{s3.secret_key}=read+write"
+    log = root / "logs" / f"gateway-{index}.log"
+    proc, line = await _spawn(argv, env, log, 60)
+    s3_addr = None
+    if s3 is not None:
+        assert proc.stdout is not None
+        said = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+        if "S3 API listening on" not in said:
+            proc.kill()
+            raise DstoreError(f"gateway-{index} did not start its S3 API; see {log}")
+        s3_addr = said.strip().rsplit("//", 1)[1]
+    return proc, line.rsplit("//", 1)[1], s3_addr

@@ -81,6 +81,44 @@ def test_cli_round_trips_a_file_through_dstore_up(local_cluster: str, tmp_path: 
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.dstore-partial").exists()
 
 
+def test_dstore_up_serves_s3_with_the_key_it_prints(tmp_path: Path) -> None:
+    """As a new user sees it: the S3 line names the port and the key pair, kept 0600 in
+    data/s3-credentials, and boto3 works with exactly what it printed."""
+    boto3 = pytest.importorskip("boto3")
+    data = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dstore", "up", "--port", "0", "--data-dir", str(data)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        while line and not line.startswith("S3 API:"):
+            line = proc.stdout.readline()
+        said = dict(w.split("=", 1) for w in line.replace(";", " ").split() if "=" in w)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=line.split()[2],
+            aws_access_key_id=said["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=said["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
+        s3.create_bucket(Bucket="first")
+        s3.put_object(Bucket="first", Key="hello.txt", Body=b"hello")
+        assert s3.get_object(Bucket="first", Key="hello.txt")["Body"].read() == b"hello"
+        credentials = data / "s3-credentials"
+        assert credentials.read_text().strip() == (
+            f"{said['AWS_ACCESS_KEY_ID']}:{said['AWS_SECRET_ACCESS_KEY']}"
+        )
+        assert credentials.stat().st_mode & 0o777 == 0o600
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+
+
 def test_a_reader_that_goes_away_ends_get_quietly(local_cluster: str, tmp_path: Path) -> None:
     source = tmp_path / "big.bin"
     source.write_bytes(os.urandom(8 * 1024 * 1024))

@@ -225,6 +225,7 @@ class Up:
         self.root.chmod(0o755)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.s3_port = _free_port()
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> Up:
@@ -232,13 +233,33 @@ class Up:
         env.pop("DSTORE_METADATA", None)
         argv = [sys.executable, "-m", "dstore", "up", "--gateways", "2", "--nodes", "3"]
         argv += ["--port", str(self.port), "--data-dir", str(self.root / "data")]
+        argv += ["--s3-port", str(self.s3_port)]
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert "dstore is up" in line and "2 gateways" in line, line
+        while not line.startswith("S3 API:"):
+            line = self.proc.stdout.readline()
+            assert line, "dstore up said nothing of the S3 API"
+        assert f"127.0.0.1:{self.s3_port}" in line, line
         return self
+
+    def s3(self) -> Any:
+        """A boto3 client of the S3 API haproxy serves, with the key ``dstore up`` made."""
+        import boto3
+        from botocore.config import Config
+
+        access, secret = (self.root / "data" / "s3-credentials").read_text().strip().split(":")
+        return boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{self.s3_port}",
+            aws_access_key_id=access,
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+        )
 
     def gateway_pids(self) -> dict[str, int]:
         """gateway-N -> pid, from /proc (the processes ``dstore up`` started)."""
@@ -310,6 +331,13 @@ async def test_dstore_up_with_two_gateways_behind_haproxy(up: Up) -> None:
             assert sorted(g["id"] for g in info["gateways"]) == ["gateway-1", "gateway-2"]
             assert sum(g["leads"] for g in info["gateways"]) == 1
         assert seen == {"gateway-1", "gateway-2"}  # (least connections: each gets some)
+        # the S3 API through haproxy too: each request to either gateway, the same bytes
+        s3 = up.s3()
+        await asyncio.to_thread(s3.create_bucket, Bucket="both")
+        for i in range(4):
+            await asyncio.to_thread(s3.put_object, Bucket="both", Key=f"k{i}", Body=body[:i])
+        listed = await asyncio.to_thread(s3.list_objects_v2, Bucket="both")
+        assert [c["Size"] for c in listed["Contents"]] == [0, 1, 2, 3]
         pids = up.gateway_pids()
         assert sorted(pids) == ["gateway-1", "gateway-2"]
         os.kill(pids["gateway-1"], signal.SIGKILL)
@@ -321,6 +349,8 @@ async def test_dstore_up_with_two_gateways_behind_haproxy(up: Up) -> None:
             await asyncio.sleep(0.1)
         async with session.get(f"{up.url}/v1/cluster") as r:
             assert (await r.json())["gateway"]["id"] == "gateway-2"
+        got = await asyncio.to_thread(s3.get_object, Bucket="both", Key="k3")
+        assert got["Body"].read() == body[:3]
     assert up.stop() == 0
     assert _none_running(up.root)  # nothing left: gateways, nodes, haproxy, PostgreSQL
 
@@ -343,8 +373,13 @@ def test_the_haproxy_configuration_streams_and_checks_readiness() -> None:
     assert "http-buffer-request" not in http  # bodies stream, never wait whole in haproxy
     tls = haproxy_config(8443, ["127.0.0.1:1"], tls=True)
     assert "mode tcp" in tls and "check-ssl verify none" in tls
+    # the S3 listeners behind a port of their own, each checked on its gateway's /readyz
+    s3 = haproxy_config(
+        8080, ["127.0.0.1:1", "127.0.0.1:2"], s3=(9000, ["127.0.0.1:3", "127.0.0.1:4"])
+    )
+    assert "bind 127.0.0.1:9000" in s3 and "server s3-2 127.0.0.1:4 check port 2" in s3
     if shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists():
-        for text in (http, tls):  # and haproxy itself accepts both
+        for text in (http, tls, s3):  # and haproxy itself accepts them
             with tempfile.NamedTemporaryFile("w", suffix=".cfg") as cfg:
                 cfg.write(text)
                 cfg.flush()
