@@ -308,6 +308,8 @@ MIGRATIONS: tuple[str, ...] = (
     MULTIPART_TABLES.format(
         collate='COLLATE "C"', real="DOUBLE PRECISION", integer="BIGINT", rowid=""
     ),
+    # 7: files by version, for the foreign key check of each purged version (as SQLite's)
+    "CREATE INDEX files_version ON files (version_id);",
 )
 LATEST = len(MIGRATIONS)
 

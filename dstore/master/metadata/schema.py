@@ -110,6 +110,9 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 6: S3 multipart uploads and their parts
     MULTIPART_TABLES.format(collate="", real="REAL", integer="INTEGER", rowid=" WITHOUT ROWID"),
+    # 7: files by version: the foreign key check of every purged version looked for a
+    # file naming it by scanning all of them (20 000 overwritten files took 12 s to purge)
+    "CREATE INDEX files_version ON files (version_id);",
 )
 
 LATEST = len(MIGRATIONS)
