@@ -17,6 +17,7 @@ BENCHES = [
     "repair",
     "startup",
     "engines",
+    "s3",
 ]
 
 

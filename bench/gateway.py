@@ -74,6 +74,7 @@ class Up:
         self.gateways = int(self.env.pop("DSTORE_GATEWAYS", "1"))
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
+        self.s3_url = ""  # (the S3 API's, when it is on)
         self.postgres: PostgresServer | None = None
 
     async def __aenter__(self) -> Up:
@@ -112,6 +113,10 @@ class Up:
         assert self.proc.stdout is not None
         line = await asyncio.to_thread(self.proc.stdout.readline)
         self.url = line.split()[3]
+        while line and not line.startswith("try:"):  # (what else it says, up to its hint)
+            line = await asyncio.to_thread(self.proc.stdout.readline)
+            if line.startswith("S3 API:"):
+                self.s3_url = line.split()[2]
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as session:
             for _ in range(100):
                 async with session.get(f"{self.url}/readyz") as r:

@@ -88,8 +88,17 @@ class Md5Chain:
         self.hasher = hashlib.md5()
         self._last: asyncio.Future[None] | None = None
 
-    def add(self, pieces: Sequence[memoryview | bytes]) -> None:
+    SMALL = 64 << 10  # a chunk this small is hashed at once, on the loop (no thread hop)
+
+    def add(self, pieces: Sequence[memoryview | bytes]) -> asyncio.Future[None] | None:
+        """Hash a chunk's pieces after those added before; the hashing, if it was not
+        done at once (the chunk's pieces are held until it is: the caller keeps the
+        chunk's share of the memory budget until then)."""
+        if (self._last is None or self._last.done()) and sum(map(len, pieces)) <= self.SMALL:
+            self._update(pieces)
+            return None
         self._last = asyncio.ensure_future(self._after(self._last, list(pieces)))
+        return self._last
 
     async def _after(
         self, previous: asyncio.Future[None] | None, pieces: list[memoryview | bytes]
@@ -98,7 +107,7 @@ class Md5Chain:
             await previous
         await asyncio.to_thread(self._update, pieces)
 
-    def _update(self, pieces: list[memoryview | bytes]) -> None:
+    def _update(self, pieces: Sequence[memoryview | bytes]) -> None:
         for piece in pieces:
             self.hasher.update(piece)
 
@@ -112,6 +121,11 @@ class Md5Chain:
         if self._last is not None:
             self._last.cancel()
             self._last.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+async def _then(first: Awaitable[None], second: asyncio.Future[None]) -> None:
+    await first
+    await second
 
 
 def etag_of(checksums: list[bytes]) -> str:
@@ -345,9 +359,10 @@ class Uploader:
                         intent = await self._begin(upload, chunk, held)
                     assert upload.version_id is not None
                     checksums[chunk.index] = chunk.checksum
-                    if md5 is not None:
-                        md5.add(chunk.pieces)
+                    hashed = md5.add(chunk.pieces) if md5 is not None else None
                     replicate = self._replicate(upload.version_id, chunk, trace, held, intent)
+                    if hashed is not None:  # (its bytes held, and charged, until hashed)
+                        replicate = _then(replicate, hashed)
                     if here:
                         holding = 0
                         try:

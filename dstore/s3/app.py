@@ -52,7 +52,9 @@ from dstore.gateway import content, handlers, keys
 from dstore.gateway.listing import BEYOND, walk
 from dstore.s3 import multipart, xml
 from dstore.s3.request import (
+    BUCKETS,
     VERIFIED,
+    KnownBuckets,
     body_of,
     content_headers,
     copy_source,
@@ -102,6 +104,7 @@ def create_s3_app(gateway: web.Application) -> web.Application:
     app = web.Application(middlewares=[errors, authenticate])
     app[GATEWAY] = gateway
     app[KEYS] = {k.access_key: k for k in config.s3_keys or []}
+    app[BUCKETS] = KnownBuckets()
     app[keys.CONFIG] = config
     app[keys.HTTP] = gateway[keys.HTTP]
     app[keys.META] = gateway[keys.META]
@@ -221,7 +224,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             await require_bucket(request, bucket)
             return web.Response(status=200)
         if method == "DELETE":
-            await request.app[keys.META].delete_bucket(bucket)
+            try:
+                await request.app[keys.META].delete_bucket(bucket)
+            finally:  # (a request that looked meanwhile saw it still there)
+                request.app[BUCKETS].forget(bucket)
             return web.Response(status=204)
         if method == "POST" and "delete" in query:
             return await delete_objects(request, bucket)

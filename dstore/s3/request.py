@@ -7,6 +7,7 @@ source)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -23,7 +24,37 @@ from dstore.s3 import checksums
 from dstore.s3.chunked import Decoded, decode
 from dstore.s3.sigv4 import STREAMING, UNSIGNED, S3Error, Verified
 
+
+class KnownBuckets:
+    """Buckets found to exist in the last ``ttl`` seconds. Nearly every request names a
+    bucket that exists, and asking the metadata each time costs a round trip. A bucket
+    deleted through another gateway may still be written here for ``ttl`` seconds (S3's
+    own bucket operations are eventually consistent too); one deleted here is forgotten
+    at once."""
+
+    def __init__(self, ttl: float = 2.0, limit: int = 10_000) -> None:
+        self.ttl = ttl
+        self.limit = limit
+        self._seen: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"<KnownBuckets {len(self._seen)} within {self.ttl:g} s>"
+
+    def known(self, name: str) -> bool:
+        seen = self._seen.get(name)
+        return seen is not None and time.monotonic() - seen < self.ttl
+
+    def saw(self, name: str) -> None:
+        if len(self._seen) >= self.limit:
+            self._seen.clear()
+        self._seen[name] = time.monotonic()
+
+    def forget(self, name: str) -> None:
+        self._seen.pop(name, None)
+
+
 VERIFIED = web.RequestKey("s3_verified", Verified)  # the request's checked signature
+BUCKETS = web.AppKey("s3_buckets", KnownBuckets)
 UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
 
 
@@ -49,8 +80,12 @@ def copy_source(header: str) -> tuple[str, str]:
 
 
 async def require_bucket(request: web.Request, bucket: str) -> None:
+    known = request.app[BUCKETS]
+    if known.known(bucket):
+        return
     if not await request.app[keys.META].bucket_exists(bucket):
         raise NoSuchBucket(f"no bucket named {bucket!r}")
+    known.saw(bucket)
 
 
 @dataclass(slots=True)

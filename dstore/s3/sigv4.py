@@ -16,6 +16,7 @@ words. The test vectors are AWS's published examples (tests/unit/test_sigv4.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -108,6 +109,7 @@ def string_to_sign(amz_date: str, credential_scope: str, request: str) -> str:
     return f"{ALGORITHM}\n{amz_date}\n{credential_scope}\n{digest}"
 
 
+@functools.lru_cache(maxsize=256)  # (one a day per key: four HMACs a request saved)
 def signing_key(secret: str, date: str, region: str, service: str = "s3") -> bytes:
     key = _hmac(("AWS4" + secret).encode(), date)
     for part in (region, service, "aws4_request"):
@@ -226,8 +228,26 @@ def parse_presigned(query: Mapping[str, str]) -> Claim:
 
 
 def request_time(amz_date: str) -> float:
+    """Seconds since the epoch of an ``X-Amz-Date`` (``YYYYMMDDTHHMMSSZ``), read by hand:
+    ``strptime`` took a twentieth of a small GET's time."""
+    if not (
+        len(amz_date) == 16
+        and amz_date[8] == "T"
+        and amz_date[15] == "Z"
+        and (digits := amz_date[:8] + amz_date[9:15]).isascii()
+        and digits.isdigit()
+    ):
+        raise S3Error("AccessDenied", f"a malformed X-Amz-Date: {amz_date!r}")
     try:
-        when = datetime.strptime(amz_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        when = datetime(
+            int(digits[0:4]),
+            int(digits[4:6]),
+            int(digits[6:8]),
+            int(digits[8:10]),
+            int(digits[10:12]),
+            int(digits[12:14]),
+            tzinfo=UTC,
+        )
     except ValueError:
         raise S3Error("AccessDenied", f"a malformed X-Amz-Date: {amz_date!r}") from None
     return when.timestamp()
