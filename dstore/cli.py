@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import signal
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -203,6 +204,11 @@ async def _client_main(args: argparse.Namespace) -> int:
             if output == "-":
                 await client.get(args.name, sys.stdout.buffer, progress=progress)
                 sys.stdout.buffer.flush()
+            elif _is_special(output):
+                # a device or a pipe (/dev/null, a FIFO): written to as it is; a partial
+                # file renamed over it would replace it with a plain file
+                with open(output, "wb") as sink:
+                    await client.get(args.name, sink, progress=progress)
             else:
                 tmp = f"{output}.dstore-partial"
                 try:
@@ -233,6 +239,15 @@ async def _client_main(args: argparse.Namespace) -> int:
         elif args.command == "cluster":
             print(json.dumps(await client.cluster(), indent=2))
     return 0
+
+
+def _is_special(path: str) -> bool:
+    """Whether ``path`` exists as something other than a plain file or a folder."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

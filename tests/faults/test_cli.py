@@ -119,6 +119,28 @@ def test_dstore_up_serves_s3_with_the_key_it_prints(tmp_path: Path) -> None:
         assert proc.wait(30) == 0
 
 
+def test_get_into_a_pipe_or_device_writes_to_it_and_leaves_it_one(
+    local_cluster: str, tmp_path: Path
+) -> None:
+    """``-o /dev/null`` or a FIFO: the bytes go into it, and it stays what it was (a
+    partial file renamed over it once turned /dev/null into a plain file)."""
+    import stat
+    import threading
+
+    data = os.urandom(300_000)
+    assert dstore("put", "-", "pipe.bin", url=local_cluster, stdin=data).returncode == 0
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    result = dstore("get", "pipe.bin", "-o", str(fifo), url=local_cluster)
+    reader.join(30)
+    assert result.returncode == 0, result.stderr
+    assert got == [data] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert not list(tmp_path.glob("*.dstore-partial"))
+
+
 def test_a_reader_that_goes_away_ends_get_quietly(local_cluster: str, tmp_path: Path) -> None:
     source = tmp_path / "big.bin"
     source.write_bytes(os.urandom(8 * 1024 * 1024))
