@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import mimetypes
 import os
 import signal
 import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,11 @@ def _build_parser() -> argparse.ArgumentParser:
         " -1: off); its key pair is made in DATA_DIR/s3-credentials",
     )
     up.add_argument(
+        "--follow",
+        action="store_true",
+        help="show every process's log here, interleaved, each line prefixed with its process",
+    )
+    up.add_argument(
         "--gateways",
         type=int,
         default=1,
@@ -97,20 +104,43 @@ def _build_parser() -> argparse.ArgumentParser:
         help="postgresql:// URL of the target (default: DSTORE_METADATA)",
     )
 
-    def client_command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--url", default=os.environ.get("DSTORE_URL", "http://127.0.0.1:8080"))
-        p.add_argument("--token", default=os.environ.get("DSTORE_TOKEN"))
+    def client_options(p: argparse.ArgumentParser, default: Any) -> None:
+        """--url, --token, --ca and --json, accepted before the command and after it (the
+        command's own, given, win): ``default`` is the top parser's defaults, or
+        SUPPRESS on a command's (so an option not given there keeps the top one)."""
+
+        def given(value: Any) -> Any:
+            return argparse.SUPPRESS if default is argparse.SUPPRESS else value
+
+        p.add_argument(
+            "--url", default=given(os.environ.get("DSTORE_URL", "http://127.0.0.1:8080"))
+        )
+        p.add_argument("--token", default=given(os.environ.get("DSTORE_TOKEN")))
         p.add_argument(
             "--ca",
-            default=os.environ.get("DSTORE_CA"),
+            default=given(os.environ.get("DSTORE_CA")),
             help="CA file an https gateway is checked against (dstore up --tls: data/tls/ca.pem)",
         )
+        p.add_argument(
+            "--json",
+            action="store_true",
+            default=given(False),
+            help="print JSON for scripts instead of tables",
+        )
+
+    client_options(parser, None)
+
+    def client_command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        client_options(p, argparse.SUPPRESS)
         return p
 
     put = client_command("put", "upload a file (FILE or - for stdin)")
     put.add_argument("source")
     put.add_argument("name", nargs="?")
+    put.add_argument(
+        "--content-type", default=None, help="the file's type (default: from its name)"
+    )
     get = client_command("get", "download a file")
     get.add_argument("name")
     get.add_argument("-o", "--output", default=None, help="FILE or - for stdout")
@@ -122,11 +152,19 @@ def _build_parser() -> argparse.ArgumentParser:
         default="",
         help="roll names up to the next DELIMITER into folders (-d / lists one level)",
     )
+    ls.add_argument("-l", "--long", action="store_true", help="sizes, ages and ETags too")
     rm = client_command("rm", "delete a file")
     rm.add_argument("name")
     stat = client_command("stat", "show a file's metadata")
     stat.add_argument("name")
     client_command("cluster", "show the storage nodes")
+    fsck = client_command(
+        "fsck", "check files against the nodes: under-replicated, corrupt, lost (read-only)"
+    )
+    fsck.add_argument("prefix", nargs="?", default="")
+    fsck.add_argument(
+        "--verify", action="store_true", help="read every replica and check its checksum too"
+    )
     return parser
 
 
@@ -180,24 +218,42 @@ def _serve(role: str, argv: Sequence[str]) -> int:
     return 0
 
 
-async def _client_main(args: argparse.Namespace) -> int:
-    from dstore.client import Client, Progress
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, ensure_ascii=False, indent=None if "\n" not in str(data) else 2))
 
+
+async def _client_main(args: argparse.Namespace) -> int:
+    from dstore import present
+    from dstore.client import Client
+    from dstore.present import Progress
+
+    out = present.console()
     async with Client(args.url, args.token, ca=Path(args.ca) if args.ca else None) as client:
         if args.command == "put":
             name = args.name or (None if args.source == "-" else os.path.basename(args.source))
             if not name:
                 return _fail("a NAME is needed when reading from stdin", 2)
+            content_type = args.content_type or _guess_type(
+                args.source if args.source != "-" else name
+            )
+            started = time.monotonic()
             if args.source == "-":
                 progress = Progress(f"put {name}", None)
-                result = await client.put(name, sys.stdin.buffer, progress=progress)
+                result = await client.put(
+                    name, sys.stdin.buffer, progress=progress, content_type=content_type
+                )
             else:
                 with open(args.source, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
                     progress = Progress(f"put {name}", size)
-                    result = await client.put(name, f, size=size, progress=progress)
+                    result = await client.put(
+                        name, f, size=size, progress=progress, content_type=content_type
+                    )
             progress.close()
-            print(json.dumps(result))
+            if args.json:
+                _print_json(result)
+            else:
+                out.print(present.put_line(result, time.monotonic() - started), markup=False)
         elif args.command == "get":
             output = args.output or os.path.basename(args.name) or "download"
             progress = Progress(f"get {args.name}", None)
@@ -220,25 +276,76 @@ async def _client_main(args: argparse.Namespace) -> int:
                         os.unlink(tmp)
             progress.close()
         elif args.command == "ls":
-            after = ""
-            while True:
-                page = await client.list(args.prefix, after, delimiter=args.delimiter)
-                rows: list[tuple[str, str]] = [(p, "DIR") for p in page.get("prefixes", [])]
-                rows += [(f["name"], str(f["size"])) for f in page["files"]]
-                for entry, shown in sorted(rows):  # (folders among the names, in order)
-                    print(f"{shown:>14}  {entry}")
-                if not page["next"]:
-                    break
-                after = page["next"]
+            await _list(client, args, out)
         elif args.command == "rm":
             await client.delete(args.name)
         elif args.command == "stat":
             headers = await client.head(args.name)
-            keep = ("Content-Length", "ETag", "Last-Modified", "Content-Type")
-            print(json.dumps({"name": args.name} | {k: headers.get(k) for k in keep}))
+            if args.json:
+                keep = ("Content-Length", "ETag", "Last-Modified", "Content-Type")
+                _print_json({"name": args.name} | {k: headers.get(k) for k in keep})
+            else:
+                present.stat_view(args.name, headers, out)
         elif args.command == "cluster":
-            print(json.dumps(await client.cluster(), indent=2))
+            info = await client.cluster()
+            if args.json:
+                print(json.dumps(info, indent=2, ensure_ascii=False))
+            else:
+                present.cluster_view(info, out)
+        elif args.command == "fsck":
+            return await _fsck(client, args, out)
     return 0
+
+
+def _guess_type(path: str) -> str | None:
+    """A file's Content-Type from its name (``photo.jpg`` → ``image/jpeg``); None if
+    unknown (the gateway then stores application/octet-stream)."""
+    guessed, encoding = mimetypes.guess_type(path, strict=False)
+    return None if encoding else guessed
+
+
+async def _list(client: Any, args: argparse.Namespace, out: Any) -> None:
+    from dstore import present
+
+    after = ""
+    everything: list[dict[str, Any]] = []
+    while True:
+        page = await client.list(args.prefix, after, delimiter=args.delimiter)
+        rows = [{"prefix": p} for p in page.get("prefixes", [])] + list(page["files"])
+        rows.sort(key=lambda r: r.get("prefix") or r["name"])  # (folders among the names)
+        if args.json or args.long:
+            everything.extend(rows)
+        else:
+            for row in rows:
+                shown = "DIR" if "prefix" in row else str(row["size"])
+                print(f"{shown:>14}  {row.get('prefix') or row['name']}")
+        if not page["next"]:
+            break
+        after = page["next"]
+    if args.json:
+        _print_json(everything)
+    elif args.long:
+        present.listing_view(everything, out)
+
+
+async def _fsck(client: Any, args: argparse.Namespace, out: Any) -> int:
+    """``dstore fsck``: exit status 2 when a file is unrecoverable."""
+    from dstore import present
+
+    files: list[dict[str, Any]] = []
+    totals: dict[str, Any] = {}
+    async for line in client.fsck(args.prefix, verify=args.verify):
+        if args.json:
+            _print_json(line)
+        if "file" in line:
+            files.append(line["file"])
+        else:
+            totals = line["totals"]
+    if not totals:
+        return _fail("the gateway's fsck report ended early")
+    if not args.json:
+        present.fsck_view(files, totals, out)
+    return 2 if totals["unrecoverable"] else 0
 
 
 def _is_special(path: str) -> bool:
@@ -277,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     gateways=args.gateways,
                     metadata=args.metadata,
                     s3_port=_s3_port(args.s3_port, args.port),
+                    follow=args.follow,
                 )
             )
         except KeyboardInterrupt:

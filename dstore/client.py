@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -12,9 +11,11 @@ from typing import IO, Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from dstore.errors import ApiError, DstoreError
+from dstore.present import Progress
 from dstore.tls import TlsFiles, client_context
 
 PIECE = 1 << 20
@@ -27,41 +28,6 @@ def file_url(base: str, name: str) -> URL:
     if escaped in (".", ".."):
         escaped = escaped.replace(".", "%2E")
     return URL(f"{base.rstrip('/')}/v1/files/{escaped}", encoded=True)
-
-
-class Progress:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
-
-    def __init__(self, label: str, total: int | None, enabled: bool | None = None) -> None:
-        self.label = label
-        self.total = total
-        self.done = 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self._start = time.monotonic()
-        self._last = 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and now - self._last > 0.1:
-            self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        rate = self.done / max(now - self._start, 1e-6) / 1e6
-        if self.total:
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(frac * 30)
-            text = f"\r{self.label} [{bar:<30}] {frac * 100:5.1f}% {rate:7.1f} MB/s"
-        else:
-            text = f"\r{self.label} {self.done / 1e6:10.1f} MB {rate:7.1f} MB/s"
-        sys.stderr.write(text)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic())
-            sys.stderr.write("\n")
 
 
 class Client:
@@ -123,6 +89,7 @@ class Client:
         *,
         size: int | None = None,
         progress: Progress | None = None,
+        content_type: str | None = None,
     ) -> Any:
         async def body() -> AsyncIterator[bytes]:
             while True:
@@ -134,6 +101,8 @@ class Client:
                 yield piece
 
         headers = {"Content-Length": str(size)} if size is not None else {}
+        if content_type:
+            headers["Content-Type"] = content_type
         return await self._request("PUT", file_url(self.url, name), data=body(), headers=headers)
 
     async def get(self, name: str, sink: IO[bytes], *, progress: Progress | None = None) -> int:
@@ -173,6 +142,23 @@ class Client:
 
     async def cluster(self) -> Any:
         return await self._request("GET", f"{self.url}/v1/cluster")
+
+    async def fsck(self, prefix: str, *, verify: bool = False) -> AsyncIterator[Any]:
+        """The gateway's fsck report, a JSON line at a time as it finds them."""
+        params = {"prefix": prefix, "verify": "1" if verify else "0"}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        try:
+            async with self._session.get(
+                f"{self.url}/v1/fsck", params=params, timeout=timeout
+            ) as response:
+                await self._check(response)
+                async for line in response.content:
+                    if line.strip():
+                        yield orjson.loads(line)
+        except aiohttp.ClientConnectorError as exc:
+            raise self._unreachable(exc) from exc
+        except aiohttp.ClientError as exc:
+            raise DstoreError(f"fsck failed: {exc}", code="unreachable") from exc
 
 
 async def join_cluster(

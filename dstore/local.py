@@ -9,11 +9,13 @@ database (``--metadata``, or a private server under ``data/pg``), behind haproxy
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
 import string
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from dstore.auth import AuthToken, S3Key, Scope
 from dstore.balancer import haproxy_binary, start_haproxy
 from dstore.config import GatewayConfig, load
 from dstore.errors import DstoreError
+from dstore.follow import Follower
 from dstore.gateway.app import s3_runner, start_gateway
 from dstore.log import configure
 from dstore.master.metadata.postgres import redacted
@@ -138,7 +141,10 @@ async def run_local_cluster(
     gateways: int = 1,
     metadata: str | None = None,
     s3_port: int | None = None,
+    follow: bool = False,
 ) -> int:
+    """``follow``: every process's log (the gateway's too, then in a file) shown here,
+    interleaved, each line prefixed with its process."""
     root = Path(data_dir).resolve()
     configure("auto", "info")
     secret = cluster_secret(root)
@@ -163,6 +169,7 @@ async def run_local_cluster(
                 metadata,
                 procs,
                 s3_port,
+                follow,
             )
         # the rest of the gateway's settings come from DSTORE_* variables, as for serve
         config = load(
@@ -194,7 +201,12 @@ async def run_local_cluster(
             },
         )
         # the gateway's own log settings (DSTORE_LOG_LEVEL, DSTORE_LOG_FORMAT) from here on
-        configure(config.log_format, config.log_level, cache=True)
+        logs = {f"storage-{i}": root / "logs" / f"storage-{i}.log" for i in range(1, nodes + 1)}
+        gateway_log = None
+        if follow:
+            logs = {"gateway": root / "logs" / "gateway.log"} | logs
+            gateway_log = open(logs["gateway"], "ab", buffering=0)  # (closed at the end)
+        configure(config.log_format, config.log_level, cache=True, file=gateway_log)
         runner, bound = await start_gateway(config)
         print(
             f"dstore is up: {config.scheme}://127.0.0.1:{bound}  ({nodes} storage nodes, "
@@ -212,12 +224,41 @@ async def run_local_cluster(
         s3 = s3_runner(runner)
         if s3 is not None:
             _say_s3(config.scheme, s3.addresses[0][1], root)
+        _say_logs(logs, follow, gateway_here=not follow)
         print(TRY, flush=True)
-        await _until_stopped()
+        async with _following(logs if follow else None):
+            await _until_stopped()
         await runner.cleanup()
+        if gateway_log is not None:
+            gateway_log.close()
         return 0
     finally:
         await _stop_all(procs)
+
+
+def _say_logs(logs: dict[str, Path], follow: bool, *, gateway_here: bool) -> None:
+    where = ", ".join(f"{name} {path}" for name, path in logs.items())
+    here = "the gateway's here; " if gateway_here else ""
+    more = (
+        " (shown below as they come: --follow)"
+        if follow
+        else " (dstore up --follow shows them here)"
+    )
+    print(f"logs: {here}{where}{more}", flush=True)
+
+
+@contextlib.asynccontextmanager
+async def _following(logs: dict[str, Path] | None) -> AsyncIterator[None]:
+    """With ``logs``, a ``Follower`` of them runs until the block ends."""
+    if logs is None:
+        yield
+        return
+    task = asyncio.create_task(Follower(logs).run(), name="dstore-follow")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _say_s3(scheme: str, port: int, root: Path) -> None:
@@ -273,6 +314,7 @@ async def _run_behind_haproxy(
     metadata: str | None,
     procs: list[asyncio.subprocess.Process],
     s3_port: int | None = None,
+    follow: bool = False,
 ) -> int:
     """N gateway processes on one PostgreSQL database and haproxy in front of them on
     ``port`` (and of their S3 listeners on ``s3_port``, unless None); runs until SIGTERM
@@ -311,7 +353,12 @@ async def _run_behind_haproxy(
             f" data in {root})",
             flush=True,
         )
-        print(f"metadata: {where}; logs in {root / 'logs'}", flush=True)
+        print(f"metadata: {where}", flush=True)
+        logs = {
+            f"storage-{i}": root / "logs" / f"storage-{i}.log" for i in range(1, len(storage) + 1)
+        }
+        logs |= {f"gateway-{i}": root / "logs" / f"gateway-{i}.log" for i in range(1, gateways + 1)}
+        logs["haproxy"] = root / "logs" / "haproxy.log"
         if shared.tls is not None:
             print(
                 f"TLS with a private CA: export DSTORE_URL=https://127.0.0.1:{port}"
@@ -322,8 +369,10 @@ async def _run_behind_haproxy(
             print(f"admin token (all scopes): export DSTORE_TOKEN={shared.admin_token}", flush=True)
         if s3_port is not None:
             _say_s3(scheme, s3_port, root)
+        _say_logs(logs, follow, gateway_here=False)
         print(TRY, flush=True)
-        await _until_stopped()
+        async with _following(logs if follow else None):
+            await _until_stopped()
         return 0
     finally:
         await _stop_all(procs)

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
@@ -41,10 +41,13 @@ class UtcStamp:
         return event_dict
 
 
-def configure(fmt: str = "auto", level: str = "info", *, cache: bool = False) -> None:
+def configure(
+    fmt: str = "auto", level: str = "info", *, cache: bool = False, file: BinaryIO | None = None
+) -> None:
     """``cache``: each logger binds its configuration once, at first use (servers, which
-    never reconfigure); tests reconfigure to capture lines, so they leave it off."""
-    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    never reconfigure); tests reconfigure to capture lines, so they leave it off.
+    ``file``: JSON lines into it instead of stderr (``dstore up --follow``)."""
+    use_console = file is None and (fmt == "console" or (fmt == "auto" and sys.stderr.isatty()))
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer()
         if use_console
@@ -53,7 +56,7 @@ def configure(fmt: str = "auto", level: str = "info", *, cache: bool = False) ->
     factory: structlog.typing.WrappedLogger = (
         structlog.PrintLoggerFactory(file=sys.stderr)
         if use_console
-        else structlog.BytesLoggerFactory(file=sys.stderr.buffer)
+        else structlog.BytesLoggerFactory(file=file if file is not None else sys.stderr.buffer)
     )
     structlog.configure(
         processors=[

@@ -21,6 +21,7 @@ from dstore.gateway.cache import ChunkCache, inline_key
 from dstore.gateway.counters import HttpCounters
 from dstore.gateway.download import Downloader
 from dstore.gateway.metrics import metrics
+from dstore.gateway.traffic import Traffic
 from dstore.gateway.upload import Uploader, UploadSettings
 from dstore.master.cluster import Cluster, Connector, open_tcp, open_tls
 from dstore.master.inline_scrub import InlineScrubber
@@ -71,8 +72,9 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
     app = web.Application(middlewares=middlewares)
     app[keys.CONFIG] = config
     app[keys.TOKENS] = tokens
-    app[keys.HTTP] = HttpCounters()
-    app[keys.S3_HTTP] = HttpCounters()
+    app[keys.TRAFFIC] = traffic = Traffic()
+    app[keys.HTTP] = HttpCounters(traffic)
+    app[keys.S3_HTTP] = HttpCounters(traffic)
     app.on_response_prepare.append(handlers.add_response_headers)
     app[keys.SIDE_RUNNERS] = []
     app.on_shutdown.append(_stop_side_runners)
@@ -205,6 +207,11 @@ def create_app(config: GatewayConfig, *, connector: Connector | None = None) -> 
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/stats", handlers.stats)
+    app.router.add_get("/v1/fsck", handlers.fsck)
+    app.router.add_get("/ui", handlers.ui)
+    app.router.add_get("/ui/", handlers.ui)
+    app.router.add_get("/ui/{name}", handlers.ui)
     return app
 
 

@@ -9,6 +9,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -54,6 +55,7 @@ from dstore.gateway.ranges import parse_range
 from dstore.gateway.upload import Expectations
 from dstore.log import log_context
 from dstore.master.cluster import NodeState
+from dstore.master.fsck import Fsck, report_json, totals_json
 from dstore.master.leader import REPAIR_STATE, SEEN
 from dstore.master.metadata import FileVersion, MemberState
 from dstore.master.replicas import Splicer, splicer_for, unsent
@@ -154,7 +156,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         finally:
             bytes_in = request.get(keys.REQUEST_BYTES_IN, 0)
             bytes_out = body_bytes(request, response)
-            request.app[keys.HTTP].observe(request.method, status, bytes_in, bytes_out)
+            seconds = time.monotonic() - started
+            request.app[keys.HTTP].observe(request.method, status, bytes_in, bytes_out, seconds)
             log.info(
                 "http_request",
                 method=request.method,
@@ -181,8 +184,10 @@ def body_bytes(request: web.Request, response: web.StreamResponse | None) -> int
     return response.content_length or 0
 
 
-_OPEN = frozenset({"/healthz", "/readyz"})
-_ADMIN = frozenset({"/v1/cluster/nodes", "/v1/cluster/nodes/{node_id}", "/v1/cluster/rebalance"})
+_OPEN = frozenset({"/healthz", "/readyz", "/ui", "/ui/", "/ui/{name}"})
+_ADMIN = frozenset(
+    {"/v1/cluster/nodes", "/v1/cluster/nodes/{node_id}", "/v1/cluster/rebalance", "/v1/fsck"}
+)
 _JOIN = "/v1/cluster/nodes"
 
 
@@ -624,6 +629,31 @@ async def list_files(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def fsck(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/fsck?prefix=P&verify=1&rate=MB``: the files under P whose chunks are
+    short of good replicas, one JSON line each as they are found, then a line of totals
+    (``dstore.master.fsck``). Read-only; ``verify`` reads every replica (at most ``rate``
+    MB/s)."""
+    app = request.app
+    verify = request.query.get("verify", "") in ("1", "true", "yes")
+    rate = _int_param(request, "rate", 50, 1, 100_000) * 1e6
+    checker = Fsck(
+        app[keys.META],
+        app[keys.UPLOADER].door,
+        app[keys.CLUSTER],
+        app[keys.CONFIG].replicas,
+        verify=verify,
+        rate=rate,
+    )
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    async for report in checker.run(request.query.get("prefix", "")):
+        await response.write(orjson.dumps({"file": report_json(report)}) + b"\n")
+    await response.write(orjson.dumps({"totals": totals_json(checker.totals)}) + b"\n")
+    await response.write_eof()
+    return response
+
+
 async def cluster_info(request: web.Request) -> web.StreamResponse:
     app = request.app
     files, size = await app[keys.META].totals()
@@ -652,6 +682,45 @@ async def cluster_info(request: web.Request) -> web.StreamResponse:
             "repair": repair,
         }
     )
+
+
+async def stats(request: web.Request) -> web.StreamResponse:
+    """The dashboard's charts: this gateway's recent traffic (both APIs)."""
+    return json_response({"traffic": request.app[keys.TRAFFIC].recent()})
+
+
+_UI = Path(__file__).parent / "ui"
+_UI_TYPES = {
+    "index.html": "text/html",
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
+}
+# the page's own files only: no inline script, nothing from elsewhere
+_UI_POLICY = (
+    "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
+    " frame-ancestors 'none'"
+)
+
+
+@functools.cache
+def _ui_file(name: str) -> bytes:
+    return (_UI / name).read_bytes()
+
+
+async def ui(request: web.Request) -> web.StreamResponse:
+    """The dashboard (``/ui/``): three small files shipped in the package. They hold no
+    data: the page asks ``/v1/cluster`` and ``/v1/stats``, with a token when auth is on."""
+    name = request.match_info.get("name") or "index.html"
+    if request.path == "/ui":
+        raise web.HTTPFound("/ui/")
+    if name not in _UI_TYPES:
+        raise FileNotFound(f"no dashboard file {name!r}")
+    headers = {
+        "Content-Type": f"{_UI_TYPES[name]}; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "Content-Security-Policy": _UI_POLICY,
+    }
+    return web.Response(body=_ui_file(name), headers=headers)
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:

@@ -9,6 +9,7 @@ from dstore.config import GatewayConfig
 from dstore.gateway.budget import MemoryBudget
 from dstore.gateway.counters import HttpCounters
 from dstore.gateway.download import Downloader
+from dstore.gateway.traffic import Traffic
 from dstore.gateway.upload import Uploader
 from dstore.master.cluster import Cluster
 from dstore.master.inline_scrub import InlineScrubber
@@ -21,6 +22,7 @@ from dstore.master.repair import Repairer
 CONFIG = web.AppKey("config", GatewayConfig)
 HTTP = web.AppKey("http_counters", HttpCounters)
 S3_HTTP = web.AppKey("s3_http_counters", HttpCounters)  # (the S3 listener's requests)
+TRAFFIC = web.AppKey("traffic", Traffic)  # both APIs' recent requests, for the dashboard
 META = web.AppKey("meta", MetadataStore)
 LOOKUP_CACHE = web.AppKey("lookup_cache", LookupCache)
 CLUSTER = web.AppKey("cluster", Cluster)

@@ -10,6 +10,7 @@ from collections import Counter
 from aiohttp import web
 
 from dstore.gateway import keys
+from dstore.histogram import Histogram
 from dstore.master.cluster import StorageMember
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -169,6 +170,34 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         "counter",
         "metadata transactions committed (one per group of operations)",
         [("", stats.transactions)],
+    )
+
+    def histograms(name: str, help: str, found: list[tuple[str, Histogram]]) -> None:
+        lines.append(f"# HELP {name} {help}")
+        lines.append(f"# TYPE {name} histogram")
+        for labels, histogram in found:
+            lines.extend(histogram.exposition(name, labels))
+
+    for api, counters in (("http", http), ("s3", s3)):
+        histograms(
+            f"dstore_{api}_request_duration_seconds",
+            f"{'HTTP' if api == 'http' else 'S3 API'} request durations by method and status class",
+            [(f'method="{m}",class="{c}"', h) for (m, c), h in sorted(counters.durations.items())],
+        )
+    addr_of = {m.node_id: m.addr for m in members}
+    door = app[keys.UPLOADER].door
+    histograms(
+        "dstore_node_op_duration_seconds",
+        "chunk operations on each node as this gateway sees them (put, get, delete)",
+        [
+            (f'node="{_label(n)}",addr="{_label(addr_of.get(n, ""))}",op="{op}"', h)
+            for (n, op), h in sorted(door.latency.items())
+        ],
+    )
+    histograms(
+        "dstore_node_fsync_duration_seconds",
+        "how long each node takes to make a write durable (fsync), as it reports",
+        [(node(m)[1:-1], m.fsyncs) for m in members if m.fsyncs is not None],
     )
     body = ("\n".join(lines) + "\n").encode()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import structlog
 
 from dstore.errors import DstoreError, IllegalTransition, NodeUnavailable
+from dstore.histogram import BUCKETS, Histogram
 from dstore.master.placement import NodeView, place
 from dstore.protocol import handshake
 from dstore.rpc.client import NodeClient
@@ -157,6 +158,7 @@ class StorageMember:
     # a node that never answers after a gateway start is repaired after the delay too
     down_since: float | None = field(default_factory=time.monotonic)
     scrub: dict[str, object] = field(default_factory=dict)
+    fsyncs: Histogram | None = None  # the node's write-durability latency, as it reports
     volumes: dict[str, int] = field(default_factory=dict)
     missed: int = 0
     # identities this address had before: a node that came back empty has lost the
@@ -200,6 +202,13 @@ class StorageMember:
             "replaced_ids": self.replaced_ids,
             "scrub": self.scrub,
             "volumes": self.volumes,
+            "fsync": None
+            if self.fsyncs is None
+            else {
+                "count": self.fsyncs.count,
+                "mean": self.fsyncs.mean(),
+                "p99": self.fsyncs.quantile(0.99),
+            },
         }
 
 
@@ -333,6 +342,8 @@ class Cluster:
             "compactions": stat.compactions,
             "punched": stat.punched,
         }
+        if len(stat.fsync_counts) == len(BUCKETS) + 1:  # (a node from before: none)
+            member.fsyncs = Histogram(stat.fsync_counts, stat.fsync_seconds)
         member.last_seen = time.time()
         if stat.corrupt_pending and self.epoch:  # (what the scrubber found: for the leader)
             await self._take_corrupt(member)

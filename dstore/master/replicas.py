@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -26,6 +27,7 @@ import structlog
 
 from dstore.chunk import Hasher
 from dstore.errors import ChunkCorrupt, DstoreError, NodeUnavailable, NoReplica
+from dstore.histogram import Histogram
 from dstore.master.cluster import Cluster, NodeState, StorageMember
 from dstore.protocol import ChunkList
 from dstore.rpc import splice
@@ -141,6 +143,8 @@ class Replicas:
         self.failovers = 0  # replica reads that failed and moved on
         self.relays = 0  # chunks spliced node to client whole
         self.resumes = 0  # relays cut part-way and finished from another replica
+        # how long each node takes, as this gateway sees it: (node id, put|get|delete)
+        self.latency: dict[tuple[str, str], Histogram] = {}
 
     def __repr__(self) -> str:
         return (
@@ -175,6 +179,12 @@ class Replicas:
             return await self.cluster.call(member, request)
         return await request
 
+    def _timed(self, node_id: str, op: str, started: float) -> None:
+        histogram = self.latency.get((node_id, op))
+        if histogram is None:
+            histogram = self.latency[(node_id, op)] = Histogram()
+        histogram.observe(time.monotonic() - started)
+
     def _member(self, node_id: str) -> StorageMember:
         member = self.cluster.by_id(node_id)
         if member is None:
@@ -196,6 +206,7 @@ class Replicas:
         """Put a chunk on a node whose space ``Cluster.place`` reserved; the reservation
         is given back, as used space if the put succeeded."""
         ok = False
+        started = time.monotonic()
         try:
             member = self._member(node_id)
             await self.cluster.call(
@@ -207,6 +218,7 @@ class Replicas:
             ok = True
         finally:
             self.cluster.release(node_id, length, stored=ok)
+            self._timed(node_id, "put", started)
 
     async def delete(
         self, chunk_id: str, node_id: str, *, retire: bool = False, trace: str = ""
@@ -217,11 +229,13 @@ class Replicas:
         member = self.cluster.by_id(node_id)
         if member is None or member.state is NodeState.DOWN:
             return False
+        started = time.monotonic()
         try:
             deleting = member.client.delete_chunk(
                 chunk_id, retire=retire, epoch=self.cluster.epoch, trace=trace
             )
             await self._on(member, deleting)
+            self._timed(node_id, "delete", started)
         except DstoreError as exc:
             log.info(
                 "chunk_delete_deferred", chunk=chunk_id, node=node_id, error=str(exc), trace=trace
@@ -267,8 +281,10 @@ class Replicas:
             member = self.cluster.by_id(node_id)
             if member is None:
                 continue
+            started = time.monotonic()
             try:
                 pieces = await self._on(member, self._read_from(member, span))
+                self._timed(node_id, "get", started)
                 if span.relay is not None and span.relay.start >= 0:
                     self.relays += 1
                 return pieces

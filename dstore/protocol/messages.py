@@ -218,6 +218,10 @@ class StatReply(Reply):
     # too: the gateway keeps the newest and never lets an older one undo it
     usage_seq: int = 0
     fence: int = 0  # the newest leadership epoch this node has heard of (since start)
+    # how long making writes durable took since start: counts per bucket of
+    # ``dstore.histogram.BUCKETS`` (one more above the last) and their sum in seconds
+    fsync_counts: list[int] = field(default_factory=list)
+    fsync_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

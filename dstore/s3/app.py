@@ -144,7 +144,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     status = response.status
     bytes_in = request.get(keys.REQUEST_BYTES_IN, 0)
     bytes_out = handlers.body_bytes(request, response)
-    request.app[GATEWAY][keys.S3_HTTP].observe(request.method, status, bytes_in, bytes_out)
+    seconds = time.monotonic() - started
+    request.app[GATEWAY][keys.S3_HTTP].observe(request.method, status, bytes_in, bytes_out, seconds)
     log.info(
         "s3_request",
         method=request.method,
@@ -153,7 +154,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         trace=trace,
         bytes_in=bytes_in,
         bytes_out=bytes_out,
-        ms=round((time.monotonic() - started) * 1000, 2),
+        ms=round(seconds * 1000, 2),
     )
     return response
 

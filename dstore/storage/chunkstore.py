@@ -44,6 +44,7 @@ from dstore.errors import (
     InvalidChunkId,
     OutOfSpace,
 )
+from dstore.histogram import Histogram
 from dstore.storage import disk
 from dstore.storage.volumes import SMALL_MAX, VOLUME_SIZE, Needle, Volumes
 
@@ -94,11 +95,15 @@ def _create(tmp: Path, header: bytes) -> int:
     return fd
 
 
-def _finish(fd: int, pieces: list[bytes | memoryview], tmp: Path, path: Path) -> None:
+def _finish(
+    fd: int, pieces: list[bytes | memoryview], tmp: Path, path: Path, fsyncs: Histogram
+) -> None:
     """Write the last pieces, make the chunk durable and visible under its name."""
     try:
         disk.write_all(fd, pieces)
+        started = time.monotonic()
         os.fsync(fd)
+        fsyncs.observe(time.monotonic() - started)
         # the bytes are on disk: drop them from the page cache, so it does not grow into
         # fresh memory (costly to touch, above all in a VM); OpenStack Swift does the same
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -162,7 +167,12 @@ class ChunkStore:
         self._capacity_setting = capacity
         self.capacity = capacity or 0
         self.small_max = small_max
-        self.volumes = Volumes(self.root / "volumes", self._locked, volume_size=volume_size)
+        # how long making a write durable takes (a chunk file's fsync, a volume's
+        # group-commit fdatasync): what a slow or failing disk shows first
+        self.fsyncs = Histogram()
+        self.volumes = Volumes(
+            self.root / "volumes", self._locked, volume_size=volume_size, fsyncs=self.fsyncs
+        )
         self._file_used = 0
         self._file_count = 0
         self.reserved = 0
@@ -393,7 +403,7 @@ class ChunkStore:
                 )
             elif fd >= 0:
                 closing, fd = fd, -1  # _finish closes it, whatever happens
-                await disk.to_thread_whole(_finish, closing, gathered, tmp, path)
+                await disk.to_thread_whole(_finish, closing, gathered, tmp, path, self.fsyncs)
             if existing is not None:
                 if existing != (length, checksum):
                     raise ChunkConflict(f"chunk {chunk_id} exists with other content")
@@ -414,7 +424,7 @@ class ChunkStore:
         write, fsync, rename and fsync the folder."""
         existing, fd = self._begin(path, tmp, header)
         if existing is None:
-            _finish(fd, pieces, tmp, path)
+            _finish(fd, pieces, tmp, path, self.fsyncs)
         return existing
 
     def _begin(self, path: Path, tmp: Path, header: bytes) -> tuple[tuple[int, bytes] | None, int]:

@@ -248,6 +248,8 @@ class StorageNode:
                     punched=store.volumes.punched,
                     usage_seq=self._usage_seq(),
                     fence=self.fence,
+                    fsync_counts=list(store.fsyncs.counts),
+                    fsync_seconds=store.fsyncs.sum,
                 )
             )
             return 0

@@ -58,6 +58,7 @@ from sortedcontainers import SortedDict  # type: ignore[import-untyped]
 
 from dstore.chunk import CHECKSUM_SIZE
 from dstore.chunk import checksum as digest
+from dstore.histogram import Histogram
 from dstore.storage import disk
 from dstore.threads import WorkerThread
 
@@ -282,9 +283,11 @@ class Volumes:
         locked: Callable[[str], AbstractAsyncContextManager[None]],
         *,
         volume_size: int = VOLUME_SIZE,
+        fsyncs: Histogram | None = None,
     ) -> None:
         self.folder = folder
         self.volume_size = volume_size
+        self.fsyncs = fsyncs if fsyncs is not None else Histogram()  # (group commits')
         self._locked = locked
         self.index: SortedDict = SortedDict()  # chunk id -> packed Needle
         self.live_bytes = 0
@@ -617,7 +620,9 @@ class Volumes:
         try:
             try:
                 disk.write_all(fd, pieces, start)
+                started = time.monotonic()
                 os.fdatasync(fd)
+                self.fsyncs.observe(time.monotonic() - started)
             except BaseException:
                 with suppress(OSError):
                     os.ftruncate(fd, start)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_cli_round_trips_a_file_through_dstore_up(local_cluster: str, tmp_path: 
     source = tmp_path / "source.bin"
     data = os.urandom(9 * 1024 * 1024 + 11)
     source.write_bytes(data)
-    put = dstore("put", str(source), "dir/file.bin", url=local_cluster)
+    put = dstore("--json", "put", str(source), "dir/file.bin", url=local_cluster)
     assert put.returncode == 0, put.stderr
     assert json.loads(put.stdout)["size"] == len(data)
     out = tmp_path / "out.bin"
@@ -69,9 +70,9 @@ def test_cli_round_trips_a_file_through_dstore_up(local_cluster: str, tmp_path: 
     assert to_stdout.stdout == b"from stdin"
     listing = dstore("ls", "dir/", url=local_cluster)
     assert listing.stdout.decode().split() == [str(len(data)), "dir/file.bin"]
-    stat = json.loads(dstore("stat", "piped", url=local_cluster).stdout)
+    stat = json.loads(dstore("stat", "piped", "--json", url=local_cluster).stdout)
     assert stat["Content-Length"] == "10" and stat["ETag"]
-    cluster = json.loads(dstore("cluster", url=local_cluster).stdout)
+    cluster = json.loads(dstore("cluster", "--json", url=local_cluster).stdout)
     assert [n["state"] for n in cluster["nodes"]] == ["up"] * 3 and cluster["files"] == 2
     assert dstore("rm", "piped", url=local_cluster).returncode == 0
     missing = dstore("get", "piped", "-o", str(tmp_path / "x"), url=local_cluster)
@@ -114,6 +115,90 @@ def test_dstore_up_serves_s3_with_the_key_it_prints(tmp_path: Path) -> None:
             f"{said['AWS_ACCESS_KEY_ID']}:{said['AWS_SECRET_ACCESS_KEY']}"
         )
         assert credentials.stat().st_mode & 0o777 == 0o600
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+
+
+def test_the_cli_speaks_to_people_and_to_scripts(local_cluster: str, tmp_path: Path) -> None:
+    """Tables and one-line summaries for people; --json for scripts; client options
+    before or after the command; the type from the file's name; names as they are."""
+    photo = tmp_path / "名前 ü.jpg"
+    photo.write_bytes(os.urandom(5000))
+    put = dstore("put", str(photo), url=local_cluster)
+    assert put.returncode == 0, put.stderr
+    line = put.stdout.decode().strip()
+    assert re.fullmatch(r"put 名前 ü\.jpg  4\.9 KiB  (inline|1 chunk)  [\d.]+ MB/s", line), line
+    stat = dstore("stat", "名前 ü.jpg", url=local_cluster).stdout.decode()
+    assert "image/jpeg" in stat and "4.9 KiB (5,000 bytes)" in stat and "GMT (" in stat
+    typed = dstore("put", str(photo), "raw", "--content-type", "text/plain", url=local_cluster)
+    assert typed.returncode == 0, typed.stderr
+    assert "text/plain" in dstore("stat", "raw", url=local_cluster).stdout.decode()
+    # the options before the command, as aws --endpoint-url users type them
+    before = subprocess.run(
+        [sys.executable, "-m", "dstore", "--url", local_cluster, "--json", "stat", "raw"],
+        capture_output=True,
+        env={k: v for k, v in ENV.items() if k != "DSTORE_URL"},
+        timeout=60,
+    )
+    assert before.returncode == 0, before.stderr
+    assert json.loads(before.stdout)["Content-Type"] == "text/plain"
+    table = dstore("cluster", url=local_cluster).stdout.decode()
+    lines = table.splitlines()
+    assert lines[0].startswith("2 files") and "3/3 nodes up" in lines[0]
+    header = next(line for line in lines if "state" in line)
+    assert all(word in header for word in ("node", "address", "used", "capacity", "last seen"))
+    assert sum(" up " in line for line in lines) == 3
+    long = dstore("ls", "-l", url=local_cluster).stdout.decode()
+    assert "4.9 KiB" in long and "名前 ü.jpg" in long and "\\u" not in long
+    listed = json.loads(dstore("ls", "--json", url=local_cluster).stdout)
+    assert sorted(f["name"] for f in listed) == ["raw", "名前 ü.jpg"]
+
+
+def test_dstore_up_says_where_logs_go_and_follows_them(tmp_path: Path) -> None:
+    import queue
+    import threading
+
+    data = tmp_path / "data"
+    argv = [sys.executable, "-m", "dstore", "up", "--port", "0", "--s3-port", "-1"]
+    proc = subprocess.Popen(
+        [*argv, "--data-dir", str(data), "--follow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        url = proc.stdout.readline().split()[3]
+        said = proc.stdout.readline()
+        assert said.startswith("logs: gateway ") and "--follow" in said, said
+        for name in ("gateway", "storage-1", "storage-2", "storage-3"):
+            assert str(data / "logs" / f"{name}.log") in said
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(
+            target=lambda: [lines.put(line) for line in proc.stderr],
+            daemon=True,  # type: ignore[union-attr]
+        ).start()
+        time.sleep(0.5)  # (the tails start at the files' ends)
+        body = os.urandom(100_000)  # (on the nodes: a small one stays inline)
+        assert dstore("put", "-", "followed.txt", url=url, stdin=body).returncode == 0
+        seen: set[str] = set()
+        deadline = time.monotonic() + 20
+        while not {"gateway", "storage"} <= seen and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if (
+                line.startswith("gateway   | ")
+                and "http_request" in line
+                and "followed.txt" in line
+            ):
+                seen.add("gateway")
+            if re.match(r"storage-\d \| .* request .*op=put", line):
+                seen.add("storage")
+        assert seen == {"gateway", "storage"}
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
@@ -263,7 +348,7 @@ def test_dstore_up_tls_makes_a_private_ca_and_serves_https_only(tmp_path: Path) 
         try:
             deadline = time.monotonic() + 30
             while True:
-                cluster = json.loads(dstore("cluster", *ca, url=url).stdout)
+                cluster = json.loads(dstore("cluster", "--json", *ca, url=url).stdout)
                 if [n["state"] for n in cluster["nodes"]] == ["up"] * 4:
                     break
                 assert time.monotonic() < deadline, cluster
