@@ -219,7 +219,7 @@ def _serve(role: str, argv: Sequence[str]) -> int:
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, ensure_ascii=False, indent=None if "\n" not in str(data) else 2))
+    print(json.dumps(data, ensure_ascii=False))
 
 
 async def _client_main(args: argparse.Namespace) -> int:

@@ -213,6 +213,7 @@ async def run_local_cluster(
             f"replicas {replicas}, data in {root})",
             flush=True,
         )
+        print(f"dashboard: {config.scheme}://127.0.0.1:{bound}/ui/", flush=True)
         if certs:
             print(
                 f"TLS with a private CA: export DSTORE_URL=https://127.0.0.1:{bound}"
@@ -353,6 +354,7 @@ async def _run_behind_haproxy(
             f" data in {root})",
             flush=True,
         )
+        print(f"dashboard: {scheme}://127.0.0.1:{port}/ui/", flush=True)
         print(f"metadata: {where}", flush=True)
         logs = {
             f"storage-{i}": root / "logs" / f"storage-{i}.log" for i in range(1, len(storage) + 1)

@@ -712,7 +712,7 @@ async def ui(request: web.Request) -> web.StreamResponse:
     data: the page asks ``/v1/cluster`` and ``/v1/stats``, with a token when auth is on."""
     name = request.match_info.get("name") or "index.html"
     if request.path == "/ui":
-        raise web.HTTPFound("/ui/")
+        return web.Response(status=302, headers={"Location": "/ui/"})
     if name not in _UI_TYPES:
         raise FileNotFound(f"no dashboard file {name!r}")
     headers = {

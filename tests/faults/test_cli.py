@@ -171,6 +171,7 @@ def test_dstore_up_says_where_logs_go_and_follows_them(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None and proc.stderr is not None
         url = proc.stdout.readline().split()[3]
+        assert proc.stdout.readline().strip() == f"dashboard: {url}/ui/"
         said = proc.stdout.readline()
         assert said.startswith("logs: gateway ") and "--follow" in said, said
         for name in ("gateway", "storage-1", "storage-2", "storage-3"):
@@ -315,6 +316,7 @@ def test_dstore_up_tls_makes_a_private_ca_and_serves_https_only(tmp_path: Path) 
         line = proc.stdout.readline()
         assert "dstore is up: https://" in line, line
         url = line.split()[3]
+        assert proc.stdout.readline().strip() == f"dashboard: {url}/ui/"
         assert f"DSTORE_CA={data / 'tls' / 'ca.pem'}" in proc.stdout.readline()
         tls = data / "tls"
         assert {p.name for p in tls.iterdir()} == {

@@ -134,10 +134,12 @@ function drawChart(svg, series, format) {
 }
 
 function drawCharts(stats) {
-  // the sample still open is drawn once it has run half its time (a fresh one would dip)
+  // the sample still open is drawn once it has run half its time (a fresh one would dip),
+  // or when it is the only one
   const all = stats.traffic.samples, step = stats.traffic.step;
   const open = all[all.length - 1];
-  const samples = open && Date.now() / 1000 - open.t < step / 2 ? all.slice(0, -1) : all;
+  const young = open && all.length > 1 && Date.now() / 1000 - open.t < step / 2;
+  const samples = young ? all.slice(0, -1) : all;
   const pick = (key, scale) => samples.map((s) => [s.t, s[key] === null ? null : s[key] * scale]);
   drawChart($("chart-requests"), [{ name: "requests", values: pick("requests", 1) }, { name: "errors", values: pick("errors", 1), cls: "e" }],
     (v) => v.toFixed(v < 10 ? 1 : 0));
