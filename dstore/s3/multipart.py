@@ -52,6 +52,13 @@ def _limit(request: web.Request, name: str) -> int:
     return min(MAX_LISTED, int(raw))
 
 
+async def _upload_of(request: web.Request, bucket: str, key: str, upload_id: str) -> None:
+    """``NoSuchUpload`` unless the upload is in progress for this bucket's key."""
+    upload = await request.app[keys.META].multipart(upload_id)
+    if upload.name != object_name(bucket, key):
+        raise S3Error("NoSuchUpload", "the upload is of another key", 404)
+
+
 async def create(request: web.Request, bucket: str, key: str) -> web.StreamResponse:
     await require_bucket(request, bucket)
     name = object_name(bucket, key)
@@ -128,9 +135,7 @@ async def list_parts(request: web.Request, bucket: str, key: str) -> web.StreamR
     marker = int(raw) if raw.isascii() and raw.isdigit() else 0
     limit = _limit(request, "max-parts")
     meta = request.app[keys.META]
-    upload = await meta.multipart(upload_id)
-    if upload.name != object_name(bucket, key):
-        raise S3Error("NoSuchUpload", "the upload is of another key", 404)
+    await _upload_of(request, bucket, key, upload_id)
     found = await meta.parts(upload_id, marker, limit + 1)
     entries = [xml.PartEntry(p.number, p.etag, p.size, p.created) for p in found[:limit]]
     owner = request[VERIFIED].access_key
@@ -220,11 +225,8 @@ async def complete(request: web.Request, bucket: str, key: str) -> web.StreamRes
 
 async def abort(request: web.Request, bucket: str, key: str) -> web.StreamResponse:
     await require_bucket(request, bucket)
-    meta = request.app[keys.META]
     upload_id = request.query["uploadId"]
-    upload = await meta.multipart(upload_id)
-    if upload.name != object_name(bucket, key):
-        raise S3Error("NoSuchUpload", "the upload is of another key", 404)
-    await meta.abort_multipart(upload_id)
+    await _upload_of(request, bucket, key, upload_id)
+    await request.app[keys.META].abort_multipart(upload_id)
     request.app[keys.UPLOADER].reaper.wake()
     return web.Response(status=204)

@@ -521,15 +521,13 @@ class SQLiteMetadataStore(MetadataStore):
         return await self._submit(tx, durable=True)
 
     async def multipart(self, upload_id: str) -> MultipartUpload:
-        return await self._submit(lambda db: _upload(db, upload_id))
+        return await self._submit(lambda db: _upload(db, upload_id)[0])
 
     async def seal_part(
         self, upload_id: str, number: int, version_id: int, size: int, etag: str
     ) -> None:
         def tx(db: sqlite3.Connection) -> None:
-            (expires,) = db.execute(
-                "SELECT expires FROM uploads WHERE id = ?", (_upload(db, upload_id).upload_id,)
-            ).fetchone()
+            _, expires = _upload(db, upload_id)
             sealed = db.execute(
                 "UPDATE versions SET size = ?, etag = ?, lease_expires = ?"
                 f" WHERE id = ? AND state = '{PENDING}' RETURNING id",
@@ -590,7 +588,7 @@ class SQLiteMetadataStore(MetadataStore):
         min_part: int,
     ) -> CommitResult:
         def tx(db: sqlite3.Connection) -> CommitResult:
-            upload = _upload(db, upload_id, name)
+            upload, _ = _upload(db, upload_id, name)
             stored = {
                 number: (version_id, size, tag)
                 for number, version_id, size, tag in db.execute(
@@ -950,15 +948,19 @@ def _point(
     return replaced
 
 
-def _upload(db: sqlite3.Connection, upload_id: str, name: str | None = None) -> MultipartUpload:
-    """A multipart upload in progress (for ``name``, if given), or ``NoSuchUpload``."""
+def _upload(
+    db: sqlite3.Connection, upload_id: str, name: str | None = None
+) -> tuple[MultipartUpload, float]:
+    """A multipart upload in progress (for ``name``, if given) and its expiry, or
+    ``NoSuchUpload``."""
     row = db.execute(
-        f"SELECT id, name, content_type, created FROM uploads WHERE id = ? AND expires > {_NOW}",
+        "SELECT id, name, content_type, created, expires FROM uploads"
+        f" WHERE id = ? AND expires > {_NOW}",
         (upload_id,),
     ).fetchone()
     if row is None or (name is not None and row[1] != name):
         raise NoSuchUpload(f"no multipart upload {upload_id!r} in progress")
-    return MultipartUpload(*row)
+    return MultipartUpload(*row[:4]), float(row[4])
 
 
 def _end_upload(db: sqlite3.Connection, upload_id: str) -> None:
